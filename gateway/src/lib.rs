@@ -1,0 +1,3 @@
+//! corecast gateway.
+#![forbid(unsafe_code)]
+pub mod ws;
