@@ -1,3 +1,47 @@
-//! corecast gateway.
-#![forbid(unsafe_code)]
+//! corecast gateway: a thread-per-core WebSocket server on io_uring.
+//!
+//! # Layout
+//! - [`config`]: command line and environment, validated into `Limits`.
+//! - [`server`]: binds the per-shard listeners, starts the shards, drains.
+//! - `shard`: one executor thread: accept loop, connection table, sweeper
+//!   that drives every connection's timers.
+//! - `conn`: one connection: HTTP request, upgrade, echo, close handshake,
+//!   back-pressure.
+//! - `buf`: per-shard buffer pools, so idle connections hold no buffers.
+//! - [`ws`]: the sans-IO RFC 6455 codec (handshake, frames, masking, UTF-8).
+//! - [`metrics`]: per-shard counters and the Prometheus rendering.
+//! - [`shutdown`]: the "stop now" signal `run` waits on.
+//! - `sys`: the one `unsafe` call (adopting a listening socket).
+#![deny(unsafe_code)]
+
+mod buf;
+pub mod config;
+mod conn;
+pub mod metrics;
+pub mod server;
+mod shard;
+pub mod shutdown;
+mod sys;
 pub mod ws;
+
+use std::net::SocketAddr;
+
+pub use config::Config;
+pub use server::{run, Server};
+
+/// Why the gateway could not start or stopped badly.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid configuration: {0}")]
+    Config(#[from] config::ConfigError),
+    #[error("bind {addr}: {source}{hint}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+        hint: &'static str,
+    },
+    #[error("starting shard {shard}: {message}")]
+    Executor { shard: usize, message: String },
+    #[error("shard {shard} failed: {message}")]
+    ShardFailed { shard: usize, message: String },
+}

@@ -1,0 +1,317 @@
+//! Command-line and environment configuration, validated once at start.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::Parser;
+
+use crate::ws;
+
+/// The gateway's configuration. Every flag also reads a `CORECAST_*`
+/// environment variable; flags win.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "gateway",
+    version,
+    about = "corecast: thread-per-core WebSocket gateway"
+)]
+pub struct Config {
+    /// Address to listen on (every shard binds it with SO_REUSEPORT).
+    #[arg(long, env = "CORECAST_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+
+    /// Number of shards (executor threads). Default: the CPUs this process
+    /// may run on.
+    #[arg(long, env = "CORECAST_SHARDS")]
+    pub shards: Option<usize>,
+
+    /// CPUs to pin shards to, e.g. `0-3,6`. Shard i runs on the i-th CPU of
+    /// the list. Default: the CPUs this process may run on. When there are
+    /// more shards than CPUs the shards are not pinned.
+    #[arg(long, env = "CORECAST_CPUS", value_parser = parse_cpu_list)]
+    pub cpus: Option<CpuList>,
+
+    /// Listen backlog per shard (capped by net.core.somaxconn). Guards
+    /// against refused connections during connect storms.
+    #[arg(long, env = "CORECAST_BACKLOG", default_value_t = 4096)]
+    pub backlog: u32,
+
+    /// Largest frame payload accepted, in bytes; bigger frames close the
+    /// connection with 1009. Guards memory: a frame is buffered whole.
+    #[arg(long, env = "CORECAST_MAX_FRAME_BYTES", default_value_t = 1 << 20)]
+    pub max_frame_bytes: usize,
+
+    /// Largest message (all fragments) accepted, in bytes; bigger messages
+    /// close the connection with 1009.
+    #[arg(long, env = "CORECAST_MAX_MESSAGE_BYTES", default_value_t = 1 << 20)]
+    pub max_message_bytes: usize,
+
+    /// Largest HTTP request header section, in bytes; more is answered 431.
+    #[arg(long, env = "CORECAST_MAX_HEADER_BYTES", default_value_t = 8192)]
+    pub max_header_bytes: usize,
+
+    /// Time a new connection has to send its full HTTP request, in ms.
+    /// Guards against slowloris-style idle sockets.
+    #[arg(long, env = "CORECAST_HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000)]
+    pub handshake_timeout_ms: u64,
+
+    /// Close a connection (1001) after this long without any frame from the
+    /// client (pongs count), in ms. Frees sockets of vanished clients.
+    #[arg(long, env = "CORECAST_IDLE_TIMEOUT_MS", default_value_t = 90_000)]
+    pub idle_timeout_ms: u64,
+
+    /// Send a ping after this long without a frame from the client, in ms;
+    /// 0 disables. Keeps NAT and proxies from dropping quiet connections.
+    #[arg(long, env = "CORECAST_PING_INTERVAL_MS", default_value_t = 30_000)]
+    pub ping_interval_ms: u64,
+
+    /// How long to wait for the client's close frame (and for unsent bytes
+    /// to drain) after the server sent its own, in ms.
+    #[arg(long, env = "CORECAST_CLOSE_TIMEOUT_MS", default_value_t = 3_000)]
+    pub close_timeout_ms: u64,
+
+    /// Bytes queued for one client above which the server stops reading
+    /// from it (back-pressure). A client that stays above it for
+    /// `slow_consumer_timeout_ms` is closed with 1008.
+    #[arg(long, env = "CORECAST_OUTBOUND_BUDGET_BYTES", default_value_t = 1 << 20)]
+    pub outbound_budget_bytes: usize,
+
+    /// How long a client may stay over its outbound budget, in ms.
+    #[arg(
+        long,
+        env = "CORECAST_SLOW_CONSUMER_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub slow_consumer_timeout_ms: u64,
+
+    /// On SIGINT/SIGTERM, how long to wait for clients to finish the close
+    /// handshake before exiting, in ms.
+    #[arg(long, env = "CORECAST_DRAIN_TIMEOUT_MS", default_value_t = 10_000)]
+    pub drain_timeout_ms: u64,
+}
+
+/// A list of CPU ids, parsed from `0-3,6`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CpuList(pub Vec<usize>);
+
+fn parse_cpu_list(s: &str) -> Result<CpuList, String> {
+    let mut cpus = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let bad = || format!("bad CPU list part {part:?}: expected N or N-M, e.g. 0-3,6");
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (usize, usize) =
+                    (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+                if a > b {
+                    return Err(bad());
+                }
+                cpus.extend(a..=b);
+            }
+            None => cpus.push(part.parse().map_err(|_| bad())?),
+        }
+    }
+    if cpus.is_empty() {
+        return Err("empty CPU list".into());
+    }
+    let mut seen = cpus.clone();
+    seen.sort_unstable();
+    seen.dedup();
+    if seen.len() != cpus.len() {
+        return Err(format!("CPU list {s:?} names a CPU twice"));
+    }
+    Ok(CpuList(cpus))
+}
+
+/// Limits every connection reads; derived from [`Config`] once.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub frame: ws::Limits,
+    pub max_header_bytes: usize,
+    pub handshake_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub ping_interval: Option<Duration>,
+    pub close_timeout: Duration,
+    pub outbound_budget_bytes: usize,
+    pub slow_consumer_timeout: Duration,
+    pub drain_timeout: Duration,
+}
+
+/// Where each shard runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardPlan {
+    pub shards: usize,
+    /// `Some(cpus)`: shard i is pinned to `cpus[i]`. `None`: unpinned.
+    pub pinned: Option<Vec<usize>>,
+}
+
+/// A configuration error, with what to do about it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl Config {
+    /// Checks the configuration and derives the per-connection limits.
+    pub fn limits(&self) -> Result<Limits, ConfigError> {
+        let err = |m: String| Err(ConfigError(m));
+        if self.max_frame_bytes == 0 || self.max_message_bytes == 0 {
+            return err("--max-frame-bytes and --max-message-bytes must be at least 1".into());
+        }
+        if self.max_frame_bytes > self.max_message_bytes {
+            return err(format!(
+                "--max-frame-bytes ({}) is larger than --max-message-bytes ({}): a frame is part of a message, lower it",
+                self.max_frame_bytes, self.max_message_bytes
+            ));
+        }
+        if self.max_message_bytes > (1 << 30) {
+            return err("--max-message-bytes above 1 GiB is not supported".into());
+        }
+        if self.max_header_bytes < 256 {
+            return err(
+                "--max-header-bytes below 256 cannot hold a WebSocket upgrade request".into(),
+            );
+        }
+        for (name, v) in [
+            ("--handshake-timeout-ms", self.handshake_timeout_ms),
+            ("--idle-timeout-ms", self.idle_timeout_ms),
+            ("--close-timeout-ms", self.close_timeout_ms),
+            ("--slow-consumer-timeout-ms", self.slow_consumer_timeout_ms),
+        ] {
+            if v == 0 {
+                return err(format!("{name} must be at least 1"));
+            }
+        }
+        if self.ping_interval_ms != 0 && self.ping_interval_ms >= self.idle_timeout_ms {
+            return err(format!(
+                "--ping-interval-ms ({}) must be below --idle-timeout-ms ({}) or the idle timeout fires before a ping can be answered",
+                self.ping_interval_ms, self.idle_timeout_ms
+            ));
+        }
+        if self.backlog == 0 {
+            return err("--backlog must be at least 1".into());
+        }
+        let ms = Duration::from_millis;
+        Ok(Limits {
+            frame: ws::Limits {
+                max_frame_bytes: self.max_frame_bytes as u64,
+                max_message_bytes: self.max_message_bytes as u64,
+            },
+            max_header_bytes: self.max_header_bytes,
+            handshake_timeout: ms(self.handshake_timeout_ms),
+            idle_timeout: ms(self.idle_timeout_ms),
+            ping_interval: (self.ping_interval_ms != 0).then(|| ms(self.ping_interval_ms)),
+            close_timeout: ms(self.close_timeout_ms),
+            outbound_budget_bytes: self.outbound_budget_bytes,
+            slow_consumer_timeout: ms(self.slow_consumer_timeout_ms),
+            drain_timeout: ms(self.drain_timeout_ms),
+        })
+    }
+
+    /// Decides how many shards run where, from the flags and the CPUs this
+    /// process is allowed to use.
+    pub fn placement(&self) -> Result<ShardPlan, ConfigError> {
+        let allowed = allowed_cpus();
+        let cpus = match &self.cpus {
+            Some(CpuList(list)) => {
+                if let Some(c) = list.iter().find(|c| !allowed.contains(c)) {
+                    return Err(ConfigError(format!(
+                        "--cpus names CPU {c}, but this process may only run on {allowed:?}"
+                    )));
+                }
+                list.clone()
+            }
+            None => allowed,
+        };
+        let shards = self.shards.unwrap_or(cpus.len());
+        if shards == 0 {
+            return Err(ConfigError("--shards must be at least 1".into()));
+        }
+        if shards > 256 {
+            return Err(ConfigError(format!(
+                "--shards {shards} is more than the 256 supported"
+            )));
+        }
+        let pinned = (shards <= cpus.len()).then(|| cpus[..shards].to_vec());
+        Ok(ShardPlan { shards, pinned })
+    }
+}
+
+/// The CPUs this process may run on (its affinity mask, from /proc so no
+/// unsafe call is needed), in ascending order.
+pub fn allowed_cpus() -> Vec<usize> {
+    let from_proc = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let line = status
+                .lines()
+                .find(|l| l.starts_with("Cpus_allowed_list:"))?;
+            parse_cpu_list(line.split(':').nth(1)?.trim()).ok()
+        });
+    match from_proc {
+        Some(CpuList(mut cpus)) => {
+            cpus.sort_unstable();
+            cpus
+        }
+        None => {
+            let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+            (0..n).collect()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists() {
+        let cases: &[(&str, Option<Vec<usize>>)] = &[
+            ("0", Some(vec![0])),
+            ("0-3,6", Some(vec![0, 1, 2, 3, 6])),
+            (" 1 , 0 ", Some(vec![1, 0])),
+            ("3-1", None),
+            ("a", None),
+            ("", None),
+            ("0,0", None),
+        ];
+        for (s, expected) in cases {
+            assert_eq!(parse_cpu_list(s).ok().map(|l| l.0), *expected, "{s:?}");
+        }
+    }
+
+    fn config(args: &[&str]) -> Config {
+        Config::try_parse_from(std::iter::once("gateway").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn defaults_validate() {
+        let c = config(&[]);
+        let l = c.limits().unwrap();
+        assert_eq!(l.frame.max_frame_bytes, 1 << 20);
+        assert_eq!(c.listen.port(), 8080);
+    }
+
+    #[test]
+    fn bad_combinations_are_refused_with_a_reason() {
+        for args in [
+            &["--max-frame-bytes", "100", "--max-message-bytes", "10"][..],
+            &["--ping-interval-ms", "5000", "--idle-timeout-ms", "5000"],
+            &["--handshake-timeout-ms", "0"],
+            &["--max-header-bytes", "10"],
+        ] {
+            let e = config(args).limits().unwrap_err();
+            assert!(!e.0.is_empty());
+        }
+        assert!(config(&["--shards", "0"]).placement().is_err());
+    }
+
+    #[test]
+    fn more_shards_than_cpus_run_unpinned() {
+        let n = allowed_cpus().len();
+        let p = config(&["--shards", &(n + 2).to_string()])
+            .placement()
+            .unwrap();
+        assert_eq!(p.shards, n + 2);
+        assert_eq!(p.pinned, None);
+        let p = config(&["--shards", "1"]).placement().unwrap();
+        assert_eq!(p.pinned.unwrap().len(), 1);
+    }
+}

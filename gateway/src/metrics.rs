@@ -1,0 +1,273 @@
+//! Per-shard counters and their Prometheus text rendering.
+//!
+//! # Invariants
+//! - Each [`ShardMetrics`] is written only by its own shard's thread, so a
+//!   counter update is a relaxed load and store: no locked instruction, no
+//!   contention. Any thread may read them (the `/metrics` request lands on
+//!   whichever shard accepted it).
+//! - One [`ShardMetrics`] per cache line pair, so shards never false-share.
+
+use std::{
+    fmt::Write as _,
+    sync::atomic::{AtomicU64, Ordering::Relaxed},
+};
+
+use crate::ws::handshake::Refusal;
+
+/// A counter or gauge with a single writer (its shard).
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Adds `n`. Only the owning shard calls this.
+    #[inline]
+    pub fn add(&self, n: u64) {
+        self.0.store(self.0.load(Relaxed).wrapping_add(n), Relaxed);
+    }
+
+    #[inline]
+    pub fn inc(&self) {
+        self.add(1);
+    }
+
+    /// Subtracts `n` (gauges only).
+    #[inline]
+    pub fn sub(&self, n: u64) {
+        self.0.store(self.0.load(Relaxed).wrapping_sub(n), Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Relaxed)
+    }
+}
+
+/// Close codes counted one by one; anything else is counted as "other".
+pub const CLOSE_CODES: [u16; 15] = [
+    1000, 1001, 1002, 1003, 1005, 1006, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 0,
+];
+
+/// Who sent the first close frame (or dropped the connection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Initiator {
+    Client = 0,
+    Server = 1,
+}
+
+fn close_index(code: u16) -> usize {
+    CLOSE_CODES
+        .iter()
+        .position(|&c| c == code)
+        .unwrap_or(CLOSE_CODES.len() - 1)
+}
+
+/// Everything one shard counts.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub struct ShardMetrics {
+    /// Open TCP connections (gauge), WebSocket or not.
+    pub connections_open: Counter,
+    /// Open WebSocket connections (gauge).
+    pub websockets_open: Counter,
+    pub connections_accepted: Counter,
+    pub accept_errors: Counter,
+    pub upgrades: Counter,
+    pub http_requests: Counter,
+    pub frames_in: Counter,
+    pub frames_out: Counter,
+    pub bytes_in: Counter,
+    pub bytes_out: Counter,
+    pub messages_in: Counter,
+    pub messages_out: Counter,
+    pub pings_sent: Counter,
+    pub slow_consumer_closes: Counter,
+    pub handshake_failures: [Counter; Refusal::ALL.len()],
+    pub closes: [[Counter; CLOSE_CODES.len()]; 2],
+}
+
+impl ShardMetrics {
+    pub fn handshake_failed(&self, r: Refusal) {
+        self.handshake_failures[r as usize].inc();
+    }
+
+    /// Counts a closed WebSocket by close code and initiator.
+    pub fn closed(&self, code: u16, by: Initiator) {
+        self.closes[by as usize][close_index(code)].inc();
+    }
+}
+
+/// Renders all shards in the Prometheus text exposition format.
+pub fn render(shards: &[ShardMetrics], draining: bool) -> String {
+    let mut out = String::with_capacity(8192);
+    let simple: [(&str, &str, &str, fn(&ShardMetrics) -> &Counter); 14] = [
+        (
+            "corecast_connections",
+            "gauge",
+            "Open TCP connections.",
+            |m| &m.connections_open,
+        ),
+        (
+            "corecast_websockets",
+            "gauge",
+            "Open WebSocket connections.",
+            |m| &m.websockets_open,
+        ),
+        (
+            "corecast_connections_accepted_total",
+            "counter",
+            "TCP connections accepted.",
+            |m| &m.connections_accepted,
+        ),
+        (
+            "corecast_accept_errors_total",
+            "counter",
+            "accept() failures (e.g. out of file descriptors).",
+            |m| &m.accept_errors,
+        ),
+        (
+            "corecast_upgrades_total",
+            "counter",
+            "Successful WebSocket upgrades.",
+            |m| &m.upgrades,
+        ),
+        (
+            "corecast_http_requests_total",
+            "counter",
+            "Plain HTTP requests served (healthz, metrics).",
+            |m| &m.http_requests,
+        ),
+        (
+            "corecast_frames_in_total",
+            "counter",
+            "WebSocket frames received.",
+            |m| &m.frames_in,
+        ),
+        (
+            "corecast_frames_out_total",
+            "counter",
+            "WebSocket frames sent.",
+            |m| &m.frames_out,
+        ),
+        (
+            "corecast_bytes_in_total",
+            "counter",
+            "Bytes read from sockets.",
+            |m| &m.bytes_in,
+        ),
+        (
+            "corecast_bytes_out_total",
+            "counter",
+            "Bytes written to sockets.",
+            |m| &m.bytes_out,
+        ),
+        (
+            "corecast_messages_in_total",
+            "counter",
+            "Text and binary messages received.",
+            |m| &m.messages_in,
+        ),
+        (
+            "corecast_messages_out_total",
+            "counter",
+            "Text and binary messages sent.",
+            |m| &m.messages_out,
+        ),
+        (
+            "corecast_pings_sent_total",
+            "counter",
+            "Keepalive pings sent.",
+            |m| &m.pings_sent,
+        ),
+        (
+            "corecast_slow_consumer_closes_total",
+            "counter",
+            "Connections closed for staying over their outbound budget.",
+            |m| &m.slow_consumer_closes,
+        ),
+    ];
+    for (name, kind, help, get) in simple {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (i, m) in shards.iter().enumerate() {
+            let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", get(m).get());
+        }
+    }
+    let name = "corecast_handshake_failures_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Refused HTTP requests and upgrades, by reason.\n# TYPE {name} counter"
+    );
+    for (i, m) in shards.iter().enumerate() {
+        for r in Refusal::ALL {
+            let _ = writeln!(
+                out,
+                "{name}{{shard=\"{i}\",reason=\"{}\",status=\"{}\"}} {}",
+                r.label(),
+                r.status(),
+                m.handshake_failures[r as usize].get()
+            );
+        }
+    }
+    let name = "corecast_ws_closes_total";
+    let _ = writeln!(out, "# HELP {name} Closed WebSockets by close code (1005: close frame without a code, 1006: no close frame) and by who closed first.\n# TYPE {name} counter");
+    for (i, m) in shards.iter().enumerate() {
+        for (by, label) in [(Initiator::Client, "client"), (Initiator::Server, "server")] {
+            for (j, code) in CLOSE_CODES.iter().enumerate() {
+                let v = m.closes[by as usize][j].get();
+                if v == 0 {
+                    continue;
+                }
+                let code = if *code == 0 {
+                    "other".to_string()
+                } else {
+                    code.to_string()
+                };
+                let _ = writeln!(
+                    out,
+                    "{name}{{shard=\"{i}\",code=\"{code}\",initiator=\"{label}\"}} {v}"
+                );
+            }
+        }
+    }
+    let _ = writeln!(out, "# HELP corecast_draining 1 while the gateway is shutting down.\n# TYPE corecast_draining gauge\ncorecast_draining {}", draining as u8);
+    if let Some(rss) = resident_bytes() {
+        let _ = writeln!(out, "# HELP process_resident_memory_bytes Resident memory size in bytes.\n# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {rss}");
+    }
+    out
+}
+
+/// Resident set size from /proc/self/statm.
+pub fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_per_shard_series() {
+        let shards: Vec<ShardMetrics> = (0..2).map(|_| ShardMetrics::default()).collect();
+        shards[1].frames_in.add(5);
+        shards[0].handshake_failed(Refusal::UnsupportedWsVersion);
+        shards[1].closed(1009, Initiator::Server);
+        shards[1].closed(4321, Initiator::Client);
+        let text = render(&shards, false);
+        assert!(
+            text.contains("corecast_frames_in_total{shard=\"1\"} 5\n"),
+            "{text}"
+        );
+        assert!(text.contains("reason=\"ws_version\",status=\"426\"} 1\n"));
+        assert!(text.contains("{shard=\"1\",code=\"1009\",initiator=\"server\"} 1\n"));
+        assert!(text.contains("{shard=\"1\",code=\"other\",initiator=\"client\"} 1\n"));
+        assert!(text.contains("corecast_draining 0\n"));
+    }
+
+    #[test]
+    fn gauge_goes_down() {
+        let c = Counter::default();
+        c.add(3);
+        c.sub(1);
+        assert_eq!(c.get(), 2);
+    }
+}

@@ -1,0 +1,159 @@
+//! One shard: an executor thread's listener, connections and sweeper.
+//!
+//! # Invariants
+//! - Owned by one glommio executor thread; `!Send` by construction (`Rc`,
+//!   `RefCell`). Other threads see only its metrics (atomics, single writer)
+//!   and set only the node-wide stop flag it polls on every tick.
+//! - Never blocks. The sweeper visits every connection once per tick and only
+//!   wakes those whose deadline passed: timers cost no allocation and no
+//!   per-message work.
+//! - No `RefCell` borrow is held across an `.await`.
+
+use std::{
+    cell::{Cell, RefCell},
+    os::fd::OwnedFd,
+    rc::Rc,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use glommio::timer::Timer;
+use slab::Slab;
+
+use crate::{
+    buf::BufPool,
+    config::Limits,
+    conn::{self, ConnShared},
+    metrics::ShardMetrics,
+    sys,
+};
+
+/// State every connection of the shard shares.
+pub struct Shard {
+    pub id: usize,
+    pub limits: Limits,
+    /// Every shard's metrics (this shard writes only `all_metrics[id]`).
+    pub all_metrics: Arc<[ShardMetrics]>,
+    pub pool: BufPool,
+    /// Live connections, for the sweeper and the drain.
+    pub conns: RefCell<Slab<Rc<ConnShared>>>,
+    /// Coarse clock, refreshed every tick; read on the hot path instead of
+    /// asking the kernel for the time on every read.
+    pub clock: Cell<Instant>,
+    /// Set once the server started shutting down.
+    pub draining: Cell<bool>,
+}
+
+impl Shard {
+    pub fn metrics(&self) -> &ShardMetrics {
+        &self.all_metrics[self.id]
+    }
+}
+
+/// How often the sweeper runs: a tenth of the shortest timeout, within
+/// 10-100 ms. Timeouts fire at most one tick late.
+fn tick(limits: &Limits) -> Duration {
+    let shortest = [
+        Some(limits.handshake_timeout),
+        Some(limits.idle_timeout),
+        limits.ping_interval,
+        Some(limits.close_timeout),
+        Some(limits.slow_consumer_timeout),
+    ]
+    .into_iter()
+    .flatten()
+    .min()
+    .unwrap_or(Duration::from_secs(1));
+    (shortest / 10).clamp(Duration::from_millis(10), Duration::from_millis(100))
+}
+
+/// Runs a shard until `stop` is set and its connections have drained.
+pub async fn run(
+    id: usize,
+    listener: OwnedFd,
+    limits: Limits,
+    all_metrics: Arc<[ShardMetrics]>,
+    stop: Arc<AtomicBool>,
+) {
+    let shard = Rc::new(Shard {
+        id,
+        limits,
+        all_metrics,
+        pool: BufPool::default(),
+        conns: RefCell::new(Slab::new()),
+        clock: Cell::new(Instant::now()),
+        draining: Cell::new(false),
+    });
+    let listener = sys::adopt_listener(listener);
+    let acceptor = glommio::spawn_local(accept_loop(shard.clone(), listener));
+    let tick = tick(&limits);
+    while !stop.load(Ordering::Acquire) {
+        Timer::new(tick).await;
+        sweep(&shard);
+    }
+
+    // Drain: stop accepting (dropping the task closes the listener; the
+    // kernel moves new connections to the other shards' listeners while
+    // they last), then ask every connection to close with 1001.
+    shard.draining.set(true);
+    drop(acceptor);
+    for (_, c) in shard.conns.borrow().iter() {
+        c.shutdown.set(true);
+        c.wake();
+    }
+    let deadline = Instant::now() + limits.drain_timeout;
+    while !shard.conns.borrow().is_empty() && Instant::now() < deadline {
+        Timer::new(tick).await;
+        sweep(&shard);
+    }
+    let left = shard.conns.borrow().len();
+    if left > 0 {
+        log::warn!(
+            "shard {id}: {left} connections did not finish the close handshake within the drain timeout ({} ms); dropping them",
+            limits.drain_timeout.as_millis()
+        );
+    }
+    // Returning ends the executor, which drops every remaining connection
+    // task and with it its socket.
+}
+
+/// Refreshes the clock and wakes the connections whose deadline passed.
+fn sweep(shard: &Shard) {
+    let now = Instant::now();
+    shard.clock.set(now);
+    for (_, c) in shard.conns.borrow().iter() {
+        if c.deadline.get() <= now {
+            c.fired.set(true);
+            c.wake();
+        }
+    }
+}
+
+async fn accept_loop(shard: Rc<Shard>, listener: glommio::net::TcpListener) {
+    let mut last_warning: Option<Instant> = None;
+    loop {
+        match listener.accept().await {
+            Ok(stream) => {
+                // We coalesce writes ourselves; Nagle would only add latency.
+                let _ = stream.set_nodelay(true);
+                conn::spawn(&shard, stream);
+            }
+            Err(e) => {
+                shard.metrics().accept_errors.inc();
+                let now = Instant::now();
+                if last_warning.is_none_or(|t| now.duration_since(t) > Duration::from_secs(5)) {
+                    last_warning = Some(now);
+                    log::warn!(
+                        "shard {}: accept failed: {e} (out of file descriptors? raise `ulimit -n`, or run more gateway processes)",
+                        shard.id
+                    );
+                }
+                // Back off instead of spinning on a persistent error.
+                Timer::new(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
