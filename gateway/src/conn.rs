@@ -325,11 +325,11 @@ impl Conn {
             return;
         };
         let parsed = handshake::parse_request(buf.filled());
+        let max = self.shard.limits.max_header_bytes;
         let (req, len) = match parsed {
+            Ok(Some((_, len))) if len > max => return self.refuse(Refusal::HeadersTooLarge),
             Ok(Some(r)) => r,
-            Ok(None) if buf.len() >= self.shard.limits.max_header_bytes => {
-                return self.refuse(Refusal::HeadersTooLarge)
-            }
+            Ok(None) if buf.len() >= max => return self.refuse(Refusal::HeadersTooLarge),
             Ok(None) => return,
             Err(r) => return self.refuse(r),
         };
