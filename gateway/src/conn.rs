@@ -617,3 +617,18 @@ impl Conn {
         Poll::Ready(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_state_stays_small() {
+        // Every idle connection holds one of these (plus its task header,
+        // glommio's stream and a pending poll). The memory target is 4 KiB
+        // per idle connection in all; keep the state itself well under it.
+        let conn = std::mem::size_of::<Conn>();
+        let shared = std::mem::size_of::<ConnShared>();
+        assert!(conn + shared <= 768, "Conn {conn} B + ConnShared {shared} B");
+    }
+}
