@@ -1,6 +1,7 @@
 //! corecast gateway: a thread-per-core WebSocket server on io_uring.
 //!
 //! # Layout
+//! - [`auth`]: HS256 JWT access tokens: verify, mint, room permissions.
 //! - [`config`]: command line and environment, validated into `Limits`.
 //! - [`server`]: binds the per-shard listeners, starts the shards, drains.
 //! - `shard`: one executor thread: accept loop, connection table, sweeper
@@ -14,6 +15,7 @@
 //! - `sys`: the one `unsafe` call (adopting a listening socket).
 #![deny(unsafe_code)]
 
+pub mod auth;
 mod buf;
 pub mod config;
 mod conn;
