@@ -98,7 +98,13 @@ impl ShardMetrics {
 /// Renders all shards in the Prometheus text exposition format.
 pub fn render(shards: &[ShardMetrics], draining: bool) -> String {
     let mut out = String::with_capacity(8192);
-    let simple: [(&str, &str, &str, fn(&ShardMetrics) -> &Counter); 14] = [
+    type Series = (
+        &'static str,
+        &'static str,
+        &'static str,
+        fn(&ShardMetrics) -> &Counter,
+    );
+    let simple: [Series; 14] = [
         (
             "corecast_connections",
             "gauge",

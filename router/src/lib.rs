@@ -5,11 +5,16 @@
 //!   place assigns its sequence numbers: a shard within a node (hash modulo
 //!   shard count) and a node within the cluster (rendezvous hashing over the
 //!   live nodes, so a node leaving moves only its own rooms).
+//! - [`room`]: a room's state at its home shard: the gapless sequence,
+//!   membership per shard and per user, the duplicate window.
+//! - [`ratelimit`]: the token bucket behind per-connection rate limits.
 //!
-//! Per-shard room tables, sequencing, cross-shard rings, the ZeroMQ mesh and
-//! the storage worker will live here as they are built (see DESIGN.md).
+//! The cross-shard wiring (glommio channel mesh) lives in the gateway's
+//! `chat` module; the ZeroMQ mesh and the storage worker will join here.
 #![forbid(unsafe_code)]
 
 pub mod home;
+pub mod ratelimit;
+pub mod room;
 
 pub use home::{home_node, home_shard, room_hash};
