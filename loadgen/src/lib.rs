@@ -1,0 +1,64 @@
+//! corecast load generator: drives WebSocket servers (the gateway, or any
+//! RFC 6455 server) from glommio executors, one per `--threads`, with the
+//! gateway's own sans-IO codec in the client role.
+//!
+//! # Layout
+//! - `config`: the command line (clap, `LOADGEN_*` env) and its validation
+//!   into read-only plans: URL, CPU list, sources, open-files check.
+//! - `exec`: executor threads, the start gate they pass together, paced
+//!   connection spawning, the Ctrl-C watch.
+//! - `client`: one client connection: bound non-blocking connect, the
+//!   upgrade handshake, buffered frame I/O, pings, the closing handshake.
+//! - `echo`: `loadgen echo`, round-trip throughput and latency.
+//! - `hold`: `loadgen hold`, many idle connections held open.
+//! - `report`: percentiles, the human lines and the one-line JSON record.
+//! - `sys`: the crate's only `unsafe`: fd hand-off to glommio, socket and
+//!   rlimit knobs.
+//!
+//! # Output
+//! The human-readable report goes to stdout. With `--json` it goes to stderr
+//! and stdout carries exactly one JSON line (keys in a fixed order; see
+//! `loadgen/README.md`). Exit status: 0 for a clean run, 1 when anything
+//! failed during the run, 2 for a bad command line.
+#![deny(unsafe_code)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+pub mod client;
+pub mod config;
+pub mod echo;
+pub mod exec;
+pub mod hold;
+pub mod report;
+mod sys;
+
+use std::sync::{atomic::AtomicBool, Arc};
+
+pub use config::{Cli, Command};
+
+/// A validated scenario, ready to run.
+#[derive(Debug, Clone)]
+pub enum Plan {
+    Echo(config::EchoPlan),
+    Hold(config::HoldPlan),
+}
+
+impl Command {
+    /// Checks every flag once, before anything connects.
+    pub fn validate(&self) -> anyhow::Result<Plan> {
+        Ok(match self {
+            Command::Echo(a) => Plan::Echo(a.validate()?),
+            Command::Hold(a) => Plan::Hold(a.validate()?),
+        })
+    }
+}
+
+/// Runs one scenario to its end and prints its report. `interrupted` is the
+/// shutdown signal: once set (Ctrl-C), the run winds down early and still
+/// closes every connection with a close frame. `Ok(false)` means the run
+/// completed but saw errors or failed connections.
+pub fn run(plan: Plan, interrupted: Arc<AtomicBool>) -> anyhow::Result<bool> {
+    match plan {
+        Plan::Echo(p) => echo::run(p, interrupted),
+        Plan::Hold(p) => hold::run(p, interrupted),
+    }
+}
