@@ -629,6 +629,9 @@ mod tests {
         // per idle connection in all; keep the state itself well under it.
         let conn = std::mem::size_of::<Conn>();
         let shared = std::mem::size_of::<ConnShared>();
-        assert!(conn + shared <= 768, "Conn {conn} B + ConnShared {shared} B");
+        assert!(
+            conn + shared <= 768,
+            "Conn {conn} B + ConnShared {shared} B"
+        );
     }
 }
