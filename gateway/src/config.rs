@@ -87,6 +87,60 @@ pub struct Config {
     /// handshake before exiting, in ms.
     #[arg(long, env = "CORECAST_DRAIN_TIMEOUT_MS", default_value_t = 10_000)]
     pub drain_timeout_ms: u64,
+
+    /// HS256 secret that access tokens for /ws are signed with (at least 32
+    /// bytes). Without it only --allow-anonymous clients get in.
+    #[arg(long, env = "CORECAST_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// Clock skew forgiven on a token's exp and nbf, in seconds.
+    #[arg(long, env = "CORECAST_JWT_LEEWAY_S", default_value_t = 30)]
+    pub jwt_leeway_s: u64,
+
+    /// Development only: let /ws clients without a token in as `anon-N`.
+    #[arg(long, env = "CORECAST_ALLOW_ANONYMOUS")]
+    pub allow_anonymous: bool,
+
+    /// Rooms one connection may be in at once. Guards the per-room tables
+    /// against one client joining everything.
+    #[arg(long, env = "CORECAST_MAX_ROOMS_PER_CONNECTION", default_value_t = 64)]
+    pub max_rooms_per_connection: usize,
+
+    /// Client frames per second one /ws connection may send (refill rate).
+    #[arg(long, env = "CORECAST_RATE_LIMIT_PER_S", default_value_t = 100.0)]
+    pub rate_limit_per_s: f64,
+
+    /// Frames a /ws connection may send at once before the rate applies.
+    #[arg(long, env = "CORECAST_RATE_LIMIT_BURST", default_value_t = 200.0)]
+    pub rate_limit_burst: f64,
+
+    /// Largest `body` of a publish or direct message, in bytes (a body is
+    /// also bounded by --max-message-bytes, as the frame that carries it).
+    #[arg(long, env = "CORECAST_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Above this many users a room sends no presence join/leave events and
+    /// answers presence queries with the count only.
+    #[arg(long, env = "CORECAST_PRESENCE_MAX_MEMBERS", default_value_t = 1000)]
+    pub presence_max_members: usize,
+}
+
+impl Config {
+    /// The chat endpoint's settings.
+    pub fn chat_settings(&self) -> crate::chat::Settings {
+        crate::chat::Settings {
+            verifier: self
+                .jwt_secret
+                .as_ref()
+                .map(|s| crate::auth::Verifier::new(s.as_bytes(), self.jwt_leeway_s)),
+            allow_anonymous: self.allow_anonymous,
+            max_rooms_per_connection: self.max_rooms_per_connection,
+            rate_limit_per_s: self.rate_limit_per_s,
+            rate_limit_burst: self.rate_limit_burst,
+            max_body_bytes: self.max_body_bytes,
+            presence_max_members: self.presence_max_members,
+        }
+    }
 }
 
 /// A list of CPU ids, parsed from `0-3,6`.
@@ -187,6 +241,26 @@ impl Config {
         }
         if self.backlog == 0 {
             return err("--backlog must be at least 1".into());
+        }
+        if let Some(secret) = &self.jwt_secret {
+            if secret.len() < crate::auth::MIN_SECRET_BYTES {
+                return err(format!(
+                    "--jwt-secret is {} bytes; HS256 needs at least {} (e.g. `openssl rand -hex 32`)",
+                    secret.len(),
+                    crate::auth::MIN_SECRET_BYTES
+                ));
+            }
+        }
+        if self.max_rooms_per_connection == 0 {
+            return err("--max-rooms-per-connection must be at least 1".into());
+        }
+        if !(self.rate_limit_per_s > 0.0 && self.rate_limit_burst >= 1.0) {
+            return err(
+                "--rate-limit-per-s must be above 0 and --rate-limit-burst at least 1".into(),
+            );
+        }
+        if self.max_body_bytes == 0 {
+            return err("--max-body-bytes must be at least 1".into());
         }
         let ms = Duration::from_millis;
         Ok(Limits {

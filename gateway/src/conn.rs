@@ -1,9 +1,11 @@
-//! One client connection: HTTP request, WebSocket upgrade, echo, close.
+//! One client connection: HTTP request, WebSocket upgrade, echo or chat,
+//! close.
 //!
 //! The connection is a hand-written future driven by socket readiness, its
 //! [`ConnShared`] flags and the shard's sweeper. Each poll flushes what is
-//! queued (one `send` for everything produced since the last flush), then
-//! reads and decodes what arrived.
+//! queued (one `send` for everything produced since the last flush, its own
+//! replies and deliveries from rooms alike), then reads and decodes what
+//! arrived.
 //!
 //! # Invariants
 //! - Lives its whole life on the shard that accepted it; `!Send` (holds `Rc`).
@@ -13,8 +15,11 @@
 //!   non-blocking `recv`, and an idle connection holds no I/O buffer at all.
 //! - Output is bounded: above `outbound_budget_bytes` queued the connection
 //!   stops reading (back-pressure); staying there past the slow-consumer
-//!   timeout closes it with 1008.
-//! - The shard reaches a connection only through its `ConnShared`.
+//!   timeout, or reaching 4× the budget through deliveries, closes it with
+//!   1008. Nothing is queued after our close frame.
+//! - The shard (sweeper, room deliveries) reaches a connection only through
+//!   its `ConnShared`, and never while the connection itself is being polled
+//!   (deliveries run in their own tasks).
 
 use std::{
     cell::{Cell, RefCell},
@@ -31,6 +36,11 @@ use glommio::net::TcpStream;
 
 use crate::{
     buf::{InBuf, READ_CHUNK},
+    chat::{
+        proto::{self as chat_proto},
+        session::{self, Outcome},
+        ConnRef,
+    },
     metrics::{self, Initiator, ShardMetrics},
     shard::Shard,
     ws::{
@@ -44,25 +54,51 @@ use crate::{
 /// Reads handled in one poll before yielding to the shard's other tasks.
 const READS_PER_POLL: usize = 16;
 
-/// What the shard's sweeper and drain logic share with a connection.
+/// Deliveries may queue up to this many times the outbound budget before
+/// the connection is closed at once (instead of after the slow-consumer
+/// timeout): memory per slow client stays bounded however fast rooms are.
+const HARD_CAP_BUDGETS: usize = 4;
+
+/// What a connection shares with its shard: the sweeper's flags, the output
+/// queue that room deliveries append to, and the chat session.
 #[derive(Debug)]
 pub struct ConnShared {
     waker: RefCell<Option<Waker>>,
+    /// Tells this connection from an earlier one with the same slab key.
+    pub gen: u32,
     /// Earliest time the connection wants its timers looked at.
     pub deadline: Cell<Instant>,
     /// Set by the sweeper once `deadline` has passed.
     pub fired: Cell<bool>,
     /// The server is draining: close with 1001.
     pub shutdown: Cell<bool>,
+    /// Bytes for the client; capacity 0 (no allocation) whenever all is sent.
+    out: RefCell<Vec<u8>>,
+    out_sent: Cell<usize>,
+    /// Open for deliveries: a WebSocket that has not sent its close frame.
+    accepting: Cell<bool>,
+    /// Since when more than the outbound budget is queued.
+    over_budget_since: Cell<Option<Instant>>,
+    /// A delivery found the queue at its hard cap: close as a slow consumer.
+    overflowed: Cell<bool>,
+    /// The chat session, for connections on `/ws`.
+    pub chat: RefCell<Option<Box<session::Session>>>,
 }
 
 impl ConnShared {
-    pub fn new(deadline: Instant) -> ConnShared {
+    pub fn new(deadline: Instant, gen: u32) -> ConnShared {
         ConnShared {
             waker: RefCell::new(None),
+            gen,
             deadline: Cell::new(deadline),
             fired: Cell::new(false),
             shutdown: Cell::new(false),
+            out: RefCell::new(Vec::new()),
+            out_sent: Cell::new(0),
+            accepting: Cell::new(false),
+            over_budget_since: Cell::new(None),
+            overflowed: Cell::new(false),
+            chat: RefCell::new(None),
         }
     }
 
@@ -76,6 +112,61 @@ impl ConnShared {
         let mut slot = self.waker.borrow_mut();
         if !slot.as_ref().is_some_and(|w| w.will_wake(waker)) {
             *slot = Some(waker.clone());
+        }
+    }
+
+    /// Bytes queued and not yet sent.
+    pub fn queued(&self) -> usize {
+        self.out.borrow().len() - self.out_sent.get()
+    }
+
+    /// Runs `f` on the output buffer, taken from the pool if we hold none.
+    fn with_out<R>(&self, shard: &Shard, f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+        let mut out = self.out.borrow_mut();
+        if out.capacity() == 0 {
+            *out = shard.pool.take_write();
+        } else {
+            let sent = self.out_sent.get();
+            if sent > 0 && sent >= out.len() / 2 {
+                out.drain(..sent);
+                self.out_sent.set(0);
+            }
+        }
+        f(&mut out)
+    }
+
+    /// Queues a frame the connection produced itself (a reply); the
+    /// connection's own poll flushes it.
+    pub fn push_own(&self, shard: &Shard, frame: &[u8]) {
+        self.with_out(shard, |out| out.extend_from_slice(frame));
+    }
+
+    /// Queues a frame delivered from a room or another connection, and wakes
+    /// the connection to flush it. Dropped if the connection is closing; at
+    /// the hard cap the connection is closed as a slow consumer instead.
+    pub fn enqueue(&self, shard: &Shard, frame: &[u8]) {
+        if !self.accepting.get() {
+            return;
+        }
+        let budget = shard.limits.outbound_budget_bytes;
+        let queued = self.queued();
+        if queued + frame.len() > budget.saturating_mul(HARD_CAP_BUDGETS) {
+            self.overflowed.set(true);
+            self.accepting.set(false);
+            self.wake();
+            return;
+        }
+        self.with_out(shard, |out| out.extend_from_slice(frame));
+        if queued + frame.len() > budget && self.over_budget_since.get().is_none() {
+            self.over_budget_since.set(Some(shard.clock.get()));
+            // The sweeper must look at us when the timeout runs out.
+            let timeout = shard.clock.get() + shard.limits.slow_consumer_timeout;
+            if timeout < self.deadline.get() {
+                self.deadline.set(timeout);
+            }
+        }
+        if queued == 0 {
+            self.wake();
         }
     }
 }
@@ -97,6 +188,13 @@ enum Phase {
     CloseAfterFlush,
 }
 
+/// What the WebSocket serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    Echo,
+    Chat,
+}
+
 /// The per-connection future.
 pub struct Conn {
     shard: Rc<Shard>,
@@ -104,11 +202,9 @@ pub struct Conn {
     key: usize,
     stream: TcpStream,
     phase: Phase,
+    endpoint: Endpoint,
     /// Unconsumed input; `None` whenever everything read was consumed.
     inbuf: Option<InBuf>,
-    /// Queued output; capacity 0 (no allocation) whenever it is all sent.
-    out: Vec<u8>,
-    out_sent: usize,
     decoder: Decoder,
     /// Payload of the fragmented message being assembled (echo).
     fragments: Vec<u8>,
@@ -116,7 +212,6 @@ pub struct Conn {
     /// Shard clock at the last read from the client.
     last_rx: Instant,
     ping_sent: bool,
-    over_budget_since: Option<Instant>,
     /// Deadline of the handshake, or of the close handshake.
     phase_deadline: Instant,
     write_shut: bool,
@@ -127,7 +222,9 @@ pub struct Conn {
 pub fn spawn(shard: &Rc<Shard>, stream: TcpStream) {
     let now = shard.clock.get();
     let deadline = now + shard.limits.handshake_timeout;
-    let shared = Rc::new(ConnShared::new(deadline));
+    let gen = shard.next_gen.get().wrapping_add(1);
+    shard.next_gen.set(gen);
+    let shared = Rc::new(ConnShared::new(deadline, gen));
     let key = shard.conns.borrow_mut().insert(shared.clone());
     let m = shard.metrics();
     m.connections_accepted.inc();
@@ -138,15 +235,13 @@ pub fn spawn(shard: &Rc<Shard>, stream: TcpStream) {
         key,
         stream,
         phase: Phase::Request,
+        endpoint: Endpoint::Echo,
         inbuf: None,
-        out: Vec::new(),
-        out_sent: 0,
         decoder: Decoder::new(Role::Server, shard.limits.frame),
         fragments: Vec::new(),
         is_websocket: false,
         last_rx: now,
         ping_sent: false,
-        over_budget_since: None,
         phase_deadline: deadline,
         write_shut: false,
         shutdown_seen: false,
@@ -168,6 +263,9 @@ impl Future for Conn {
                 this.shutdown_seen = true;
                 this.on_shutdown();
             }
+            if this.shared.overflowed.replace(false) && this.phase == Phase::Open {
+                this.slow_consumer();
+            }
             match this.poll_flush(cx) {
                 Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(_)) => return this.lost(),
@@ -186,7 +284,7 @@ impl Future for Conn {
                 }
                 _ => {}
             }
-            if !this.may_read() {
+            if !this.may_read(cx) {
                 return Poll::Pending;
             }
             match this.poll_read(cx) {
@@ -204,6 +302,10 @@ impl Future for Conn {
 
 impl Drop for Conn {
     fn drop(&mut self) {
+        self.shared.accepting.set(false);
+        if self.endpoint == Endpoint::Chat {
+            session::on_close(&self.shard, &self.shared, self.conn_ref());
+        }
         self.shard.conns.borrow_mut().try_remove(self.key);
         let m = self.shard.metrics();
         m.connections_open.sub(1);
@@ -214,8 +316,9 @@ impl Drop for Conn {
             b.consume(b.len());
             self.shard.pool.put_read(b);
         }
-        if self.out.capacity() > 0 {
-            self.shard.pool.put_write(std::mem::take(&mut self.out));
+        let out = std::mem::take(&mut *self.shared.out.borrow_mut());
+        if out.capacity() > 0 {
+            self.shard.pool.put_write(out);
         }
     }
 }
@@ -225,52 +328,67 @@ impl Conn {
         self.shard.metrics()
     }
 
-    fn queued(&self) -> usize {
-        self.out.len() - self.out_sent
+    fn conn_ref(&self) -> ConnRef {
+        ConnRef {
+            shard: self.shard.chat.me as u16,
+            key: self.key as u32,
+            gen: self.shared.gen,
+        }
     }
 
-    fn may_read(&self) -> bool {
+    fn queued(&self) -> usize {
+        self.shared.queued()
+    }
+
+    fn may_read(&self, cx: &mut Context<'_>) -> bool {
         match self.phase {
             Phase::Request | Phase::Linger => true,
             Phase::Open | Phase::CloseSent => {
-                self.queued() <= self.shard.limits.outbound_budget_bytes
+                if self.queued() > self.shard.limits.outbound_budget_bytes {
+                    return false;
+                }
+                // Chat input makes cross-shard work: while other shards are
+                // behind, let the client wait in its socket buffer.
+                if self.endpoint == Endpoint::Chat && self.shard.chat.congested() {
+                    self.shard.chat.wait_uncongested(cx.waker());
+                    return false;
+                }
+                true
             }
             Phase::CloseAfterFlush => false,
         }
     }
 
-    /// The output buffer, taken from the pool if we hold none.
-    fn out(&mut self) -> &mut Vec<u8> {
-        if self.out.capacity() == 0 {
-            self.out = self.shard.pool.take_write();
-        } else if self.out_sent > 0 && self.out_sent >= self.out.len() / 2 {
-            self.out.drain(..self.out_sent);
-            self.out_sent = 0;
-        }
-        &mut self.out
+    /// Queues bytes this connection produced (a reply, a control frame).
+    fn push(&self, f: impl FnOnce(&mut Vec<u8>)) {
+        self.shared.with_out(&self.shard, f);
     }
 
     /// Writes queued output; one `send` per call when the socket keeps up.
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while self.out_sent < self.out.len() {
-            match Pin::new(&mut self.stream).poll_write(cx, &self.out[self.out_sent..]) {
+        let shared = self.shared.clone();
+        let mut out = shared.out.borrow_mut();
+        while shared.out_sent.get() < out.len() {
+            let sent = shared.out_sent.get();
+            match Pin::new(&mut self.stream).poll_write(cx, &out[sent..]) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                 Poll::Ready(Ok(n)) => {
-                    self.out_sent += n;
+                    shared.out_sent.set(sent + n);
                     self.shard.metrics().bytes_out.add(n as u64);
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {
+                    drop(out);
                     self.track_budget();
                     return Poll::Pending;
                 }
             }
         }
-        if self.out.capacity() > 0 {
-            self.shard.pool.put_write(std::mem::take(&mut self.out));
-            self.out_sent = 0;
+        if out.capacity() > 0 {
+            self.shard.pool.put_write(std::mem::take(&mut *out));
+            shared.out_sent.set(0);
         }
-        self.over_budget_since = None;
+        shared.over_budget_since.set(None);
         Poll::Ready(Ok(()))
     }
 
@@ -339,9 +457,36 @@ impl Conn {
         match req.path.as_str() {
             "/echo" => match req.upgrade {
                 Some(Ok(up)) => {
-                    handshake::write_accept(self.out(), &up.accept, None);
+                    self.push(|out| handshake::write_accept(out, &up.accept, None));
                     self.open();
                     // A client may send frames right behind its request.
+                    if self.inbuf.as_ref().is_some_and(|b| !b.is_empty()) {
+                        self.on_frames();
+                    }
+                }
+                Some(Err(r)) => self.refuse(r),
+                None => self.refuse(Refusal::UpgradeRequired),
+            },
+            "/ws" => match req.upgrade {
+                Some(Ok(up)) => {
+                    let offered = !up.protocols.is_empty();
+                    let ours = up.protocols.iter().any(|p| p == chat_proto::SUBPROTOCOL);
+                    if offered && !ours {
+                        return self.refuse(Refusal::UnsupportedSubprotocol);
+                    }
+                    let protocol = ours.then_some(chat_proto::SUBPROTOCOL);
+                    handshake::write_accept(
+                        &mut self.shared.out.borrow_mut(),
+                        &up.accept,
+                        protocol,
+                    );
+                    self.endpoint = Endpoint::Chat;
+                    self.open();
+                    let token = req.token.as_deref();
+                    match session::on_open(&self.shard, &self.shared, self.conn_ref(), token) {
+                        Outcome::Continue => self.rearm(),
+                        Outcome::Close(code, reason) => return self.start_close(code, reason),
+                    }
                     if self.inbuf.as_ref().is_some_and(|b| !b.is_empty()) {
                         self.on_frames();
                     }
@@ -371,6 +516,7 @@ impl Conn {
 
     fn open(&mut self) {
         self.phase = Phase::Open;
+        self.shared.accepting.set(true);
         self.is_websocket = true;
         let m = self.m();
         m.upgrades.inc();
@@ -380,18 +526,19 @@ impl Conn {
 
     fn reply(&mut self, status: u16, content_type: &str, body: &[u8]) {
         self.m().http_requests.inc();
-        handshake::write_response(self.out(), status, "", content_type, body);
+        self.push(|out| handshake::write_response(out, status, "", content_type, body));
         self.close_after_flush();
     }
 
     fn refuse(&mut self, r: Refusal) {
         self.m().handshake_failed(r);
-        r.write_response(self.out());
+        self.push(|out| r.write_response(out));
         self.close_after_flush();
     }
 
     fn close_after_flush(&mut self) {
         self.phase = Phase::CloseAfterFlush;
+        self.shared.accepting.set(false);
         self.phase_deadline = self.shard.clock.get() + self.shard.limits.close_timeout;
         self.rearm();
     }
@@ -428,6 +575,9 @@ impl Conn {
                 if self.phase != Phase::Open {
                     return; // After our close frame, data is discarded.
                 }
+                if self.endpoint == Endpoint::Chat {
+                    return self.on_chat_frame(f, payload);
+                }
                 if f.fin && f.opcode != OpCode::Continuation {
                     self.m().messages_in.inc();
                     self.send_message(f.opcode, payload);
@@ -446,7 +596,7 @@ impl Conn {
             }
             OpCode::Ping => {
                 if self.phase == Phase::Open {
-                    ws::encode_frame(self.out(), true, OpCode::Pong, payload, None);
+                    self.push(|out| ws::encode_frame(out, true, OpCode::Pong, payload, None));
                     self.m().frames_out.inc();
                 }
             }
@@ -458,7 +608,7 @@ impl Conn {
                     return;
                 }
                 let code = close::parse_close(payload).ok().flatten().map(|c| c.code);
-                ws::encode_close(self.out(), code, "", None);
+                self.push(|out| ws::encode_close(out, code, "", None));
                 self.m().frames_out.inc();
                 self.m().closed(code.unwrap_or(1005), Initiator::Client);
                 self.close_after_flush();
@@ -466,9 +616,38 @@ impl Conn {
         }
     }
 
+    /// A data frame on `/ws`: chat messages are whole JSON text messages.
+    fn on_chat_frame(&mut self, f: &ws::Frame, payload: &[u8]) {
+        if f.message == OpCode::Binary {
+            return self.start_close(
+                chat_proto::close::UNSUPPORTED_DATA,
+                "binary frames are not part of corecast.v1",
+            );
+        }
+        self.m().messages_in.inc();
+        let outcome = if f.fin && f.opcode != OpCode::Continuation {
+            session::on_text(&self.shard, &self.shared, self.conn_ref(), payload)
+        } else {
+            self.fragments.extend_from_slice(payload);
+            if !f.fin {
+                return;
+            }
+            let msg = std::mem::take(&mut self.fragments);
+            let outcome = session::on_text(&self.shard, &self.shared, self.conn_ref(), &msg);
+            if msg.capacity() <= READ_CHUNK {
+                self.fragments = msg;
+                self.fragments.clear();
+            }
+            outcome
+        };
+        if let Outcome::Close(code, reason) = outcome {
+            self.start_close(code, reason);
+        }
+    }
+
     /// Queues one message (the echo) as a single frame.
     fn send_message(&mut self, opcode: OpCode, payload: &[u8]) {
-        ws::encode_frame(self.out(), true, opcode, payload, None);
+        self.push(|out| ws::encode_frame(out, true, opcode, payload, None));
         let m = self.m();
         m.frames_out.inc();
         m.messages_out.inc();
@@ -476,7 +655,8 @@ impl Conn {
 
     /// Starts a server-initiated close handshake.
     fn start_close(&mut self, code: u16, reason: &str) {
-        ws::encode_close(self.out(), Some(code), reason, None);
+        self.shared.accepting.set(false);
+        self.push(|out| ws::encode_close(out, Some(code), reason, None));
         self.m().frames_out.inc();
         self.m().closed(code, Initiator::Server);
         self.phase = Phase::CloseSent;
@@ -495,13 +675,15 @@ impl Conn {
         match self.phase {
             Phase::Request => {
                 self.m().http_requests.inc();
-                handshake::write_response(
-                    self.out(),
-                    503,
-                    "",
-                    "text/plain; charset=utf-8",
-                    b"server shutting down\n",
-                );
+                self.push(|out| {
+                    handshake::write_response(
+                        out,
+                        503,
+                        "",
+                        "text/plain; charset=utf-8",
+                        b"server shutting down\n",
+                    )
+                });
                 self.close_after_flush();
             }
             Phase::Open => self.start_close(code::GOING_AWAY, "server shutting down"),
@@ -518,11 +700,24 @@ impl Conn {
                 }
             }
             Phase::Open => {
-                if let Some(since) = self.over_budget_since {
+                if let Some(since) = self.shared.over_budget_since.get() {
                     if now.duration_since(since) >= limits.slow_consumer_timeout {
                         self.slow_consumer();
                         return;
                     }
+                }
+                let auth_deadline = self
+                    .shared
+                    .chat
+                    .borrow()
+                    .as_ref()
+                    .and_then(|s| s.auth_deadline);
+                if auth_deadline.is_some_and(|d| now >= d) {
+                    self.start_close(
+                        chat_proto::close::AUTH_REQUIRED,
+                        "authentication required: no token and no connect frame in time",
+                    );
+                    return;
                 }
                 let idle = now.saturating_duration_since(self.last_rx);
                 if idle >= limits.idle_timeout {
@@ -530,7 +725,7 @@ impl Conn {
                 } else if let Some(interval) = limits.ping_interval {
                     if idle >= interval && !self.ping_sent {
                         self.ping_sent = true;
-                        ws::encode_frame(self.out(), true, OpCode::Ping, b"", None);
+                        self.push(|out| ws::encode_frame(out, true, OpCode::Ping, b"", None));
                         let m = self.m();
                         m.frames_out.inc();
                         m.pings_sent.inc();
@@ -542,8 +737,8 @@ impl Conn {
                     // The peer did not finish the close handshake (or did
                     // not read our reply) in time: drop the socket.
                     self.phase = Phase::CloseAfterFlush;
-                    self.out.clear();
-                    self.out_sent = 0;
+                    self.shared.out.borrow_mut().clear();
+                    self.shared.out_sent.set(0);
                 }
             }
         }
@@ -566,18 +761,21 @@ impl Conn {
             code::POLICY_VIOLATION,
             "slow consumer: outbound budget exceeded",
         );
-        self.phase = Phase::Linger;
+        // Read nothing more: the socket goes once flushed or at the deadline.
+        self.phase = Phase::CloseAfterFlush;
     }
 
     /// Starts the slow-consumer clock when the queue goes over budget.
     fn track_budget(&mut self) {
         let over = self.queued() > self.shard.limits.outbound_budget_bytes;
-        match (over, self.over_budget_since) {
+        match (over, self.shared.over_budget_since.get()) {
             (true, None) => {
-                self.over_budget_since = Some(self.shard.clock.get());
+                self.shared
+                    .over_budget_since
+                    .set(Some(self.shard.clock.get()));
                 self.rearm();
             }
-            (false, Some(_)) => self.over_budget_since = None,
+            (false, Some(_)) => self.shared.over_budget_since.set(None),
             _ => {}
         }
     }
@@ -591,8 +789,17 @@ impl Conn {
                 if let (Some(interval), false) = (limits.ping_interval, self.ping_sent) {
                     d = d.min(self.last_rx + interval);
                 }
-                if let Some(since) = self.over_budget_since {
+                if let Some(since) = self.shared.over_budget_since.get() {
                     d = d.min(since + limits.slow_consumer_timeout);
+                }
+                if let Some(auth) = self
+                    .shared
+                    .chat
+                    .borrow()
+                    .as_ref()
+                    .and_then(|s| s.auth_deadline)
+                {
+                    d = d.min(auth);
                 }
                 d
             }

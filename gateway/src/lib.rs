@@ -8,6 +8,9 @@
 //!   that drives every connection's timers.
 //! - `conn`: one connection: HTTP request, upgrade, echo, close handshake,
 //!   back-pressure.
+//! - [`chat`]: the `corecast.v1` chat endpoint: sessions, rooms homed on
+//!   shards, cross-shard fan-out over glommio's channel mesh, direct
+//!   messages, presence.
 //! - `buf`: per-shard buffer pools, so idle connections hold no buffers.
 //! - [`ws`]: the sans-IO RFC 6455 codec (handshake, frames, masking, UTF-8).
 //! - [`metrics`]: per-shard counters and the Prometheus rendering.
@@ -17,6 +20,7 @@
 
 pub mod auth;
 mod buf;
+pub mod chat;
 pub mod config;
 mod conn;
 pub mod metrics;

@@ -1,17 +1,84 @@
-//! The `gateway` binary: parse the configuration, set up logging, run.
+//! The `gateway` binary: parse the configuration, set up logging, run; or
+//! mint a development token (`gateway token`).
 
 use std::process::ExitCode;
 
-use clap::Parser;
-use corecast_gateway::{shutdown, Config};
+use clap::{Args, Parser, Subcommand};
+use corecast_gateway::{auth, shutdown, Config};
 use signal_hook::{
     consts::{SIGINT, SIGTERM},
     iterator::Signals,
 };
 
+#[derive(Parser)]
+#[command(
+    name = "gateway",
+    version,
+    about = "corecast: thread-per-core WebSocket gateway",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    config: Config,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print an HS256 access token for /ws, signed with --jwt-secret.
+    Token(TokenArgs),
+}
+
+#[derive(Args)]
+struct TokenArgs {
+    /// The user id (`sub` claim).
+    #[arg(long)]
+    sub: String,
+    /// Lifetime in seconds (`exp` = now + this).
+    #[arg(long, default_value_t = 3600)]
+    ttl_s: u64,
+    /// Rooms the user may join (names or prefixes ending in `*`), comma
+    /// separated. Default: any room.
+    #[arg(long, value_delimiter = ',')]
+    rooms: Option<Vec<String>>,
+    /// Rooms the user may publish to. Default: the same as --rooms.
+    #[arg(long, value_delimiter = ',')]
+    publish: Option<Vec<String>>,
+    /// The secret the gateway verifies tokens with.
+    #[arg(long, env = "CORECAST_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: String,
+}
+
+fn mint(args: TokenArgs) -> ExitCode {
+    if args.jwt_secret.len() < auth::MIN_SECRET_BYTES {
+        eprintln!(
+            "gateway token: --jwt-secret must be at least {} bytes (e.g. `openssl rand -hex 32`)",
+            auth::MIN_SECRET_BYTES
+        );
+        return ExitCode::FAILURE;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let claims = auth::Claims {
+        sub: args.sub,
+        exp: Some(now + args.ttl_s),
+        iat: Some(now),
+        rooms: args.rooms,
+        publish: args.publish,
+        ..Default::default()
+    };
+    println!("{}", auth::mint(args.jwt_secret.as_bytes(), &claims));
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Command::Token(args)) = cli.command {
+        return mint(args);
+    }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let config = Config::parse();
     let (trigger, fired) = shutdown::channel();
     let mut signals = match Signals::new([SIGINT, SIGTERM]) {
         Ok(s) => s,
@@ -33,7 +100,7 @@ fn main() -> ExitCode {
             }
         })
         .expect("spawning the signal thread");
-    match corecast_gateway::run(config, fired) {
+    match corecast_gateway::run(cli.config, fired) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("gateway: {e}");

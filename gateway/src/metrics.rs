@@ -12,7 +12,34 @@ use std::{
     sync::atomic::{AtomicU64, Ordering::Relaxed},
 };
 
-use crate::ws::handshake::Refusal;
+use crate::{auth::AuthError, ws::handshake::Refusal};
+
+/// Authentication failures counted by kind.
+pub const AUTH_ERRORS: [AuthError; 9] = [
+    AuthError::Missing,
+    AuthError::Malformed,
+    AuthError::UnsupportedAlgorithm,
+    AuthError::UnsupportedCriticalHeader,
+    AuthError::BadSignature,
+    AuthError::Expired,
+    AuthError::NotYetValid,
+    AuthError::MissingSubject,
+    AuthError::InvalidSubject,
+];
+
+fn auth_label(e: AuthError) -> &'static str {
+    match e {
+        AuthError::Missing => "missing",
+        AuthError::Malformed => "malformed",
+        AuthError::UnsupportedAlgorithm => "algorithm",
+        AuthError::UnsupportedCriticalHeader => "crit_header",
+        AuthError::BadSignature => "bad_signature",
+        AuthError::Expired => "expired",
+        AuthError::NotYetValid => "not_yet_valid",
+        AuthError::MissingSubject => "missing_sub",
+        AuthError::InvalidSubject => "invalid_sub",
+    }
+}
 
 /// A counter or gauge with a single writer (its shard).
 #[derive(Debug, Default)]
@@ -38,6 +65,12 @@ impl Counter {
 
     pub fn get(&self) -> u64 {
         self.0.load(Relaxed)
+    }
+
+    /// Sets a gauge.
+    #[inline]
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Relaxed);
     }
 }
 
@@ -80,6 +113,27 @@ pub struct ShardMetrics {
     pub messages_out: Counter,
     pub pings_sent: Counter,
     pub slow_consumer_closes: Counter,
+    /// Rooms homed on this shard (gauge).
+    pub rooms: Counter,
+    /// Room memberships of this shard's connections (gauge).
+    pub room_members: Counter,
+    /// Publishes sequenced by this shard as a room's home.
+    pub publishes: Counter,
+    /// Retried publishes answered with their original ack.
+    pub duplicate_publishes: Counter,
+    /// Room frames written into local members' queues.
+    pub deliveries: Counter,
+    pub direct_messages: Counter,
+    /// Messages sent to another shard (requests and deliveries).
+    pub cross_shard_messages: Counter,
+    /// Sends that found a ring full and queued locally instead.
+    pub ring_full: Counter,
+    /// Messages waiting for ring space (gauge).
+    pub outbox_backlog: Counter,
+    pub rate_limited: Counter,
+    /// Requests refused with an error frame.
+    pub chat_errors: Counter,
+    pub auth_failures: [Counter; AUTH_ERRORS.len()],
     pub handshake_failures: [Counter; Refusal::ALL.len()],
     pub closes: [[Counter; CLOSE_CODES.len()]; 2],
 }
@@ -87,6 +141,12 @@ pub struct ShardMetrics {
 impl ShardMetrics {
     pub fn handshake_failed(&self, r: Refusal) {
         self.handshake_failures[r as usize].inc();
+    }
+
+    pub fn auth_failed(&self, e: AuthError) {
+        if let Some(i) = AUTH_ERRORS.iter().position(|&x| x == e) {
+            self.auth_failures[i].inc();
+        }
     }
 
     /// Counts a closed WebSocket by close code and initiator.
@@ -104,7 +164,7 @@ pub fn render(shards: &[ShardMetrics], draining: bool) -> String {
         &'static str,
         fn(&ShardMetrics) -> &Counter,
     );
-    let simple: [Series; 14] = [
+    let simple: [Series; 25] = [
         (
             "corecast_connections",
             "gauge",
@@ -189,11 +249,92 @@ pub fn render(shards: &[ShardMetrics], draining: bool) -> String {
             "Connections closed for staying over their outbound budget.",
             |m| &m.slow_consumer_closes,
         ),
+        (
+            "corecast_rooms",
+            "gauge",
+            "Rooms homed on the shard.",
+            |m| &m.rooms,
+        ),
+        (
+            "corecast_room_members",
+            "gauge",
+            "Room memberships of the shard's connections.",
+            |m| &m.room_members,
+        ),
+        (
+            "corecast_publishes_total",
+            "counter",
+            "Publishes sequenced by the shard as the room's home.",
+            |m| &m.publishes,
+        ),
+        (
+            "corecast_duplicate_publishes_total",
+            "counter",
+            "Retried publishes answered with the original ack.",
+            |m| &m.duplicate_publishes,
+        ),
+        (
+            "corecast_deliveries_total",
+            "counter",
+            "Room messages and events written to local members.",
+            |m| &m.deliveries,
+        ),
+        (
+            "corecast_direct_messages_total",
+            "counter",
+            "Direct messages routed by the shard as the user's home.",
+            |m| &m.direct_messages,
+        ),
+        (
+            "corecast_cross_shard_messages_total",
+            "counter",
+            "Messages sent to other shards over the rings.",
+            |m| &m.cross_shard_messages,
+        ),
+        (
+            "corecast_ring_full_total",
+            "counter",
+            "Sends that found a ring full and queued locally.",
+            |m| &m.ring_full,
+        ),
+        (
+            "corecast_outbox_backlog",
+            "gauge",
+            "Messages waiting for ring space to other shards.",
+            |m| &m.outbox_backlog,
+        ),
+        (
+            "corecast_rate_limited_total",
+            "counter",
+            "Client frames dropped by the rate limit.",
+            |m| &m.rate_limited,
+        ),
+        (
+            "corecast_chat_errors_total",
+            "counter",
+            "Chat requests refused with an error frame.",
+            |m| &m.chat_errors,
+        ),
     ];
     for (name, kind, help, get) in simple {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for (i, m) in shards.iter().enumerate() {
             let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", get(m).get());
+        }
+    }
+    let name = "corecast_auth_failures_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Refused access tokens, by reason.\n# TYPE {name} counter"
+    );
+    for (i, m) in shards.iter().enumerate() {
+        for (j, e) in AUTH_ERRORS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "{name}{{shard=\"{i}\",reason=\"{}\"}} {}",
+                auth_label(*e),
+                m.auth_failures[j].get()
+            );
         }
     }
     let name = "corecast_handshake_failures_total";

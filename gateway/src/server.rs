@@ -18,10 +18,11 @@ use std::{
     },
 };
 
-use glommio::{LocalExecutorBuilder, Placement};
+use glommio::{channels::channel_mesh::MeshBuilder, LocalExecutorBuilder, Placement};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::{
+    chat,
     config::{Config, Limits, ShardPlan},
     metrics::ShardMetrics,
     shard,
@@ -128,6 +129,12 @@ impl Server {
         );
         let metrics: Arc<[ShardMetrics]> =
             (0..plan.shards).map(|_| ShardMetrics::default()).collect();
+        let chat_settings = config.chat_settings();
+        if chat_settings.verifier.is_none() && !chat_settings.allow_anonymous {
+            log::warn!("no --jwt-secret and no --allow-anonymous: /ws will refuse every client");
+        }
+        let requests = MeshBuilder::full(plan.shards, chat::RING_SLOTS);
+        let deliveries = MeshBuilder::full(plan.shards, chat::RING_SLOTS);
         let stop = Arc::new(AtomicBool::new(false));
         let (exited, any_exited) = shutdown::channel();
         let mut handles = Vec::with_capacity(plan.shards);
@@ -137,13 +144,22 @@ impl Server {
                 None => Placement::Unbound,
             };
             let guard = ExitGuard(exited.clone());
-            let (metrics, stop_flag) = (metrics.clone(), stop.clone());
+            let setup = shard::ShardSetup {
+                id,
+                listener,
+                limits,
+                all_metrics: metrics.clone(),
+                stop: stop.clone(),
+                chat: chat_settings.clone(),
+                requests: requests.clone(),
+                deliveries: deliveries.clone(),
+            };
             let spawned = LocalExecutorBuilder::new(placement)
                 .name(&format!("shard-{id}"))
                 .io_memory(IO_MEMORY_BYTES)
                 .spawn(move || async move {
                     let _guard = guard;
-                    shard::run(id, listener, limits, metrics, stop_flag).await;
+                    shard::run(setup).await;
                 });
             match spawned {
                 Ok(h) => handles.push(h),

@@ -23,8 +23,11 @@ use std::{
 use glommio::timer::Timer;
 use slab::Slab;
 
+use glommio::channels::channel_mesh::FullMesh;
+
 use crate::{
     buf::BufPool,
+    chat::{self, ChatShard, Delivery, Request},
     config::Limits,
     conn::{self, ConnShared},
     metrics::ShardMetrics,
@@ -45,6 +48,9 @@ pub struct Shard {
     pub clock: Cell<Instant>,
     /// Set once the server started shutting down.
     pub draining: Cell<bool>,
+    /// Generation of the last connection accepted (see `ConnShared::gen`).
+    pub next_gen: Cell<u32>,
+    pub chat: ChatShard,
 }
 
 impl Shard {
@@ -70,14 +76,38 @@ fn tick(limits: &Limits) -> Duration {
     (shortest / 10).clamp(Duration::from_millis(10), Duration::from_millis(100))
 }
 
+/// What a shard starts from; built on the main thread, moved to the shard.
+pub struct ShardSetup {
+    pub id: usize,
+    pub listener: OwnedFd,
+    pub limits: Limits,
+    pub all_metrics: Arc<[ShardMetrics]>,
+    pub stop: Arc<AtomicBool>,
+    pub chat: chat::Settings,
+    pub requests: FullMesh<Request>,
+    pub deliveries: FullMesh<Delivery>,
+}
+
 /// Runs a shard until `stop` is set and its connections have drained.
-pub async fn run(
-    id: usize,
-    listener: OwnedFd,
-    limits: Limits,
-    all_metrics: Arc<[ShardMetrics]>,
-    stop: Arc<AtomicBool>,
-) {
+pub async fn run(setup: ShardSetup) {
+    let ShardSetup {
+        id,
+        listener,
+        limits,
+        all_metrics,
+        stop,
+        chat: settings,
+        requests,
+        deliveries,
+    } = setup;
+    // Every shard joins both meshes before any accepts: a join completes
+    // once all peers have joined.
+    let (Ok((req_tx, req_rx)), Ok((del_tx, del_rx))) =
+        (requests.join().await, deliveries.join().await)
+    else {
+        log::error!("shard {id}: could not join the cross-shard rings");
+        return;
+    };
     let shard = Rc::new(Shard {
         id,
         limits,
@@ -86,7 +116,10 @@ pub async fn run(
         conns: RefCell::new(Slab::new()),
         clock: Cell::new(Instant::now()),
         draining: Cell::new(false),
+        next_gen: Cell::new(0),
+        chat: ChatShard::new(settings, req_tx, del_tx),
     });
+    chat::spawn_tasks(&shard, req_rx, del_rx);
     let listener = sys::adopt_listener(listener);
     let acceptor = glommio::spawn_local(accept_loop(shard.clone(), listener));
     let tick = tick(&limits);

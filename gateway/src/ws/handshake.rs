@@ -39,6 +39,8 @@ pub enum Refusal {
     BadWsKey,
     /// The request carried a body; upgrade and side-door requests have none.
     UnexpectedBody,
+    /// The client offered subprotocols, none of which this endpoint speaks.
+    UnsupportedSubprotocol,
     /// No route for this path.
     NotFound,
     /// The request did not arrive within the handshake timeout.
@@ -47,7 +49,7 @@ pub enum Refusal {
 
 impl Refusal {
     /// Every refusal, for metrics labels.
-    pub const ALL: [Refusal; 13] = [
+    pub const ALL: [Refusal; 14] = [
         Refusal::MalformedRequest,
         Refusal::HeadersTooLarge,
         Refusal::UnsupportedHttpVersion,
@@ -59,6 +61,7 @@ impl Refusal {
         Refusal::UnsupportedWsVersion,
         Refusal::BadWsKey,
         Refusal::UnexpectedBody,
+        Refusal::UnsupportedSubprotocol,
         Refusal::NotFound,
         Refusal::Timeout,
     ];
@@ -70,7 +73,8 @@ impl Refusal {
             | Refusal::UpgradeNotWebsocket
             | Refusal::ConnectionNotUpgrade
             | Refusal::BadWsKey
-            | Refusal::UnexpectedBody => 400,
+            | Refusal::UnexpectedBody
+            | Refusal::UnsupportedSubprotocol => 400,
             Refusal::HeadersTooLarge => 431,
             Refusal::UnsupportedHttpVersion => 505,
             Refusal::MethodNotAllowed => 405,
@@ -94,6 +98,7 @@ impl Refusal {
             Refusal::UnsupportedWsVersion => "ws_version",
             Refusal::BadWsKey => "bad_ws_key",
             Refusal::UnexpectedBody => "unexpected_body",
+            Refusal::UnsupportedSubprotocol => "subprotocol",
             Refusal::NotFound => "not_found",
             Refusal::Timeout => "timeout",
         }
@@ -115,7 +120,10 @@ impl Refusal {
             Refusal::UnsupportedWsVersion => "Sec-WebSocket-Version must be 13",
             Refusal::BadWsKey => "Sec-WebSocket-Key must be base64 of 16 bytes",
             Refusal::UnexpectedBody => "request bodies are not accepted",
-            Refusal::NotFound => "no such path (try /echo, /healthz or /metrics)",
+            Refusal::UnsupportedSubprotocol => {
+                "unsupported subprotocol: this endpoint speaks corecast.v1"
+            }
+            Refusal::NotFound => "no such path (try /ws, /echo, /healthz or /metrics)",
             Refusal::Timeout => "request not received within the handshake timeout",
         }
     }
@@ -150,6 +158,9 @@ pub struct Request {
     pub path: String,
     /// The query string, without `?`.
     pub query: Option<String>,
+    /// An access token: the `token` query parameter, or the credentials of
+    /// `Authorization: Bearer`.
+    pub token: Option<String>,
     /// Present when the request asks for a WebSocket upgrade and every
     /// required header is right; the caller answers with [`write_accept`].
     pub upgrade: Option<Result<Upgrade, Refusal>>,
@@ -204,6 +215,19 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(Request, usize)>, Refusal> {
     if has_body {
         return Err(Refusal::UnexpectedBody);
     }
+    let token = query
+        .as_deref()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token=")))
+        .map(str::to_string)
+        .or_else(|| {
+            header("authorization").find_map(|h| {
+                let v = std::str::from_utf8(h.value).ok()?.trim();
+                let (scheme, cred) = v.split_once(' ')?;
+                scheme
+                    .eq_ignore_ascii_case("bearer")
+                    .then(|| cred.trim().to_string())
+            })
+        });
     let upgrade = header("upgrade").next().map(|_| {
         if !header("upgrade").any(|h| has_token(h.value, "websocket")) {
             return Err(Refusal::UpgradeNotWebsocket);
@@ -238,6 +262,7 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(Request, usize)>, Refusal> {
         Request {
             path: path.to_string(),
             query,
+            token,
             upgrade,
         },
         len,
@@ -438,10 +463,14 @@ mod tests {
         let (r, _) = parse_request(req.as_bytes()).unwrap().unwrap();
         assert_eq!(r.path, "/ws");
         assert_eq!(r.query.as_deref(), Some("token=abc"));
+        assert_eq!(r.token.as_deref(), Some("abc"));
         assert_eq!(
             r.upgrade.unwrap().unwrap().protocols,
             vec!["corecast.v1", "chat"]
         );
+        let req = upgrade_req("Authorization: Bearer xyz.abc.def\r\n");
+        let (r, _) = parse_request(req.as_bytes()).unwrap().unwrap();
+        assert_eq!(r.token.as_deref(), Some("xyz.abc.def"));
     }
 
     #[test]

@@ -1,0 +1,748 @@
+//! Chat on one node: sessions, rooms homed on shards, cross-shard fan-out.
+//!
+//! A room's home shard (`corecast_router::home_shard`) owns its sequence:
+//! every publish travels there, is numbered, encoded once into a WebSocket
+//! frame, and sent once to each shard that has members, which copies the same
+//! bytes to each of its local members. Direct messages travel the same way
+//! through the recipient's user-home shard, which knows on which shards the
+//! user has connections.
+//!
+//! # Invariants
+//! - [`ChatShard`] is owned by one shard (`!Send`). Other shards reach it only
+//!   through [`Request`]s (to a home) and [`Delivery`]s (from a home), carried
+//!   by two glommio channel meshes. A request handler may send deliveries; a
+//!   delivery handler never sends anything across shards. So every chain is
+//!   connection → request mesh → home → delivery mesh → connection: a DAG.
+//! - Every cross-shard send goes through an [`Outbox`]: it tries the ring
+//!   and otherwise queues locally, in order, for a forwarder task. Order from
+//!   one shard to another is FIFO, so a room's messages reach every shard in
+//!   seq order, and a sender's direct messages arrive in the order sent.
+//! - Bounded: above [`OUTBOX_HIGH`] queued messages a shard's chat
+//!   connections stop reading and its request handlers pause, so back-pressure
+//!   reaches the publishers instead of memory growing.
+//! - Handlers never block and hold no `RefCell` borrow across an `.await`.
+
+pub mod proto;
+pub mod session;
+
+use std::{
+    cell::{Cell, RefCell},
+    collections::{HashMap, VecDeque},
+    future::poll_fn,
+    rc::Rc,
+    sync::Arc,
+    task::{Poll, Waker},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use corecast_router::{
+    home_shard,
+    room::{HomeRoom, Sequenced},
+};
+use glommio::{
+    channels::channel_mesh::{Receivers, Senders},
+    GlommioError, ResourceType,
+};
+
+use crate::{auth::Verifier, conn::ConnShared, shard::Shard};
+pub use session::Session;
+
+/// Messages queued in a shard's outboxes above which it applies
+/// back-pressure, and below which it releases it.
+pub const OUTBOX_HIGH: usize = 8192;
+const OUTBOX_LOW: usize = OUTBOX_HIGH / 2;
+/// Slots in each cross-shard ring (per ordered pair of shards).
+pub const RING_SLOTS: usize = 1024;
+
+/// A connection anywhere on the node: its shard, slab key and generation
+/// (slab keys are reused; the generation tells a new connection from an old).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnRef {
+    pub shard: u16,
+    pub key: u32,
+    pub gen: u32,
+}
+
+/// Work for a home shard (a room's, or a user's).
+#[derive(Debug)]
+pub enum Request {
+    Join {
+        room: Arc<str>,
+        user: Arc<str>,
+        conn: ConnRef,
+    },
+    Leave {
+        room: Arc<str>,
+        user: Arc<str>,
+        shard: u16,
+    },
+    Publish {
+        room: Arc<str>,
+        user: Arc<str>,
+        id: Box<str>,
+        body: Box<str>,
+        conn: ConnRef,
+    },
+    Presence {
+        room: Arc<str>,
+        conn: ConnRef,
+    },
+    UserOnline {
+        user: Arc<str>,
+        shard: u16,
+    },
+    UserOffline {
+        user: Arc<str>,
+        shard: u16,
+    },
+    Direct {
+        to: Arc<str>,
+        from: Arc<str>,
+        id: Box<str>,
+        body: Box<str>,
+        conn: ConnRef,
+    },
+}
+
+/// Work a home sends to the shards that hold connections.
+#[derive(Debug)]
+pub enum Delivery {
+    /// The home registered the join: from now on the shard gets the room.
+    Joined {
+        room: Arc<str>,
+        user: Arc<str>,
+        conn: ConnRef,
+        seq: u64,
+        members: u64,
+    },
+    /// A frame for every local member of the room (a message, a presence event).
+    Room { room: Arc<str>, frame: Arc<[u8]> },
+    /// A frame for one connection (an ack, an error, a presence answer).
+    ToConn { conn: ConnRef, frame: Box<[u8]> },
+    /// A frame for every local connection of a user (a direct message).
+    ToUser { user: Arc<str>, frame: Arc<[u8]> },
+}
+
+/// Chat settings, validated from the configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub verifier: Option<Verifier>,
+    pub allow_anonymous: bool,
+    pub max_rooms_per_connection: usize,
+    pub rate_limit_per_s: f64,
+    pub rate_limit_burst: f64,
+    pub max_body_bytes: usize,
+    pub presence_max_members: usize,
+}
+
+/// A FIFO queue for one consumer task on this shard.
+struct LocalQueue<T> {
+    items: RefCell<VecDeque<T>>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl<T> LocalQueue<T> {
+    fn new() -> LocalQueue<T> {
+        LocalQueue {
+            items: RefCell::new(VecDeque::new()),
+            waker: RefCell::new(None),
+        }
+    }
+
+    fn push(&self, item: T) {
+        self.items.borrow_mut().push_back(item);
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.items.borrow().len()
+    }
+
+    async fn pop(&self) -> T {
+        poll_fn(|cx| match self.items.borrow_mut().pop_front() {
+            Some(item) => Poll::Ready(item),
+            None => {
+                *self.waker.borrow_mut() = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+/// Ordered sends to every shard (this one included) for one mesh.
+pub struct Outbox<T: Send> {
+    me: usize,
+    senders: Senders<T>,
+    /// Per destination: messages waiting for ring space, in order. For `me`,
+    /// the local handler's queue.
+    queues: Vec<LocalQueue<T>>,
+    /// Per destination: a forwarder holds a popped message it is still
+    /// sending; the fast path must not overtake it.
+    in_flight: Vec<Cell<bool>>,
+}
+
+impl<T: Send> Outbox<T> {
+    fn new(senders: Senders<T>) -> Outbox<T> {
+        let n = senders.nr_consumers();
+        Outbox {
+            me: senders.peer_id(),
+            senders,
+            queues: (0..n).map(|_| LocalQueue::new()).collect(),
+            in_flight: (0..n).map(|_| Cell::new(false)).collect(),
+        }
+    }
+
+    /// Sends `msg` to shard `to`, in order after everything sent to it before.
+    fn send(&self, to: usize, msg: T, metrics: &crate::metrics::ShardMetrics) {
+        if to == self.me {
+            self.queues[to].push(msg);
+            return;
+        }
+        metrics.cross_shard_messages.inc();
+        if self.queues[to].len() == 0 && !self.in_flight[to].get() {
+            match self.senders.try_send_to(to, msg) {
+                Ok(()) => {}
+                Err(GlommioError::WouldBlock(ResourceType::Channel(msg))) => {
+                    metrics.ring_full.inc();
+                    self.queues[to].push(msg);
+                    metrics.outbox_backlog.add(1);
+                }
+                // The peer is gone: the node is shutting down.
+                Err(_) => {}
+            }
+        } else {
+            self.queues[to].push(msg);
+            metrics.outbox_backlog.add(1);
+        }
+    }
+
+    /// Messages waiting for ring space, over all destinations but `me`.
+    fn backlog(&self) -> usize {
+        self.queues
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != self.me)
+            .map(|(_, q)| q.len())
+            .sum()
+    }
+}
+
+/// A local connection: slab key and generation.
+pub type LocalConn = (u32, u32);
+/// Room or user name to this shard's connections.
+type LocalTable = HashMap<Arc<str>, Vec<LocalConn>>;
+
+/// One shard's chat state.
+pub struct ChatShard {
+    /// This shard's index in the meshes (the index homes are computed in).
+    pub me: usize,
+    pub shards: usize,
+    pub settings: Settings,
+    requests: Outbox<Request>,
+    deliveries: Outbox<Delivery>,
+    /// Rooms homed here.
+    homes: RefCell<HashMap<Arc<str>, HomeRoom>>,
+    /// Users homed here: connections per shard.
+    user_homes: RefCell<HashMap<Arc<str>, Vec<u32>>>,
+    /// Local members of each room.
+    local_rooms: RefCell<LocalTable>,
+    /// Local connections of each user.
+    local_users: RefCell<LocalTable>,
+    /// Tasks and connections waiting for the backlog to drain.
+    congestion_waiters: RefCell<Vec<Waker>>,
+    anonymous: Cell<u64>,
+}
+
+/// Milliseconds since the Unix epoch, for message timestamps.
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl ChatShard {
+    /// Joins the two meshes (every shard must call this) and builds the state.
+    pub fn new(
+        settings: Settings,
+        requests: Senders<Request>,
+        deliveries: Senders<Delivery>,
+    ) -> ChatShard {
+        let me = requests.peer_id();
+        let shards = requests.nr_consumers();
+        ChatShard {
+            me,
+            shards,
+            settings,
+            requests: Outbox::new(requests),
+            deliveries: Outbox::new(deliveries),
+            homes: RefCell::new(HashMap::new()),
+            user_homes: RefCell::new(HashMap::new()),
+            local_rooms: RefCell::new(HashMap::new()),
+            local_users: RefCell::new(HashMap::new()),
+            congestion_waiters: RefCell::new(Vec::new()),
+            anonymous: Cell::new(0),
+        }
+    }
+
+    pub fn room_home(&self, room: &str) -> usize {
+        home_shard(room, self.shards)
+    }
+
+    pub fn user_home(&self, user: &str) -> usize {
+        // A different key space from rooms, so a user and a room of the
+        // same name need not share a home.
+        home_shard(&format!("user:{user}"), self.shards)
+    }
+
+    pub fn next_anonymous(&self) -> u64 {
+        let n = self.anonymous.get() + 1;
+        self.anonymous.set(n);
+        n
+    }
+
+    pub fn request(&self, shard: &Shard, to: usize, req: Request) {
+        self.requests.send(to, req, shard.metrics());
+    }
+
+    fn deliver(&self, shard: &Shard, to: usize, d: Delivery) {
+        self.deliveries.send(to, d, shard.metrics());
+    }
+
+    /// Too much is queued for other shards: stop taking new work.
+    pub fn congested(&self) -> bool {
+        self.requests.backlog() + self.deliveries.backlog() > OUTBOX_HIGH
+    }
+
+    /// Registers a waker to run once the backlog is below the low mark.
+    pub fn wait_uncongested(&self, waker: &Waker) {
+        let mut w = self.congestion_waiters.borrow_mut();
+        if !w.iter().any(|x| x.will_wake(waker)) {
+            w.push(waker.clone());
+        }
+    }
+
+    fn maybe_release(&self, shard: &Shard) {
+        let backlog = self.requests.backlog() + self.deliveries.backlog();
+        shard.metrics().outbox_backlog.set(backlog as u64);
+        if backlog <= OUTBOX_LOW {
+            let waiters = std::mem::take(&mut *self.congestion_waiters.borrow_mut());
+            waiters.into_iter().for_each(Waker::wake);
+        }
+    }
+
+    pub fn add_local_member(&self, shard: &Shard, room: &Arc<str>, key: (u32, u32)) {
+        self.local_rooms
+            .borrow_mut()
+            .entry(room.clone())
+            .or_default()
+            .push(key);
+        shard.metrics().room_members.inc();
+    }
+
+    /// Removes a local membership. Linear in the room's local members: cheap
+    /// for the sizes chat rooms have on one shard.
+    pub fn remove_local_member(&self, shard: &Shard, room: &str, key: (u32, u32)) {
+        let mut rooms = self.local_rooms.borrow_mut();
+        if let Some(members) = rooms.get_mut(room) {
+            if let Some(i) = members.iter().position(|k| *k == key) {
+                members.swap_remove(i);
+                shard.metrics().room_members.sub(1);
+            }
+            if members.is_empty() {
+                rooms.remove(room);
+            }
+        }
+    }
+
+    pub fn add_local_user(&self, user: &Arc<str>, key: (u32, u32)) {
+        self.local_users
+            .borrow_mut()
+            .entry(user.clone())
+            .or_default()
+            .push(key);
+    }
+
+    pub fn remove_local_user(&self, user: &str, key: (u32, u32)) {
+        let mut users = self.local_users.borrow_mut();
+        if let Some(conns) = users.get_mut(user) {
+            if let Some(i) = conns.iter().position(|k| *k == key) {
+                conns.swap_remove(i);
+            }
+            if conns.is_empty() {
+                users.remove(user);
+            }
+        }
+    }
+}
+
+/// Starts the tasks that drain the outboxes and handle what arrives.
+pub fn spawn_tasks(
+    shard: &Rc<Shard>,
+    mut requests: Receivers<Request>,
+    mut deliveries: Receivers<Delivery>,
+) {
+    let chat = &shard.chat;
+    for peer in 0..chat.shards {
+        if peer == chat.me {
+            continue;
+        }
+        let s = shard.clone();
+        glommio::spawn_local(async move {
+            let outbox = &s.chat.requests;
+            loop {
+                let msg = outbox.queues[peer].pop().await;
+                outbox.in_flight[peer].set(true);
+                let sent = outbox.senders.send_to(peer, msg).await;
+                outbox.in_flight[peer].set(false);
+                s.chat.maybe_release(&s);
+                if sent.is_err() {
+                    return;
+                }
+            }
+        })
+        .detach();
+        let s = shard.clone();
+        glommio::spawn_local(async move {
+            let outbox = &s.chat.deliveries;
+            loop {
+                let msg = outbox.queues[peer].pop().await;
+                outbox.in_flight[peer].set(true);
+                let sent = outbox.senders.send_to(peer, msg).await;
+                outbox.in_flight[peer].set(false);
+                s.chat.maybe_release(&s);
+                if sent.is_err() {
+                    return;
+                }
+            }
+        })
+        .detach();
+    }
+    // Requests: from each peer's ring, and from this shard's own queue.
+    for (_, stream) in requests.streams() {
+        let s = shard.clone();
+        glommio::spawn_local(async move {
+            while let Some(req) = stream.recv().await {
+                handle_request(&s, req);
+                pause_while_congested(&s).await;
+            }
+        })
+        .detach();
+    }
+    let s = shard.clone();
+    glommio::spawn_local(async move {
+        loop {
+            let req = s.chat.requests.queues[s.chat.me].pop().await;
+            handle_request(&s, req);
+            pause_while_congested(&s).await;
+        }
+    })
+    .detach();
+    for (_, stream) in deliveries.streams() {
+        let s = shard.clone();
+        glommio::spawn_local(async move {
+            while let Some(d) = stream.recv().await {
+                handle_delivery(&s, d);
+            }
+        })
+        .detach();
+    }
+    let s = shard.clone();
+    glommio::spawn_local(async move {
+        loop {
+            let d = s.chat.deliveries.queues[s.chat.me].pop().await;
+            handle_delivery(&s, d);
+        }
+    })
+    .detach();
+}
+
+async fn pause_while_congested(shard: &Rc<Shard>) {
+    poll_fn(|cx| {
+        if shard.chat.congested() {
+            shard.chat.wait_uncongested(cx.waker());
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await;
+    glommio::yield_if_needed().await;
+}
+
+/// Handles a request at its home shard.
+fn handle_request(shard: &Shard, req: Request) {
+    let chat = &shard.chat;
+    let m = shard.metrics();
+    let presence_max = chat.settings.presence_max_members;
+    match req {
+        Request::Join { room, user, conn } => {
+            let mut homes = chat.homes.borrow_mut();
+            let home = homes.entry(room.clone()).or_insert_with(|| {
+                m.rooms.inc();
+                HomeRoom::new(chat.shards, 0)
+            });
+            let change = home.join(conn.shard as usize, &user);
+            let (seq, members) = (home.last_seq(), home.connections());
+            let event = (change.user_changed && home.user_count() <= presence_max).then(|| {
+                (
+                    home.shards().collect::<Vec<_>>(),
+                    proto::presence_event(&room, true, &user),
+                )
+            });
+            drop(homes);
+            chat.deliver(
+                shard,
+                conn.shard as usize,
+                Delivery::Joined {
+                    room: room.clone(),
+                    user,
+                    conn,
+                    seq,
+                    members,
+                },
+            );
+            if let Some((shards, frame)) = event {
+                broadcast(shard, &room, &shards, frame);
+            }
+        }
+        Request::Leave {
+            room,
+            user,
+            shard: from,
+        } => {
+            let mut homes = chat.homes.borrow_mut();
+            let Some(home) = homes.get_mut(&room) else {
+                return;
+            };
+            let change = home.leave(from as usize, &user);
+            let event = (change.user_changed && home.user_count() < presence_max).then(|| {
+                (
+                    home.shards().collect::<Vec<_>>(),
+                    proto::presence_event(&room, false, &user),
+                )
+            });
+            drop(homes);
+            if let Some((shards, frame)) = event {
+                broadcast(shard, &room, &shards, frame);
+            }
+        }
+        Request::Publish {
+            room,
+            user,
+            id,
+            body,
+            conn,
+        } => {
+            let mut homes = chat.homes.borrow_mut();
+            let home = homes.entry(room.clone()).or_insert_with(|| {
+                m.rooms.inc();
+                HomeRoom::new(chat.shards, 0)
+            });
+            match home.sequence(&user, &id, shard.clock.get()) {
+                Sequenced::New(seq) => {
+                    m.publishes.inc();
+                    let frame = proto::message(&room, seq, &user, &id, now_ms(), &body);
+                    let shards: Vec<usize> = home.shards().collect();
+                    drop(homes);
+                    broadcast(shard, &room, &shards, frame);
+                    let ack = proto::ack(&id, &room, seq, false);
+                    chat.deliver(
+                        shard,
+                        conn.shard as usize,
+                        Delivery::ToConn {
+                            conn,
+                            frame: ack.into(),
+                        },
+                    );
+                }
+                Sequenced::Duplicate(seq) => {
+                    drop(homes);
+                    m.duplicate_publishes.inc();
+                    let ack = proto::ack(&id, &room, seq, true);
+                    chat.deliver(
+                        shard,
+                        conn.shard as usize,
+                        Delivery::ToConn {
+                            conn,
+                            frame: ack.into(),
+                        },
+                    );
+                }
+            }
+        }
+        Request::Presence { room, conn } => {
+            let homes = chat.homes.borrow();
+            let frame = match homes.get(&room) {
+                Some(h) if h.user_count() <= presence_max => {
+                    proto::presence(&room, h.user_count() as u64, Some(h.users().map(|u| &**u)))
+                }
+                Some(h) => {
+                    proto::presence(&room, h.user_count() as u64, None::<std::iter::Empty<&str>>)
+                }
+                None => proto::presence(&room, 0, Some(std::iter::empty())),
+            };
+            drop(homes);
+            chat.deliver(
+                shard,
+                conn.shard as usize,
+                Delivery::ToConn {
+                    conn,
+                    frame: frame.into(),
+                },
+            );
+        }
+        Request::UserOnline { user, shard: at } => {
+            let n = chat.shards;
+            chat.user_homes
+                .borrow_mut()
+                .entry(user)
+                .or_insert_with(|| vec![0; n])[at as usize] += 1;
+        }
+        Request::UserOffline { user, shard: at } => {
+            let mut homes = chat.user_homes.borrow_mut();
+            if let Some(counts) = homes.get_mut(&user) {
+                counts[at as usize] = counts[at as usize].saturating_sub(1);
+                if counts.iter().all(|&c| c == 0) {
+                    homes.remove(&user);
+                }
+            }
+        }
+        Request::Direct {
+            to,
+            from,
+            id,
+            body,
+            conn,
+        } => {
+            let counts = chat
+                .user_homes
+                .borrow()
+                .get(&to)
+                .cloned()
+                .unwrap_or_default();
+            let delivered: u64 = counts.iter().map(|&c| c as u64).sum();
+            if delivered > 0 {
+                m.direct_messages.inc();
+                let frame: Arc<[u8]> = proto::dm(&from, &id, now_ms(), &body).into();
+                for (s, _) in counts.iter().enumerate().filter(|(_, &c)| c > 0) {
+                    chat.deliver(
+                        shard,
+                        s,
+                        Delivery::ToUser {
+                            user: to.clone(),
+                            frame: frame.clone(),
+                        },
+                    );
+                }
+            }
+            let ack = proto::dm_ack(&id, &to, delivered);
+            chat.deliver(
+                shard,
+                conn.shard as usize,
+                Delivery::ToConn {
+                    conn,
+                    frame: ack.into(),
+                },
+            );
+        }
+    }
+}
+
+/// Sends one frame to every shard that has members of `room`.
+fn broadcast(shard: &Shard, room: &Arc<str>, shards: &[usize], frame: Vec<u8>) {
+    let frame: Arc<[u8]> = frame.into();
+    for &s in shards {
+        shard.chat.deliver(
+            shard,
+            s,
+            Delivery::Room {
+                room: room.clone(),
+                frame: frame.clone(),
+            },
+        );
+    }
+}
+
+/// Applies a delivery to this shard's connections. Never sends across shards
+/// except to undo a join nobody wants any more.
+fn handle_delivery(shard: &Shard, d: Delivery) {
+    let chat = &shard.chat;
+    match d {
+        Delivery::Joined {
+            room,
+            user,
+            conn,
+            seq,
+            members,
+        } => {
+            let live = lookup(shard, conn);
+            let wanted = live.as_ref().is_some_and(|c| {
+                c.chat
+                    .borrow_mut()
+                    .as_mut()
+                    .is_some_and(|s| s.mark_joined(&room))
+            });
+            match live {
+                Some(c) if wanted => {
+                    chat.add_local_member(shard, &room, (conn.key, conn.gen));
+                    c.enqueue(shard, &proto::joined(&room, seq, members));
+                }
+                // The client left (or went away) before the join completed.
+                _ => chat.request(
+                    shard,
+                    chat.room_home(&room),
+                    Request::Leave {
+                        room,
+                        user,
+                        shard: conn.shard,
+                    },
+                ),
+            }
+        }
+        Delivery::Room { room, frame } => {
+            // Enqueueing touches only the connection's own queue and flags,
+            // never the room table, so the borrow can stay.
+            let rooms = chat.local_rooms.borrow();
+            let Some(members) = rooms.get(&room) else {
+                return;
+            };
+            let mut n = 0;
+            for &(key, gen) in members {
+                if let Some(c) = lookup_key(shard, key, gen) {
+                    c.enqueue(shard, &frame);
+                    n += 1;
+                }
+            }
+            shard.metrics().deliveries.add(n);
+        }
+        Delivery::ToConn { conn, frame } => {
+            if let Some(c) = lookup(shard, conn) {
+                c.enqueue(shard, &frame);
+            }
+        }
+        Delivery::ToUser { user, frame } => {
+            let users = chat.local_users.borrow();
+            for &(key, gen) in users.get(&user).map_or(&[][..], |v| v.as_slice()) {
+                if let Some(c) = lookup_key(shard, key, gen) {
+                    c.enqueue(shard, &frame);
+                }
+            }
+        }
+    }
+}
+
+fn lookup(shard: &Shard, conn: ConnRef) -> Option<Rc<ConnShared>> {
+    lookup_key(shard, conn.key, conn.gen)
+}
+
+fn lookup_key(shard: &Shard, key: u32, gen: u32) -> Option<Rc<ConnShared>> {
+    shard
+        .conns
+        .borrow()
+        .get(key as usize)
+        .filter(|c| c.gen == gen)
+        .cloned()
+}

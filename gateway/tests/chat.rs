@@ -1,0 +1,582 @@
+//! The chat protocol end to end, with tungstenite as the independent client:
+//! order and exactly-once over 4 shards, idempotent retries, direct messages,
+//! presence, every auth failure, errors, and a slow consumer.
+
+mod common;
+
+use std::{
+    collections::HashMap,
+    io::Write,
+    net::TcpStream,
+    time::{Duration, Instant},
+};
+
+use common::*;
+use corecast_gateway::auth::{mint, Claims};
+use serde_json::{json, Value};
+use tungstenite::{client::IntoClientRequest, Message};
+
+const SECRET: &str = "test-secret-0123456789abcdef0123456789";
+
+fn token(sub: &str) -> String {
+    token_with(Claims {
+        sub: sub.into(),
+        ..Default::default()
+    })
+}
+
+fn token_with(claims: Claims) -> String {
+    mint(SECRET.as_bytes(), &claims)
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn chat_server(extra: &[&str]) -> TestServer {
+    let mut args = vec!["--jwt-secret", SECRET];
+    args.extend_from_slice(extra);
+    TestServer::start(&args)
+}
+
+struct Chat {
+    ws: Client,
+    user: String,
+}
+
+impl Chat {
+    /// Connects with `?token=` and waits for the welcome.
+    fn connect(server: &TestServer, user: &str) -> Chat {
+        let mut c = Chat::connect_raw(server, Some(&token(user)));
+        let w = c.recv();
+        assert_eq!(w["type"], "welcome", "{w}");
+        c.user = w["user"].as_str().unwrap().to_string();
+        c
+    }
+
+    fn connect_raw(server: &TestServer, token: Option<&str>) -> Chat {
+        let url = match token {
+            Some(t) => server.url(&format!("/ws?token={t}")),
+            None => server.url("/ws"),
+        };
+        let mut req = url.into_client_request().unwrap();
+        req.headers_mut()
+            .insert("Sec-WebSocket-Protocol", "corecast.v1".parse().unwrap());
+        let stream = TcpStream::connect(server.addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let (ws, resp) = tungstenite::client(req, stream).expect("handshake");
+        assert_eq!(resp.headers()["Sec-WebSocket-Protocol"], "corecast.v1");
+        Chat {
+            ws,
+            user: String::new(),
+        }
+    }
+
+    fn send(&mut self, v: Value) {
+        self.ws.send(Message::text(v.to_string())).unwrap();
+    }
+
+    /// The next JSON frame.
+    fn recv(&mut self) -> Value {
+        loop {
+            match self.ws.read().expect("a frame") {
+                Message::Text(t) => return serde_json::from_str(&t).unwrap(),
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
+    /// The next frame of `kind`, skipping others (e.g. presence events).
+    fn recv_type(&mut self, kind: &str) -> Value {
+        loop {
+            let v = self.recv();
+            if v["type"] == kind {
+                return v;
+            }
+        }
+    }
+
+    fn join(&mut self, room: &str) -> u64 {
+        self.send(json!({"type":"join","room":room}));
+        let j = self.recv_type("joined");
+        assert_eq!(j["room"], room);
+        j["seq"].as_u64().unwrap()
+    }
+
+    /// The close code and reason the server ends the connection with.
+    fn close_code(&mut self) -> (u16, String) {
+        loop {
+            match self.ws.read() {
+                Ok(Message::Close(Some(f))) => return (f.code.into(), f.reason.to_string()),
+                Ok(Message::Close(None)) => panic!("close without code"),
+                Ok(_) => continue,
+                Err(e) => panic!("no close frame: {e}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn every_member_on_every_shard_gets_every_message_once_in_one_order() {
+    let server = chat_server(&["--shards", "4"]);
+    let mut members: Vec<Chat> = (0..40)
+        .map(|i| Chat::connect(&server, &format!("user-{i}")))
+        .collect();
+    let per_shard = server.metric_per_shard("corecast_websockets");
+    assert!(
+        per_shard.iter().all(|&n| n > 0),
+        "members on every shard: {per_shard:?}"
+    );
+    let bases: Vec<u64> = members.iter_mut().map(|m| m.join("lobby")).collect();
+    assert!(
+        bases.iter().all(|&b| b == 0),
+        "nothing published yet: {bases:?}"
+    );
+
+    // Four publishers, interleaved, 25 messages each.
+    for n in 0..25 {
+        for p in 0..4 {
+            members[p * 10].send(
+                json!({"type":"publish","room":"lobby","id":format!("p{p}-{n}"),"body":{"n":n}}),
+            );
+        }
+    }
+    let mut acks: HashMap<String, u64> = HashMap::new();
+    let mut orders = Vec::new();
+    for (i, m) in members.iter_mut().enumerate() {
+        let mut order = Vec::new();
+        while order.len() < 100 {
+            let v = m.recv();
+            match v["type"].as_str().unwrap() {
+                "msg" => {
+                    assert_eq!(
+                        v["seq"].as_u64().unwrap(),
+                        order.len() as u64 + 1,
+                        "member {i}: gapless, in order"
+                    );
+                    order.push(v["id"].as_str().unwrap().to_string());
+                }
+                "ack" => {
+                    acks.insert(
+                        v["id"].as_str().unwrap().to_string(),
+                        v["seq"].as_u64().unwrap(),
+                    );
+                }
+                "presence_event" => {}
+                other => panic!("member {i}: unexpected {other}: {v}"),
+            }
+        }
+        orders.push(order);
+    }
+    // Acks may trail the messages on the publishers' own connections.
+    for p in 0..4 {
+        while acks
+            .keys()
+            .filter(|k| k.starts_with(&format!("p{p}-")))
+            .count()
+            < 25
+        {
+            let v = members[p * 10].recv_type("ack");
+            acks.insert(
+                v["id"].as_str().unwrap().to_string(),
+                v["seq"].as_u64().unwrap(),
+            );
+        }
+    }
+    assert!(
+        orders.windows(2).all(|w| w[0] == w[1]),
+        "one order for every member"
+    );
+    for (i, id) in orders[0].iter().enumerate() {
+        assert_eq!(acks[id], i as u64 + 1, "ack of {id} carries its seq");
+    }
+    // Each publisher's own messages keep their order.
+    for p in 0..4 {
+        let mine: Vec<_> = orders[0]
+            .iter()
+            .filter(|id| id.starts_with(&format!("p{p}-")))
+            .cloned()
+            .collect();
+        assert_eq!(
+            mine,
+            (0..25).map(|n| format!("p{p}-{n}")).collect::<Vec<_>>()
+        );
+    }
+    assert!(server.metric("corecast_cross_shard_messages_total", "") > 0);
+    assert_eq!(server.metric("corecast_publishes_total", ""), 100);
+    assert_eq!(
+        server.metric("corecast_deliveries_total", ""),
+        100 * 40 + presence_events(&server)
+    );
+}
+
+/// Presence events delivered so far (they count as deliveries too).
+fn presence_events(server: &TestServer) -> u64 {
+    server.metric("corecast_deliveries_total", "") - 100 * 40
+}
+
+#[test]
+fn a_retried_publish_is_delivered_once_and_acked_twice_with_one_seq() {
+    let server = chat_server(&["--shards", "4"]);
+    let mut a = Chat::connect(&server, "alice");
+    let mut b = Chat::connect(&server, "bob");
+    a.join("r");
+    b.join("r");
+    a.recv_type("presence_event");
+    let body = json!({"text":"once"});
+    a.send(json!({"type":"publish","room":"r","id":"same","body":body}));
+    a.send(json!({"type":"publish","room":"r","id":"same","body":body}));
+    a.send(json!({"type":"publish","room":"r","id":"after","body":"marker"}));
+    let mut seen = Vec::new();
+    while seen.last().map(String::as_str) != Some("after") {
+        let v = b.recv_type("msg");
+        seen.push(v["id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(seen, ["same", "after"]);
+    let acks: Vec<Value> = (0..3).map(|_| a.recv_type("ack")).collect();
+    let same: Vec<&Value> = acks.iter().filter(|v| v["id"] == "same").collect();
+    assert_eq!(same.len(), 2);
+    assert_eq!(same[0]["seq"], same[1]["seq"]);
+    assert_eq!(same.iter().filter(|v| v["duplicate"] == true).count(), 1);
+    assert_eq!(server.metric("corecast_duplicate_publishes_total", ""), 1);
+    // Another user's id "same" is a different message.
+    b.send(json!({"type":"publish","room":"r","id":"same","body":1}));
+    assert_eq!(b.recv_type("ack")["seq"], 3);
+}
+
+#[test]
+fn direct_messages_reach_every_connection_of_the_user_in_order() {
+    let server = chat_server(&["--shards", "4"]);
+    let mut bobs: Vec<Chat> = (0..8).map(|_| Chat::connect(&server, "bob")).collect();
+    let mut alice = Chat::connect(&server, "alice");
+    // UserOnline is asynchronous: wait until every bob connection counts.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        alice.send(json!({"type":"dm","to":"bob","id":"probe","body":null}));
+        let ack = alice.recv_type("ack");
+        if ack["delivered"] == 8 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "bob never fully online: {ack}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for n in 0..20 {
+        alice.send(json!({"type":"dm","to":"bob","id":format!("d{n}"),"body":{"n":n}}));
+    }
+    for (i, bob) in bobs.iter_mut().enumerate() {
+        let got: Vec<Value> = std::iter::repeat_with(|| bob.recv_type("dm"))
+            .filter(|v| v["id"] != "probe")
+            .take(20)
+            .collect();
+        for (n, v) in got.iter().enumerate() {
+            assert_eq!(v["body"]["n"], n, "bob connection {i}: in the order sent");
+            assert_eq!(v["from"], "alice");
+        }
+    }
+    for _ in 0..20 {
+        assert_eq!(alice.recv_type("ack")["delivered"], 8);
+    }
+    alice.send(json!({"type":"dm","to":"nobody","id":"x","body":1}));
+    assert_eq!(alice.recv_type("ack")["delivered"], 0);
+    let per_shard = server.metric_per_shard("corecast_websockets");
+    assert!(
+        per_shard.iter().filter(|&&n| n > 0).count() >= 2,
+        "bob spans shards: {per_shard:?}"
+    );
+}
+
+#[test]
+fn presence_lists_and_events() {
+    let server = chat_server(&["--shards", "4", "--presence-max-members", "2"]);
+    let mut alice = Chat::connect(&server, "alice");
+    alice.join("room");
+    assert_eq!(
+        alice.recv_type("presence_event"),
+        json!({"type":"presence_event","room":"room","event":"join","user":"alice"})
+    );
+    let mut bob = Chat::connect(&server, "bob");
+    bob.join("room");
+    assert_eq!(alice.recv_type("presence_event")["user"], "bob");
+    alice.send(json!({"type":"presence","room":"room"}));
+    let p = alice.recv_type("presence");
+    assert_eq!(p["count"], 2);
+    let mut users: Vec<String> = p["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u.as_str().unwrap().to_string())
+        .collect();
+    users.sort();
+    assert_eq!(users, ["alice", "bob"]);
+    // A second connection of bob is not a new presence.
+    let mut bob2 = Chat::connect(&server, "bob");
+    bob2.join("room");
+    // Above the limit: no events, count only.
+    let mut carol = Chat::connect(&server, "carol");
+    carol.join("room");
+    alice.send(json!({"type":"presence","room":"room"}));
+    let p = alice.recv_type("presence");
+    assert_eq!(
+        (p["count"].as_u64(), p["users"].is_null()),
+        (Some(3), true),
+        "{p}"
+    );
+    carol.send(json!({"type":"leave","room":"room"}));
+    carol.recv_type("left");
+    bob.send(json!({"type":"leave","room":"room"}));
+    bob2.send(json!({"type":"leave","room":"room"}));
+    // Back under the limit: bob's leave (his last connection) is an event.
+    assert_eq!(
+        alice.recv_type("presence_event"),
+        json!({"type":"presence_event","room":"room","event":"leave","user":"bob"})
+    );
+}
+
+#[test]
+fn every_auth_failure_has_its_close_code() {
+    let server = chat_server(&["--handshake-timeout-ms", "300"]);
+    let expired = token_with(Claims {
+        sub: "a".into(),
+        exp: Some(unix_now() - 3600),
+        ..Default::default()
+    });
+    let not_yet = token_with(Claims {
+        sub: "a".into(),
+        nbf: Some(unix_now() + 3600),
+        ..Default::default()
+    });
+    let forged = mint(
+        b"another-secret-0123456789abcdef0123",
+        &Claims {
+            sub: "a".into(),
+            ..Default::default()
+        },
+    );
+    let cases: [(&str, Option<&str>, u16); 6] = [
+        ("forged", Some(&forged), 4002),
+        ("expired", Some(&expired), 4003),
+        ("not yet valid", Some(&not_yet), 4003),
+        ("malformed", Some("not.a.jwt"), 4002),
+        ("garbage", Some("x"), 4002),
+        ("missing, no connect in time", None, 4001),
+    ];
+    for (name, tok, code) in cases {
+        let mut c = Chat::connect_raw(&server, tok);
+        let (got, reason) = c.close_code();
+        assert_eq!(got, code, "{name}: {reason}");
+        assert!(!reason.is_empty(), "{name}");
+    }
+    // A frame other than connect first.
+    let mut c = Chat::connect_raw(&server, None);
+    c.send(json!({"type":"join","room":"r"}));
+    assert_eq!(c.close_code().0, 4001);
+    // connect with a bad token.
+    let mut c = Chat::connect_raw(&server, None);
+    c.send(json!({"type":"connect","token":forged}));
+    assert_eq!(c.close_code().0, 4002);
+    // connect with a good one.
+    let mut c = Chat::connect_raw(&server, None);
+    c.send(json!({"type":"connect","token":token("dora")}));
+    assert_eq!(c.recv()["user"], "dora");
+    c.send(json!({"type":"connect","token":token("dora")}));
+    assert_eq!(c.recv()["code"], "already_authenticated");
+    // Authorization: Bearer works too.
+    let mut req = server.url("/ws").into_client_request().unwrap();
+    req.headers_mut().insert(
+        "Authorization",
+        format!("Bearer {}", token("erin")).parse().unwrap(),
+    );
+    let (mut ws, _) = tungstenite::client(req, TcpStream::connect(server.addr).unwrap()).unwrap();
+    let Message::Text(t) = ws.read().unwrap() else {
+        panic!()
+    };
+    assert!(t.contains(r#""user":"erin""#), "{t}");
+    assert!(server.metric("corecast_auth_failures_total", "reason=\"bad_signature\"") >= 2);
+    assert!(server.metric("corecast_auth_failures_total", "reason=\"expired\"") >= 1);
+}
+
+#[test]
+fn room_claims_limit_join_and_publish() {
+    let server = chat_server(&[]);
+    let tok = token_with(Claims {
+        sub: "limited".into(),
+        rooms: Some(vec!["team-*".into(), "news".into()]),
+        publish: Some(vec!["team-*".into()]),
+        ..Default::default()
+    });
+    let mut c = Chat::connect_raw(&server, Some(&tok));
+    c.recv_type("welcome");
+    c.send(json!({"type":"join","room":"secret"}));
+    assert_eq!(c.recv_type("error")["code"], "forbidden");
+    c.join("team-red");
+    c.join("news");
+    c.send(json!({"type":"publish","room":"news","id":"1","body":1}));
+    assert_eq!(c.recv_type("error")["code"], "forbidden");
+    c.send(json!({"type":"publish","room":"team-red","id":"2","body":1}));
+    assert_eq!(c.recv_type("ack")["seq"], 1);
+}
+
+#[test]
+fn bad_requests_get_error_frames_and_the_connection_stays() {
+    let server = chat_server(&[
+        "--max-rooms-per-connection",
+        "2",
+        "--max-body-bytes",
+        "100",
+        "--rate-limit-per-s",
+        "1",
+        "--rate-limit-burst",
+        "30",
+    ]);
+    let mut c = Chat::connect(&server, "u");
+    let cases: Vec<(Value, &str)> = vec![
+        (json!({"type":"publish","room":"r","body":1}), "not_joined"),
+        (json!({"type":"join","room":"has space"}), "invalid_room"),
+        (json!({"type":"leave","room":"r"}), "not_joined"),
+        (json!({"type":"nope"}), "bad_request"),
+        (json!({"type":"join"}), "bad_request"),
+        (
+            json!({"type":"publish","room":"a","id":"x".repeat(65),"body":1}),
+            "invalid_id",
+        ),
+    ];
+    for (frame, code) in cases {
+        c.send(frame.clone());
+        assert_eq!(c.recv_type("error")["code"], code, "{frame}");
+    }
+    c.ws.send(Message::text("not json")).unwrap();
+    assert_eq!(c.recv_type("error")["code"], "bad_request");
+    c.join("a");
+    c.send(json!({"type":"join","room":"a"}));
+    assert_eq!(c.recv_type("error")["code"], "already_joined");
+    c.join("b");
+    c.send(json!({"type":"join","room":"c"}));
+    assert_eq!(c.recv_type("error")["code"], "too_many_rooms");
+    c.send(json!({"type":"publish","room":"a","body":"x".repeat(200)}));
+    assert_eq!(c.recv_type("error")["code"], "body_too_large");
+    // Burst of 30 frames at 1/s: the rest of a quick volley is refused.
+    for i in 0..30 {
+        c.send(json!({"type":"publish","room":"a","id":format!("f{i}"),"body":1}));
+    }
+    let mut limited = 0;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while limited == 0 && Instant::now() < deadline {
+        if c.recv()["code"] == "rate_limited" {
+            limited += 1;
+        }
+    }
+    assert!(limited > 0);
+    assert!(server.metric("corecast_rate_limited_total", "") > 0);
+    // Binary is not part of the protocol.
+    c.ws.send(Message::binary(vec![1, 2, 3])).unwrap();
+    assert_eq!(c.close_code().0, 1003);
+}
+
+#[test]
+fn subprotocols() {
+    let server = chat_server(&["--allow-anonymous"]);
+    let upgrade = UPGRADE.replace("/echo", "/ws");
+    let (status, _, body) = http(
+        server.addr,
+        &upgrade.replace("\r\n\r\n", "\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n"),
+    );
+    assert_eq!(status, 400);
+    assert!(body.contains("corecast.v1"));
+    let mut s = TcpStream::connect(server.addr).unwrap();
+    s.write_all(upgrade.as_bytes()).unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8];
+    while !head.ends_with(b"\r\n\r\n") {
+        std::io::Read::read_exact(&mut s, &mut b).unwrap();
+        head.push(b[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    assert!(
+        head.starts_with("HTTP/1.1 101") && !head.contains("Sec-WebSocket-Protocol"),
+        "{head}"
+    );
+    // Anonymous users are welcomed without a token.
+    let (b0, payload) = read_raw_frame(&mut s).unwrap();
+    assert_eq!(b0, 0x81);
+    let v: Value = serde_json::from_slice(&payload).unwrap();
+    assert!(v["user"].as_str().unwrap().starts_with("anon-"), "{v}");
+}
+
+#[test]
+fn a_slow_consumer_is_closed_while_the_room_keeps_going() {
+    let server = chat_server(&[
+        "--shards",
+        "2",
+        "--outbound-budget-bytes",
+        "65536",
+        "--slow-consumer-timeout-ms",
+        "300",
+        "--rate-limit-per-s",
+        "100000",
+        "--rate-limit-burst",
+        "100000",
+    ]);
+    // The slow one: joins, then never reads again.
+    let mut slow = Chat::connect(&server, "slow");
+    slow.join("busy");
+    socket2::SockRef::from(slow.ws.get_ref())
+        .set_recv_buffer_size(4096)
+        .unwrap();
+    let mut fast = Chat::connect(&server, "fast");
+    fast.join("busy");
+    let mut publisher = Chat::connect(&server, "pub");
+    publisher.join("busy");
+    // Enough to overflow the kernel's socket buffers too (the server's send
+    // buffer autotunes up to 4 MiB here).
+    let body = "y".repeat(8000);
+    let total: u64 = 2000;
+    let (progress, batches_read) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut last = 0;
+        while last < total {
+            let v = fast.recv_type("msg");
+            assert_eq!(
+                v["seq"].as_u64().unwrap(),
+                last + 1,
+                "fast member misses nothing"
+            );
+            last += 1;
+            if last % 5 == 0 {
+                let _ = progress.send(last);
+            }
+        }
+        last
+    });
+    // Publish in batches of 5 (40 KB, under the budget even before the
+    // kernel's buffers have grown); before the next batch, wait for the batch's
+    // last ack (which also reads our own copies) and for the fast member to
+    // have it: both are readers that keep up, however loaded the machine.
+    for batch in 0..total / 5 {
+        for i in batch * 5..(batch + 1) * 5 {
+            publisher.send(json!({"type":"publish","room":"busy","id":i.to_string(),"body":body}));
+        }
+        let last = ((batch + 1) * 5 - 1).to_string();
+        while publisher.recv_type("ack")["id"] != last.as_str() {}
+        assert_eq!(batches_read.recv().unwrap(), (batch + 1) * 5);
+    }
+    assert_eq!(reader.join().unwrap(), total);
+    assert!(
+        eventually(Duration::from_secs(10), || server
+            .metric("corecast_slow_consumer_closes_total", "")
+            == 1),
+        "slow consumer closed"
+    );
+    assert_eq!(
+        server.metric(
+            "corecast_ws_closes_total",
+            "code=\"1008\",initiator=\"server\""
+        ),
+        1
+    );
+}
