@@ -289,13 +289,8 @@ impl Decoder {
             (Role::Client, true) => return Err(ProtocolError::MaskedFrameFromServer),
             _ => {}
         }
-        if opcode.is_control() {
-            if !fin {
-                return Err(ProtocolError::FragmentedControlFrame);
-            }
-            if b1 & 0x7f > 125 {
-                return Err(ProtocolError::ControlFrameTooLong);
-            }
+        if opcode.is_control() && !fin {
+            return Err(ProtocolError::FragmentedControlFrame);
         }
         let (len_bytes, short) = match b1 & 0x7f {
             126 => (2, 0),
@@ -320,6 +315,12 @@ impl Decoder {
             }
             _ => short,
         };
+        // The decoded length, not the 7-bit code: a control frame whose
+        // length is written in a longer form than needed is still within
+        // the rule (and is read, like a data frame in that form).
+        if opcode.is_control() && payload_len > 125 {
+            return Err(ProtocolError::ControlFrameTooLong);
+        }
         if payload_len > self.limits.max_frame_bytes {
             return Err(ProtocolError::FrameTooLarge);
         }
