@@ -274,6 +274,9 @@ pub struct ConnOptions {
     pub max_frame_bytes: usize,
     /// Receive buffer to start with; it grows up to a frame when needed.
     pub initial_rx_bytes: usize,
+    /// Subprotocol to offer (`Sec-WebSocket-Protocol`); the server must then
+    /// select it. `None`: offer none, and refuse a server that selects one.
+    pub protocol: Option<&'static str>,
 }
 
 /// An open client WebSocket connection.
@@ -374,11 +377,15 @@ impl Conn {
                 conn.tx,
                 "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
                  Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\
-                 User-Agent: corecast-loadgen/{}\r\n\r\n",
+                 User-Agent: corecast-loadgen/{}\r\n",
                 target.path,
                 target.host,
                 env!("CARGO_PKG_VERSION"),
             );
+            if let Some(p) = opts.protocol {
+                let _ = write!(conn.tx, "Sec-WebSocket-Protocol: {p}\r\n");
+            }
+            conn.tx.extend_from_slice(b"\r\n");
         }
         // A non-blocking send waits for writability, which is the connect
         // completing; a refused connect surfaces here.
@@ -401,7 +408,9 @@ impl Conn {
                 Err(e) if conn.rx.is_empty() => return Err(connect_err(e)),
                 Err(e) => return Err(handshake_err(format!("reading the response: {e}"))),
             }
-            match parse_response(conn.rx.data(), &expected, &target.path) {
+            // The query may carry a token: errors name the path only.
+            let path = target.path.split('?').next().unwrap_or("/");
+            match parse_response(conn.rx.data(), &expected, path, opts.protocol) {
                 Ok(Some(len)) => {
                     conn.rx.consume(len);
                     return Ok(conn);
@@ -611,11 +620,14 @@ impl Conn {
 
 /// Checks the server's answer to the upgrade (RFC 6455 §4.1, client side).
 /// `Ok(Some(len))`: a valid 101 of `len` bytes; `Ok(None)`: incomplete;
-/// `Err(reason)`: refused or not a WebSocket server.
+/// `Err(reason)`: refused or not a WebSocket server. `path` names the
+/// request in errors; `protocol` is the subprotocol offered, which the
+/// server must select.
 pub fn parse_response(
     buf: &[u8],
     expected_accept: &str,
     path: &str,
+    protocol: Option<&str>,
 ) -> Result<Option<usize>, String> {
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut resp = httparse::Response::new(&mut headers);
@@ -633,7 +645,7 @@ pub fn parse_response(
         let body = String::from_utf8_lossy(&buf[len..buf.len().min(len + 200)]);
         let body = body.trim();
         let hint = match status {
-            404 => " (is the path right? the gateway's echo endpoint is /echo)",
+            404 => " (is the path right? the gateway serves /echo and, for chat, /ws)",
             _ => "",
         };
         return Err(format!(
@@ -673,6 +685,21 @@ pub fn parse_response(
     }
     if header("sec-websocket-extensions").is_some() {
         return Err("the server negotiated an extension this client did not offer".into());
+    }
+    match (header("sec-websocket-protocol"), protocol) {
+        (None, None) => {}
+        (Some(got), Some(offered)) if got == offered => {}
+        (Some(got), _) => {
+            return Err(format!(
+                "the server selected subprotocol {got:?}, which this client did not offer"
+            ))
+        }
+        (None, Some(offered)) => {
+            return Err(format!(
+                "the server did not select the offered subprotocol {offered} \
+                 (is this the chat endpoint, /ws?)"
+            ))
+        }
     }
     Ok(Some(len))
 }
@@ -737,7 +764,7 @@ mod tests {
             ),
         ];
         for (name, resp, expected) in cases {
-            let got = parse_response(resp.as_bytes(), ACCEPT, "/echo");
+            let got = parse_response(resp.as_bytes(), ACCEPT, "/echo", None);
             match (got, expected) {
                 (Ok(Some(len)), Ok(true)) => assert_eq!(len, resp.len(), "{name}"),
                 (Ok(None), Ok(false)) => {}
@@ -752,7 +779,35 @@ mod tests {
         let mut resp = ok_response("").into_bytes();
         let len = resp.len();
         resp.extend_from_slice(&[0x82, 0x01, 0xaa]);
-        assert_eq!(parse_response(&resp, ACCEPT, "/"), Ok(Some(len)));
+        assert_eq!(parse_response(&resp, ACCEPT, "/", None), Ok(Some(len)));
+    }
+
+    #[test]
+    fn subprotocols() {
+        let chosen = ok_response("Sec-WebSocket-Protocol: corecast.v1\r\n");
+        let plain = ok_response("");
+        let other = ok_response("Sec-WebSocket-Protocol: chat\r\n");
+        type Case<'a> = (&'a str, &'a str, Option<&'a str>, Result<(), &'a str>);
+        let cases: &[Case] = &[
+            ("selected", &chosen, Some("corecast.v1"), Ok(())),
+            ("none either way", &plain, None, Ok(())),
+            (
+                "not selected",
+                &plain,
+                Some("corecast.v1"),
+                Err("did not select"),
+            ),
+            ("other", &other, Some("corecast.v1"), Err("did not offer")),
+            ("unoffered", &chosen, None, Err("did not offer")),
+        ];
+        for (name, resp, offered, want) in cases {
+            let got = parse_response(resp.as_bytes(), ACCEPT, "/ws", *offered);
+            match (got, want) {
+                (Ok(Some(_)), Ok(())) => {}
+                (Err(e), Err(w)) => assert!(e.contains(w), "{name}: {e}"),
+                (got, want) => panic!("{name}: got {got:?}, want {want:?}"),
+            }
+        }
     }
 
     #[test]

@@ -46,14 +46,25 @@ pub enum Command {
     Echo(EchoArgs),
     /// Open many idle connections, hold them, then close them (memory per idle connection).
     Hold(HoldArgs),
+    /// Drive the gateway's chat protocol (corecast.v1): rooms of members, some of
+    /// them publishing; check ordering and delivery, report delivery latency.
+    Chat(ChatArgs),
 }
 
 /// Flags every scenario shares: where to connect and how.
 #[derive(Args, Debug, Clone)]
 pub struct CommonArgs {
-    /// WebSocket URL, ws://HOST[:PORT][/PATH]. wss:// is not supported yet.
-    #[arg(long, env = "LOADGEN_URL", default_value = "ws://127.0.0.1:8080/echo")]
-    pub url: String,
+    /// WebSocket URL, ws://HOST[:PORT][/PATH]; repeat the flag or give a comma
+    /// list to spread connections round-robin over several servers (the nodes
+    /// of a cluster). wss:// is not supported yet. Default:
+    /// ws://127.0.0.1:8080/echo (chat: ws://127.0.0.1:8080/ws).
+    #[arg(
+        long,
+        env = "LOADGEN_URL",
+        value_delimiter = ',',
+        value_name = "URL,..."
+    )]
+    pub url: Vec<String>,
 
     /// Local source addresses, comma separated, given to connections round-robin.
     /// Each source address has its own ~28k ephemeral ports per destination.
@@ -88,7 +99,7 @@ pub struct CommonArgs {
     pub connect_rate: u32,
 
     /// How long one connection attempt (TCP connect and upgrade) may take
-    /// before it counts as failed.
+    /// before it counts as failed; chat allows as long again for welcome and joined.
     #[arg(long, env = "LOADGEN_CONNECT_TIMEOUT_MS", default_value_t = 5000)]
     pub connect_timeout_ms: u64,
 
@@ -185,6 +196,84 @@ pub struct HoldArgs {
     pub hold_s: f64,
 }
 
+/// `loadgen chat`.
+#[derive(Args, Debug, Clone)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+
+    /// Rooms, named <room-prefix>-0, <room-prefix>-1, ...
+    #[arg(long, env = "LOADGEN_ROOMS", default_value_t = 10)]
+    pub rooms: usize,
+
+    /// Members per room, one connection (and one user) each; publishers included.
+    #[arg(long, env = "LOADGEN_MEMBERS", default_value_t = 100)]
+    pub members: usize,
+
+    /// Publishers per room: its first members also publish.
+    #[arg(long, env = "LOADGEN_PUBLISHERS", default_value_t = 1)]
+    pub publishers: usize,
+
+    /// Publishes per second over all publishers, spread evenly over them and
+    /// in time. Latency runs from each publish's intended send time, so a
+    /// stalled publisher cannot hide it. 0 = as fast as acks come back
+    /// (--window unacked publishes per publisher).
+    #[arg(
+        long,
+        env = "LOADGEN_RATE",
+        default_value_t = 0,
+        value_name = "MSGS_PER_S"
+    )]
+    pub rate: u64,
+
+    /// At --rate 0: unacked publishes per publisher.
+    #[arg(long, env = "LOADGEN_WINDOW", default_value_t = 1)]
+    pub window: usize,
+
+    /// At a fixed rate: most unacked publishes per publisher (and never more
+    /// than 8 MiB of them). Past it the publisher waits; the wait still counts
+    /// in latency, from intended send times.
+    #[arg(long, env = "LOADGEN_MAX_IN_FLIGHT", default_value_t = 1024)]
+    pub max_in_flight: usize,
+
+    /// Bytes of each publish's `body` JSON, reached by padding (`pad`); bodies
+    /// never get shorter than their fixed fields (about 50 bytes).
+    #[arg(
+        long = "size",
+        visible_alias = "size-bytes",
+        env = "LOADGEN_SIZE_BYTES",
+        default_value_t = 128,
+        value_name = "BYTES"
+    )]
+    pub size_bytes: usize,
+
+    /// Measured seconds of publishing, after the warm-up.
+    #[arg(long, env = "LOADGEN_DURATION_S", default_value_t = 10.0)]
+    pub duration_s: f64,
+
+    /// Seconds of publishing before measuring; their deliveries are checked
+    /// but their latencies are not recorded.
+    #[arg(long, env = "LOADGEN_WARMUP_S", default_value_t = 0.0)]
+    pub warmup_s: f64,
+
+    /// HS256 secret the gateway was started with (its --jwt-secret); each
+    /// connection gets a token for its own user in `?token=`. Without it the
+    /// connections bring no token (for a gateway run with --allow-anonymous).
+    #[arg(long, env = "LOADGEN_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// Prefix of room and user names. Rooms keep their sequence across runs,
+    /// which is fine; but another run or client publishing in the same rooms
+    /// at the same time fails the checks, so give concurrent runs different prefixes.
+    #[arg(long, env = "LOADGEN_ROOM_PREFIX", default_value = "lg")]
+    pub room_prefix: String,
+
+    /// After publishing ends, how long to wait for the last acks and
+    /// deliveries before counting the missing ones as unacked or lost.
+    #[arg(long, env = "LOADGEN_DRAIN_TIMEOUT_MS", default_value_t = 5000)]
+    pub drain_timeout_ms: u64,
+}
+
 /// Where to connect: a parsed `ws://` URL with its address resolved once.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
@@ -197,10 +286,23 @@ pub struct Target {
     pub addr: SocketAddr,
 }
 
+impl Target {
+    /// The same target with `key=value` added to the query. `value` must be
+    /// URL-safe as it is (a JWT is: base64url and dots).
+    pub fn with_query(&self, key: &str, value: &str) -> Target {
+        let sep = if self.path.contains('?') { '&' } else { '?' };
+        Target {
+            path: format!("{}{sep}{key}={value}", self.path),
+            ..self.clone()
+        }
+    }
+}
+
 /// Validated connection settings shared by every scenario.
 #[derive(Debug, Clone)]
 pub struct ConnPlan {
-    pub target: Target,
+    /// One or more servers; connection `i` goes to `targets[i % len]`.
+    pub targets: Vec<Target>,
     pub sources: Vec<IpAddr>,
     pub threads: usize,
     /// One CPU per thread when pinned.
@@ -212,6 +314,17 @@ pub struct ConnPlan {
 }
 
 impl ConnPlan {
+    /// Server of connection `index`, round-robin.
+    pub fn target(&self, index: usize) -> &Target {
+        &self.targets[index % self.targets.len()]
+    }
+
+    /// The URLs, comma separated, for reports.
+    pub fn urls(&self) -> String {
+        let urls: Vec<&str> = self.targets.iter().map(|t| t.url.as_str()).collect();
+        urls.join(",")
+    }
+
     /// Source address of connection `index`, round-robin.
     pub fn source(&self, index: usize) -> Option<IpAddr> {
         (!self.sources.is_empty()).then(|| self.sources[index % self.sources.len()])
@@ -245,9 +358,35 @@ pub struct HoldPlan {
     pub hold: Duration,
 }
 
+#[derive(Debug, Clone)]
+pub struct ChatPlan {
+    pub conn: ConnPlan,
+    pub rooms: usize,
+    pub members: usize,
+    pub publishers: usize,
+    /// Publishes per second over all publishers; `None` = closed loop.
+    pub rate: Option<f64>,
+    /// Unacked publishes per publisher: `--window` (closed loop) or
+    /// `--max-in-flight` (fixed rate).
+    pub window: usize,
+    pub size: usize,
+    pub warmup: Duration,
+    pub duration: Duration,
+    pub drain_timeout: Duration,
+    pub jwt_secret: Option<Vec<u8>>,
+    pub room_prefix: String,
+}
+
+impl ChatPlan {
+    /// Connections in all: one per member of each room.
+    pub fn connections(&self) -> usize {
+        self.rooms * self.members
+    }
+}
+
 impl EchoArgs {
     pub fn validate(&self) -> anyhow::Result<EchoPlan> {
-        let conn = self.common.validate(self.connections)?;
+        let conn = self.common.validate(self.connections, DEFAULT_ECHO_URL)?;
         if self.size_bytes > MAX_SIZE_BYTES {
             bail!(
                 "--size {}: at most {MAX_SIZE_BYTES} bytes per message",
@@ -302,19 +441,127 @@ impl EchoArgs {
 impl HoldArgs {
     pub fn validate(&self) -> anyhow::Result<HoldPlan> {
         Ok(HoldPlan {
-            conn: self.common.validate(self.connections)?,
+            conn: self.common.validate(self.connections, DEFAULT_ECHO_URL)?,
             connections: self.connections,
             hold: seconds("--hold-s", self.hold_s)?,
         })
     }
 }
 
+impl ChatArgs {
+    pub fn validate(&self) -> anyhow::Result<ChatPlan> {
+        if self.rooms == 0 || self.members == 0 {
+            bail!("--rooms and --members must be at least 1");
+        }
+        if self.publishers == 0 || self.publishers > self.members {
+            bail!(
+                "--publishers {}: between 1 and --members ({}); publishers are members",
+                self.publishers,
+                self.members
+            );
+        }
+        let connections = self
+            .rooms
+            .checked_mul(self.members)
+            .filter(|&c| c <= 1 << 24)
+            .with_context(|| {
+                format!(
+                    "--rooms {} × --members {}: too many connections",
+                    self.rooms, self.members
+                )
+            })?;
+        let conn = self.common.validate(connections, DEFAULT_CHAT_URL)?;
+        check_room_prefix(&self.room_prefix, self.rooms)?;
+        if self.size_bytes > MAX_SIZE_BYTES {
+            bail!(
+                "--size {}: at most {MAX_SIZE_BYTES} bytes per body",
+                self.size_bytes
+            );
+        }
+        if self.window == 0 || self.window > 65_536 {
+            bail!("--window {}: between 1 and 65536", self.window);
+        }
+        if self.max_in_flight == 0 || self.max_in_flight > 1 << 20 {
+            bail!(
+                "--max-in-flight {}: between 1 and 1048576",
+                self.max_in_flight
+            );
+        }
+        // A publish frame: the body plus the envelope (type, room, id) and a header.
+        let frame_bytes = self.size_bytes + 256 + MAX_HEADER_LEN;
+        if self.window * frame_bytes > MAX_WINDOW_BYTES {
+            bail!(
+                "--window {} of {} B bodies is over {} MiB in flight per publisher",
+                self.window,
+                self.size_bytes,
+                MAX_WINDOW_BYTES >> 20
+            );
+        }
+        let window = match self.rate {
+            0 => self.window,
+            _ => self
+                .max_in_flight
+                .min(MAX_RATE_IN_FLIGHT_BYTES / frame_bytes)
+                .max(1),
+        };
+        let duration = seconds("--duration-s", self.duration_s)?;
+        if duration.is_zero() {
+            bail!("--duration-s must be more than 0");
+        }
+        let jwt_secret = match self.jwt_secret.as_deref() {
+            Some("") => bail!("--jwt-secret is empty; leave it out to connect without tokens"),
+            s => s.map(|s| s.as_bytes().to_vec()),
+        };
+        Ok(ChatPlan {
+            conn,
+            rooms: self.rooms,
+            members: self.members,
+            publishers: self.publishers,
+            rate: (self.rate > 0).then_some(self.rate as f64),
+            window,
+            size: self.size_bytes,
+            warmup: seconds("--warmup-s", self.warmup_s)?,
+            duration,
+            drain_timeout: Duration::from_millis(self.drain_timeout_ms),
+            jwt_secret,
+            room_prefix: self.room_prefix.clone(),
+        })
+    }
+}
+
+/// Room names are `<prefix>-<index>`: 1 to 128 bytes of letters, digits and
+/// `_ - . : @ /` (docs/protocol.md); user names `<prefix>-u<index>`.
+fn check_room_prefix(prefix: &str, rooms: usize) -> anyhow::Result<()> {
+    let allowed = |b: u8| b.is_ascii_alphanumeric() || b"_-.:@/".contains(&b);
+    if prefix.is_empty() || !prefix.bytes().all(allowed) {
+        bail!(
+            "--room-prefix {prefix:?}: use letters, digits and _ - . : @ / only (room name rules)"
+        );
+    }
+    let longest = prefix.len() + 1 + (rooms - 1).to_string().len();
+    if longest > 128 {
+        bail!("--room-prefix {prefix:?}: room names would be over 128 bytes");
+    }
+    Ok(())
+}
+
+const DEFAULT_ECHO_URL: &str = "ws://127.0.0.1:8080/echo";
+const DEFAULT_CHAT_URL: &str = "ws://127.0.0.1:8080/ws";
+
 impl CommonArgs {
-    fn validate(&self, connections: usize) -> anyhow::Result<ConnPlan> {
+    fn validate(&self, connections: usize, default_url: &str) -> anyhow::Result<ConnPlan> {
         if connections == 0 {
             bail!("--connections must be at least 1");
         }
-        let target = parse_ws_url(&self.url)?;
+        let targets = if self.url.is_empty() {
+            vec![parse_ws_url(default_url)?]
+        } else {
+            let urls = self.url.iter().map(|u| u.trim()).filter(|u| !u.is_empty());
+            urls.map(parse_ws_url).collect::<anyhow::Result<Vec<_>>>()?
+        };
+        if targets.is_empty() {
+            bail!("--url: no URL given");
+        }
         let cpus = self.cpus.as_deref().map(parse_cpu_list).transpose()?;
         let threads = match (self.threads, &cpus) {
             (Some(0), _) => bail!("--threads must be at least 1"),
@@ -333,11 +580,13 @@ impl CommonArgs {
             bail!("--threads {threads} is more than --connections {connections}");
         }
         for s in &self.sources {
-            if s.is_ipv4() != target.addr.is_ipv4() {
-                bail!(
-                    "--sources {s} and {} are not the same IP version",
-                    target.addr
-                );
+            for target in &targets {
+                if s.is_ipv4() != target.addr.is_ipv4() {
+                    bail!(
+                        "--sources {s} and {} are not the same IP version",
+                        target.addr
+                    );
+                }
             }
         }
         if self.connect_rate == 0 {
@@ -348,7 +597,7 @@ impl CommonArgs {
         }
         check_open_files(connections as u64, threads as u64)?;
         Ok(ConnPlan {
-            target,
+            targets,
             sources: self.sources.clone(),
             threads,
             cpus,
@@ -578,5 +827,53 @@ mod tests {
         assert_eq!(plan.rate, Some(1000.0));
         assert_eq!(plan.duration, Duration::from_millis(1500));
         assert!(Cli::try_parse_from(["loadgen", "echo", "--text", "--binary"]).is_err());
+    }
+
+    #[test]
+    fn chat_cli() {
+        let chat = |args: &[&str]| {
+            let mut argv = vec!["loadgen", "chat"];
+            argv.extend_from_slice(args);
+            let Command::Chat(c) = Cli::try_parse_from(argv).unwrap().command else {
+                panic!("not chat")
+            };
+            c.validate()
+        };
+        let plan = chat(&[
+            "--url",
+            "ws://127.0.0.1:1/ws,ws://127.0.0.1:2/ws",
+            "--url",
+            "ws://127.0.0.1:3/ws",
+            "--rooms",
+            "3",
+            "--members",
+            "4",
+            "--publishers",
+            "2",
+            "--rate",
+            "500",
+        ])
+        .unwrap();
+        assert_eq!(plan.connections(), 12);
+        assert_eq!(plan.conn.targets.len(), 3);
+        assert_eq!(plan.conn.target(4).addr.port(), 2);
+        assert_eq!(plan.window, 1024, "fixed rate: --max-in-flight");
+        assert!(plan.jwt_secret.is_none());
+        let plan = chat(&["--rooms", "1", "--members", "1"]).unwrap();
+        assert_eq!(plan.conn.urls(), "ws://127.0.0.1:8080/ws");
+        assert_eq!(plan.window, 1);
+        let t = plan.conn.target(0).with_query("token", "a.b.c");
+        assert_eq!(t.path, "/ws?token=a.b.c");
+        assert_eq!(t.with_query("x", "1").path, "/ws?token=a.b.c&x=1");
+        for (args, want) in [
+            (&["--publishers", "101"][..], "publishers are members"),
+            (&["--publishers", "0"][..], "between 1"),
+            (&["--room-prefix", "a b"][..], "--room-prefix"),
+            (&["--jwt-secret", ""][..], "empty"),
+            (&["--rooms", "0"][..], "at least 1"),
+        ] {
+            let e = format!("{:#}", chat(args).unwrap_err());
+            assert!(e.contains(want), "{args:?}: {e}");
+        }
     }
 }

@@ -537,6 +537,7 @@ async fn thread_main(plan: Arc<EchoPlan>, gate: Arc<Gate>, thread: usize) -> Thr
     let opts = ConnOptions {
         max_frame_bytes: plan.size.max(MIN_FRAME_LIMIT),
         initial_rx_bytes: INITIAL_RX_BYTES.min(plan.size.max(4096) + 14),
+        protocol: None,
     };
     let connecting = exec::spawn_paced(
         &plan.conn,
@@ -547,7 +548,7 @@ async fn thread_main(plan: Arc<EchoPlan>, gate: Arc<Gate>, thread: usize) -> Thr
             glommio::spawn_local(async move {
                 let c = &plan.conn;
                 let r = Conn::connect(
-                    &c.target,
+                    c.target(index),
                     c.source(index),
                     index as u64,
                     c.connect_timeout,
@@ -667,7 +668,7 @@ fn describe(plan: &EchoPlan) -> String {
     format!(
         "echo {}: {} connections, {} B {kind} messages, {mode}, {} thread(s); \
          {:.1} s measured after {:.1} s warm-up",
-        plan.conn.target.url,
+        plan.conn.urls(),
         plan.connections,
         plan.size,
         plan.conn.threads,
@@ -708,7 +709,7 @@ fn json(plan: &EchoPlan, r: &EchoReport) -> String {
     let c = &r.counts;
     JsonLine::new()
         .str("scenario", "echo")
-        .str("url", &plan.conn.target.url)
+        .str("url", &plan.conn.urls())
         .u64("connections", plan.connections as u64)
         .u64("size", plan.size as u64)
         .str(

@@ -112,14 +112,8 @@ pub struct ThreadReport {
 /// Reads and answers until the server ends the connection; returns why.
 async fn idle(conn: &mut Conn, ctx: &Ctx) -> ConnFailure {
     loop {
-        if let Err(e) = conn.flush().await {
-            return ConnFailure::Io(e.kind());
-        }
-        match conn.fill().await {
-            Ok(0) => return ConnFailure::Eof,
-            Ok(_) => {}
-            Err(e) => return ConnFailure::Io(e.kind()),
-        }
+        // Frames may have come with the upgrade response: handle what is
+        // buffered before reading more.
         loop {
             let frame = match conn.next_frame() {
                 Ok(Some(f)) => f,
@@ -135,6 +129,14 @@ async fn idle(conn: &mut Conn, ctx: &Ctx) -> ConnFailure {
             }
             conn.consume(&frame);
         }
+        if let Err(e) = conn.flush().await {
+            return ConnFailure::Io(e.kind());
+        }
+        match conn.fill().await {
+            Ok(0) => return ConnFailure::Eof,
+            Ok(_) => {}
+            Err(e) => return ConnFailure::Io(e.kind()),
+        }
     }
 }
 
@@ -143,9 +145,10 @@ async fn hold_conn(ctx: Rc<Ctx>, index: usize) {
     let opts = ConnOptions {
         max_frame_bytes: MAX_FRAME_BYTES,
         initial_rx_bytes: INITIAL_RX_BYTES,
+        protocol: None,
     };
     let r = Conn::connect(
-        &c.target,
+        c.target(index),
         c.source(index),
         index as u64,
         c.connect_timeout,
@@ -326,7 +329,10 @@ pub fn run(plan: HoldPlan, interrupted: Arc<AtomicBool>) -> anyhow::Result<bool>
         plan.conn.json,
         &format!(
             "hold {}: {} connections at {} per second, {} thread(s){from}",
-            plan.conn.target.url, plan.connections, plan.conn.connect_rate, plan.conn.threads,
+            plan.conn.urls(),
+            plan.connections,
+            plan.conn.connect_rate,
+            plan.conn.threads,
         ),
     );
     let r = execute(plan.clone(), interrupted)?;
@@ -352,7 +358,7 @@ pub fn run(plan: HoldPlan, interrupted: Arc<AtomicBool>) -> anyhow::Result<bool>
     }
     let line = JsonLine::new()
         .str("scenario", "hold")
-        .str("url", &plan.conn.target.url)
+        .str("url", &plan.conn.urls())
         .u64("connections", plan.connections as u64)
         .u64("threads", plan.conn.threads as u64)
         .u64("opened", c.opened)

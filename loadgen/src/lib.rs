@@ -11,6 +11,8 @@
 //!   upgrade handshake, buffered frame I/O, pings, the closing handshake.
 //! - `echo`: `loadgen echo`, round-trip throughput and latency.
 //! - `hold`: `loadgen hold`, many idle connections held open.
+//! - `chat`: `loadgen chat`, the gateway's chat protocol: rooms, publishers,
+//!   ordering and delivery checks, delivery and ack latency.
 //! - `report`: percentiles, the human lines and the one-line JSON record.
 //! - `sys`: the crate's only `unsafe`: fd hand-off to glommio, socket and
 //!   rlimit knobs.
@@ -23,6 +25,7 @@
 #![deny(unsafe_code)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod chat;
 pub mod client;
 pub mod config;
 pub mod echo;
@@ -40,6 +43,7 @@ pub use config::{Cli, Command};
 pub enum Plan {
     Echo(config::EchoPlan),
     Hold(config::HoldPlan),
+    Chat(config::ChatPlan),
 }
 
 impl Command {
@@ -48,6 +52,7 @@ impl Command {
         Ok(match self {
             Command::Echo(a) => Plan::Echo(a.validate()?),
             Command::Hold(a) => Plan::Hold(a.validate()?),
+            Command::Chat(a) => Plan::Chat(a.validate()?),
         })
     }
 }
@@ -60,5 +65,6 @@ pub fn run(plan: Plan, interrupted: Arc<AtomicBool>) -> anyhow::Result<bool> {
     match plan {
         Plan::Echo(p) => echo::run(p, interrupted),
         Plan::Hold(p) => hold::run(p, interrupted),
+        Plan::Chat(p) => chat::run(p, interrupted),
     }
 }
