@@ -726,6 +726,13 @@ impl State {
     }
 
     fn on_msg(&mut self, m: &Incoming, now: Instant) {
+        if !self.started {
+            // The gate opened on this thread and a publisher was quicker
+            // than this connection's switch to running: the message is ours.
+            if let Some(t) = self.ctx.timeline.get() {
+                self.begin(t);
+            }
+        }
         let ctx = &self.ctx;
         let room = &ctx.rooms[self.room];
         let (Some(seq), Some(body)) = (m.seq, m.body.as_ref()) else {
@@ -1094,7 +1101,8 @@ async fn member(ctx: Rc<Ctx>, index: usize, exp: u64) {
             let _ = ctx.started.acquire(1).await;
             None
         };
-        or(idle, started).await
+        // The gate first: once it is open, no more reading in idle mode.
+        or(started, idle).await
     };
     let result = match (waited, ctx.timeline.get()) {
         (Some(failure), _) => Some(failure),
