@@ -27,8 +27,11 @@ fn seeds(target: &str) -> Vec<(String, Vec<u8>)> {
     out
 }
 
-/// Decodes all of `wire`, `chunk` bytes at a time; frames and first error.
-fn decode(role: Role, wire: &[u8], chunk: usize) -> (Vec<(u8, bool, Vec<u8>)>, Option<String>) {
+/// Decoded frames (opcode, fin, payload) and the first error, if any.
+type Decoded = (Vec<(u8, bool, Vec<u8>)>, Option<String>);
+
+/// Decodes all of `wire`, `chunk` bytes at a time.
+fn decode(role: Role, wire: &[u8], chunk: usize) -> Decoded {
     let limits = Limits {
         max_frame_bytes: 1 << 16,
         max_message_bytes: 1 << 17,
