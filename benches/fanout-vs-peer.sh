@@ -58,6 +58,7 @@ servers="corecast,tokio-tungstenite"
 corecast_port=18180
 peer_port=18181
 results_dir="$here/results"
+server_cpu_quota=0
 
 usage() {
     cat <<EOF
@@ -76,6 +77,9 @@ usage: $0 [options]
   --servers LIST       comma separated: corecast,tokio-tungstenite (default both)
   --server-cpu N       CPU the server is pinned to (default $server_cpu)
   --client-cpu N       CPU loadgen is pinned to (default $client_cpu)
+  --server-cpu-quota P cap each server at P% of its core (a cgroup cpu quota,
+                       10 ms period) so that the server, not loadgen, is the
+                       bottleneck; 0 = no cap (default $server_cpu_quota)
   --results-dir DIR    where the .jsonl and .md go (default benches/results)
   --no-build           use the binaries already in target/release
 EOF
@@ -96,6 +100,7 @@ while [[ $# -gt 0 ]]; do
         --servers) servers=$2; shift 2 ;;
         --server-cpu) server_cpu=$2; shift 2 ;;
         --client-cpu) client_cpu=$2; shift 2 ;;
+        --server-cpu-quota) server_cpu_quota=$2; shift 2 ;;
         --results-dir) results_dir=$2; shift 2 ;;
         --no-build) build=0; shift ;;
         -h|--help) usage; exit 0 ;;
@@ -105,7 +110,7 @@ done
 
 die() { echo "$0: $*" >&2; exit 1; }
 is_num() { [[ $1 =~ ^[0-9]+([.][0-9]+)?$ ]]; }
-for v in rooms members size rate rate_publishers window max_publishers server_cpu client_cpu; do
+for v in rooms members size rate rate_publishers window max_publishers server_cpu client_cpu server_cpu_quota; do
     [[ ${!v} =~ ^[0-9]+$ ]] || die "--${v//_/-} ${!v}: expected a whole number"
 done
 for v in rooms members rate rate_publishers window max_publishers; do
@@ -121,6 +126,24 @@ margin_s=0.5
 python3 -c "import sys; sys.exit(0 if $duration_s > 2 * $margin_s else 1)" ||
     die "--duration-s $duration_s: must be more than twice the ${margin_s} s sampling margin"
 [[ $server_cpu != "$client_cpu" ]] || die "--server-cpu and --client-cpu must differ"
+((server_cpu_quota <= 100)) || die "--server-cpu-quota $server_cpu_quota: a percentage of one core, 0-100"
+# The cap: a cgroup (v1 cpu controller, or v2) the server runs in.
+cgroup=""
+if ((server_cpu_quota > 0)); then
+    if [[ -d /sys/fs/cgroup/cpu ]]; then
+        cgroup=/sys/fs/cgroup/cpu/corecast-fanout-$$
+        mkdir "$cgroup" 2>/dev/null || die "cannot create $cgroup (needs root and a writable cgroup cpu controller)"
+        echo 10000 >"$cgroup/cpu.cfs_period_us"
+        echo $((server_cpu_quota * 100)) >"$cgroup/cpu.cfs_quota_us"
+    elif [[ -f /sys/fs/cgroup/cgroup.controllers ]]; then
+        cgroup=/sys/fs/cgroup/corecast-fanout-$$
+        mkdir "$cgroup" 2>/dev/null || die "cannot create $cgroup (needs root and a writable cgroup v2 tree)"
+        echo "$((server_cpu_quota * 100)) 10000" >"$cgroup/cpu.max" ||
+            die "cannot set cpu.max in $cgroup (is the cpu controller enabled for it?)"
+    else
+        die "--server-cpu-quota needs a cgroup cpu controller under /sys/fs/cgroup"
+    fi
+fi
 ncpu=$(nproc --all)
 ((server_cpu < ncpu && client_cpu < ncpu)) || die "this machine has CPUs 0..$((ncpu - 1))"
 for tool in taskset ss python3 getconf; do
@@ -198,6 +221,7 @@ loadgen_pid=""
 cleanup() {
     if [[ -n $loadgen_pid ]]; then kill -TERM "$loadgen_pid" 2>/dev/null || true; fi
     if [[ -n $server_pid ]]; then kill -TERM "$server_pid" 2>/dev/null || true; fi
+    if [[ -n $cgroup ]]; then sleep 0.5; rmdir "$cgroup" 2>/dev/null || true; fi
 }
 trap 'exit 130' INT TERM
 
@@ -218,7 +242,7 @@ CPU_MODEL=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo) \
 HYPERVISOR=$(lscpu 2>/dev/null | awk -F': +' '/^Hypervisor vendor/ { print $2 }') \
 GOVERNOR=$(cat "/sys/devices/system/cpu/cpu$server_cpu/cpufreq/scaling_governor" 2>/dev/null || echo n/a) \
 KERNEL=$(uname -r) RUSTC=$(rustc -V 2>/dev/null || echo unknown) GIT_REV=$git_rev STAMP=$stamp \
-NCPU=$ncpu SERVER_CPU=$server_cpu CLIENT_CPU=$client_cpu ROOMS=$rooms MEMBERS=$members SIZE=$size \
+NCPU=$ncpu SERVER_CPU=$server_cpu SERVER_CPU_QUOTA=$server_cpu_quota CLIENT_CPU=$client_cpu ROOMS=$rooms MEMBERS=$members SIZE=$size \
 RATE=$rate RATE_PUBLISHERS=$rate_publishers WINDOW=$window MAX_PUBLISHERS=$max_publishers \
 WARMUP_S=$warmup_s DURATION_S=$duration_s \
     python3 - "$root/Cargo.lock" "$jsonl" <<'EOF'
@@ -264,6 +288,7 @@ env = {
     "tungstenite": version("tungstenite", ("tokio-tungstenite", ttv)),
     "tokio": version("tokio"),
     "server_cpu": int(e["SERVER_CPU"]),
+    "server_cpu_quota_pct": int(e["SERVER_CPU_QUOTA"]),
     "client_cpu": int(e["CLIENT_CPU"]),
     "rooms": int(e["ROOMS"]),
     "members": int(e["MEMBERS"]),
@@ -303,7 +328,13 @@ run_one() {
     port_in_use "$port" && die "port $port is already in use (a server left running?)"
 
     echo "== $name, $phase: starting on CPU $server_cpu, port $port" >&2
-    RUST_LOG=warn taskset -c "$server_cpu" "${cmd[@]}" 2>"$tmp/$tag.server.log" &
+    if [[ -n $cgroup ]]; then
+        # Join the capped cgroup, then become the server.
+        RUST_LOG=warn taskset -c "$server_cpu" bash -c 'echo $$ >"$0/cgroup.procs" && exec "$@"' \
+            "$cgroup" "${cmd[@]}" 2>"$tmp/$tag.server.log" &
+    else
+        RUST_LOG=warn taskset -c "$server_cpu" "${cmd[@]}" 2>"$tmp/$tag.server.log" &
+    fi
     server_pid=$!
     wait_for_port "$port" "$server_pid" ||
         die "$name did not listen on $port; its log: $(cat "$tmp/$tag.server.log")"
@@ -435,6 +466,8 @@ out.append(
     f"Pinning: server alone on CPU {env['server_cpu']} (taskset; corecast --shards 1 --cpus {env['server_cpu']} "
     f"--allow-anonymous, rate limit raised; peer --threads 1); loadgen chat on CPU {env['client_cpu']} (1 thread). "
     "No JWTs on either side."
+    + (f" Each server capped at {env['server_cpu_quota_pct']}% of its core (cgroup cpu quota, 10 ms period)."
+       if env.get("server_cpu_quota_pct") else "")
 )
 out.append(
     "Latency = delivery latency (publish's intended send time to receipt at a member), µs. "
