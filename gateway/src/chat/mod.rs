@@ -389,36 +389,8 @@ pub fn spawn_tasks(
         if peer == chat.me {
             continue;
         }
-        let s = shard.clone();
-        glommio::spawn_local(async move {
-            let outbox = &s.chat.requests;
-            loop {
-                let msg = outbox.queues[peer].pop().await;
-                outbox.in_flight[peer].set(true);
-                let sent = outbox.senders.send_to(peer, msg).await;
-                outbox.in_flight[peer].set(false);
-                s.chat.maybe_release(&s);
-                if sent.is_err() {
-                    return;
-                }
-            }
-        })
-        .detach();
-        let s = shard.clone();
-        glommio::spawn_local(async move {
-            let outbox = &s.chat.deliveries;
-            loop {
-                let msg = outbox.queues[peer].pop().await;
-                outbox.in_flight[peer].set(true);
-                let sent = outbox.senders.send_to(peer, msg).await;
-                outbox.in_flight[peer].set(false);
-                s.chat.maybe_release(&s);
-                if sent.is_err() {
-                    return;
-                }
-            }
-        })
-        .detach();
+        spawn_forwarder(shard, peer, |c| &c.requests);
+        spawn_forwarder(shard, peer, |c| &c.deliveries);
     }
     // Requests: from each peer's ring, and from this shard's own queue.
     for (_, stream) in requests.streams() {
@@ -454,6 +426,29 @@ pub fn spawn_tasks(
         loop {
             let d = s.chat.deliveries.queues[s.chat.me].pop().await;
             handle_delivery(&s, d);
+        }
+    })
+    .detach();
+}
+
+/// Drains one outbox's queue for `peer` into the ring, waiting for space.
+fn spawn_forwarder<T: Send + 'static>(
+    shard: &Rc<Shard>,
+    peer: usize,
+    outbox: fn(&ChatShard) -> &Outbox<T>,
+) {
+    let s = shard.clone();
+    glommio::spawn_local(async move {
+        let outbox = outbox(&s.chat);
+        loop {
+            let msg = outbox.queues[peer].pop().await;
+            outbox.in_flight[peer].set(true);
+            let sent = outbox.senders.send_to(peer, msg).await;
+            outbox.in_flight[peer].set(false);
+            s.chat.maybe_release(&s);
+            if sent.is_err() {
+                return;
+            }
         }
     })
     .detach();

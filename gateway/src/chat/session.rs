@@ -262,16 +262,7 @@ pub fn on_text(shard: &Shard, conn: &ConnShared, me: ConnRef, text: &[u8]) -> Ou
             let entry = session.rooms.swap_remove(i);
             // A join still in flight is undone when its confirmation arrives.
             if entry.joined {
-                chat.remove_local_member(shard, &entry.room, (me.key, me.gen));
-                chat.request(
-                    shard,
-                    chat.room_home(&entry.room),
-                    Request::Leave {
-                        room: entry.room.clone(),
-                        user,
-                        shard: chat.me as u16,
-                    },
-                );
+                leave_joined(shard, me, entry.room.clone(), user);
             }
             conn.push_own(shard, &proto::left(&entry.room));
             Outcome::Continue
@@ -354,6 +345,23 @@ pub fn on_text(shard: &Shard, conn: &ConnShared, me: ConnRef, text: &[u8]) -> Ou
     }
 }
 
+/// Leaves a room the home confirmed: local membership now, the home's count
+/// through a request.
+fn leave_joined(shard: &Shard, me: ConnRef, room: Arc<str>, user: Arc<str>) {
+    let chat = &shard.chat;
+    chat.remove_local_member(shard, &room, (me.key, me.gen));
+    let home = chat.room_home(&room);
+    chat.request(
+        shard,
+        home,
+        Request::Leave {
+            room,
+            user,
+            shard: chat.me as u16,
+        },
+    );
+}
+
 /// The connection is going away: leave its rooms, go offline.
 pub fn on_close(shard: &Shard, conn: &ConnShared, me: ConnRef) {
     let Some(session) = conn.chat.borrow_mut().take() else {
@@ -363,16 +371,7 @@ pub fn on_close(shard: &Shard, conn: &ConnShared, me: ConnRef) {
     let chat = &shard.chat;
     for entry in session.rooms {
         if entry.joined {
-            chat.remove_local_member(shard, &entry.room, (me.key, me.gen));
-            chat.request(
-                shard,
-                chat.room_home(&entry.room),
-                Request::Leave {
-                    room: entry.room,
-                    user: user.clone(),
-                    shard: chat.me as u16,
-                },
-            );
+            leave_joined(shard, me, entry.room, user.clone());
         }
     }
     chat.remove_local_user(&user, (me.key, me.gen));
