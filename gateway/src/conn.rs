@@ -83,6 +83,8 @@ pub struct ConnShared {
     overflowed: Cell<bool>,
     /// The chat session, for connections on `/ws`.
     pub chat: RefCell<Option<Box<session::Session>>>,
+    /// The congestion release this connection last registered for.
+    congestion_epoch: Cell<u64>,
 }
 
 impl ConnShared {
@@ -99,6 +101,7 @@ impl ConnShared {
             over_budget_since: Cell::new(None),
             overflowed: Cell::new(false),
             chat: RefCell::new(None),
+            congestion_epoch: Cell::new(0),
         }
     }
 
@@ -350,7 +353,9 @@ impl Conn {
                 // Chat input makes cross-shard work: while other shards are
                 // behind, let the client wait in its socket buffer.
                 if self.endpoint == Endpoint::Chat && self.shard.chat.congested() {
-                    self.shard.chat.wait_uncongested(cx.waker());
+                    self.shard
+                        .chat
+                        .wait_uncongested(cx.waker(), &self.shared.congestion_epoch);
                     return false;
                 }
                 true
@@ -664,10 +669,13 @@ impl Conn {
         self.rearm();
     }
 
-    /// Fails the connection after a protocol error (RFC 6455 §7.1.7).
+    /// Fails the connection after a protocol error (RFC 6455 §7.1.7). If
+    /// our close frame is already out, nothing more is sent.
     fn fail(&mut self, e: ws::ProtocolError) {
         log::debug!("shard {}: closing connection: {e}", self.shard.id);
-        self.start_close(e.close_code(), e.reason());
+        if self.phase == Phase::Open {
+            self.start_close(e.close_code(), e.reason());
+        }
         self.phase = Phase::Linger;
     }
 

@@ -580,3 +580,56 @@ fn a_slow_consumer_is_closed_while_the_room_keeps_going() {
         1
     );
 }
+
+#[test]
+fn a_room_that_empties_is_freed_and_keeps_its_sequence() {
+    let server = chat_server(&["--shards", "2"]);
+    let mut a = Chat::connect(&server, "alice");
+    a.join("cycle");
+    for i in 0..3 {
+        a.send(json!({"type":"publish","room":"cycle","id":format!("m{i}"),"body":i}));
+        a.recv_type("ack");
+    }
+    a.send(json!({"type":"leave","room":"cycle"}));
+    a.recv_type("left");
+    assert!(
+        eventually(Duration::from_secs(5), || server
+            .metric("corecast_rooms", "")
+            == 0),
+        "the emptied room is freed"
+    );
+    // Back again: the sequence continues after 3, it does not restart.
+    let mut b = Chat::connect(&server, "bob");
+    assert_eq!(b.join("cycle"), 3);
+    b.send(json!({"type":"publish","room":"cycle","id":"n","body":null}));
+    assert_eq!(b.recv_type("ack")["seq"], 4);
+    assert_eq!(server.metric("corecast_rooms", ""), 1);
+}
+
+#[test]
+fn only_one_close_frame_when_a_violation_follows_our_close() {
+    let server = chat_server(&["--allow-anonymous"]);
+    let mut s = TcpStream::connect(server.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(UPGRADE.replace("/echo", "/ws").as_bytes())
+        .unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8];
+    while !head.ends_with(b"\r\n\r\n") {
+        std::io::Read::read_exact(&mut s, &mut b).unwrap();
+        head.push(b[0]);
+    }
+    assert_eq!(read_raw_frame(&mut s).unwrap().0, 0x81, "welcome");
+    // A binary message (close 1003), then, in the same write, an unmasked
+    // frame (a violation that would otherwise close again with 1002).
+    let mut bytes = raw_frame(0x82, b"bin", Some([1, 2, 3, 4]));
+    bytes.extend_from_slice(&raw_frame(0x81, b"x", None));
+    s.write_all(&bytes).unwrap();
+    let (b0, payload) = read_raw_frame(&mut s).unwrap();
+    assert_eq!(b0, 0x88);
+    assert_eq!(u16::from_be_bytes([payload[0], payload[1]]), 1003);
+    // Nothing after it but the end of the stream.
+    let mut rest = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut s, &mut rest);
+    assert!(rest.is_empty(), "bytes after our close frame: {rest:x?}");
+}

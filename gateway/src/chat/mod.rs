@@ -18,8 +18,10 @@
 //!   one shard to another is FIFO, so a room's messages reach every shard in
 //!   seq order, and a sender's direct messages arrive in the order sent.
 //! - Bounded: above [`OUTBOX_HIGH`] queued messages a shard's chat
-//!   connections stop reading and its request handlers pause, so back-pressure
-//!   reaches the publishers instead of memory growing.
+//!   connections stop reading, and above it in queued deliveries its request
+//!   handlers pause, so back-pressure reaches the publishers instead of
+//!   memory growing. Handlers wait only on deliveries, which drain through
+//!   delivery handlers that never wait: no two shards can wait on each other.
 //! - Handlers never block and hold no `RefCell` borrow across an `.await`.
 
 pub mod proto;
@@ -51,6 +53,12 @@ pub use session::Session;
 /// back-pressure, and below which it releases it.
 pub const OUTBOX_HIGH: usize = 8192;
 const OUTBOX_LOW: usize = OUTBOX_HIGH / 2;
+/// Emptied rooms whose last seq a shard remembers. Past it an arbitrary one
+/// is forgotten (its seq restarts at 1 if it fills again) so that clients
+/// cycling through room names cannot grow a shard's memory without bound;
+/// durable sequences come with the storage worker.
+pub const MAX_TOMBSTONES: usize = 100_000;
+
 /// Slots in each cross-shard ring (per ordered pair of shards).
 pub const RING_SLOTS: usize = 1024;
 
@@ -219,14 +227,10 @@ impl<T: Send> Outbox<T> {
         }
     }
 
-    /// Messages waiting for ring space, over all destinations but `me`.
+    /// Messages queued: waiting for ring space to other shards, and waiting
+    /// for this shard's own handler.
     fn backlog(&self) -> usize {
-        self.queues
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| *i != self.me)
-            .map(|(_, q)| q.len())
-            .sum()
+        self.queues.iter().map(|q| q.len()).sum()
     }
 }
 
@@ -243,16 +247,24 @@ pub struct ChatShard {
     pub settings: Settings,
     requests: Outbox<Request>,
     deliveries: Outbox<Delivery>,
-    /// Rooms homed here.
+    /// Rooms homed here that have members.
     homes: RefCell<HashMap<Arc<str>, HomeRoom>>,
+    /// Last seq of rooms homed here that emptied, so a room that fills again
+    /// continues its sequence. Bounded by [`MAX_TOMBSTONES`].
+    tombstones: RefCell<HashMap<Arc<str>, u64>>,
     /// Users homed here: connections per shard.
     user_homes: RefCell<HashMap<Arc<str>, Vec<u32>>>,
     /// Local members of each room.
     local_rooms: RefCell<LocalTable>,
     /// Local connections of each user.
     local_users: RefCell<LocalTable>,
-    /// Tasks and connections waiting for the backlog to drain.
+    /// Connections waiting for the whole backlog to drain.
     congestion_waiters: RefCell<Vec<Waker>>,
+    /// Bumped at every release of `congestion_waiters`, so a connection
+    /// registers once per congestion instead of scanning the list.
+    release_epoch: Cell<u64>,
+    /// Request handlers waiting for the delivery backlog to drain.
+    handler_waiters: RefCell<Vec<Waker>>,
     anonymous: Cell<u64>,
 }
 
@@ -279,10 +291,13 @@ impl ChatShard {
             requests: Outbox::new(requests),
             deliveries: Outbox::new(deliveries),
             homes: RefCell::new(HashMap::new()),
+            tombstones: RefCell::new(HashMap::new()),
             user_homes: RefCell::new(HashMap::new()),
             local_rooms: RefCell::new(HashMap::new()),
             local_users: RefCell::new(HashMap::new()),
             congestion_waiters: RefCell::new(Vec::new()),
+            release_epoch: Cell::new(0),
+            handler_waiters: RefCell::new(Vec::new()),
             anonymous: Cell::new(0),
         }
     }
@@ -311,26 +326,63 @@ impl ChatShard {
         self.deliveries.send(to, d, shard.metrics());
     }
 
-    /// Too much is queued for other shards: stop taking new work.
+    /// Too much is queued: connections stop reading new work.
     pub fn congested(&self) -> bool {
         self.requests.backlog() + self.deliveries.backlog() > OUTBOX_HIGH
     }
 
-    /// Registers a waker to run once the backlog is below the low mark.
-    pub fn wait_uncongested(&self, waker: &Waker) {
-        let mut w = self.congestion_waiters.borrow_mut();
-        if !w.iter().any(|x| x.will_wake(waker)) {
-            w.push(waker.clone());
+    /// Registers a connection to be woken once the backlog is below the low
+    /// mark; `registered` is the connection's own record, so registering is
+    /// O(1) however many connections wait.
+    pub fn wait_uncongested(&self, waker: &Waker, registered: &Cell<u64>) {
+        let epoch = self.release_epoch.get() + 1;
+        if registered.get() != epoch {
+            registered.set(epoch);
+            self.congestion_waiters.borrow_mut().push(waker.clone());
         }
     }
 
+    /// Too many deliveries are queued: request handlers pause. They wait on
+    /// deliveries only, which drain through handlers that never wait, so no
+    /// two shards can wait on each other.
+    fn deliveries_congested(&self) -> bool {
+        self.deliveries.backlog() > OUTBOX_HIGH
+    }
+
+    /// Updates the backlog gauge and wakes whoever waits for the backlog.
     fn maybe_release(&self, shard: &Shard) {
-        let backlog = self.requests.backlog() + self.deliveries.backlog();
-        shard.metrics().outbox_backlog.set(backlog as u64);
-        if backlog <= OUTBOX_LOW {
+        let deliveries = self.deliveries.backlog();
+        let total = self.requests.backlog() + deliveries;
+        shard.metrics().outbox_backlog.set(total as u64);
+        if deliveries <= OUTBOX_LOW && !self.handler_waiters.borrow().is_empty() {
+            let waiters = std::mem::take(&mut *self.handler_waiters.borrow_mut());
+            waiters.into_iter().for_each(Waker::wake);
+        }
+        if total <= OUTBOX_LOW && !self.congestion_waiters.borrow().is_empty() {
+            self.release_epoch.set(self.release_epoch.get() + 1);
             let waiters = std::mem::take(&mut *self.congestion_waiters.borrow_mut());
             waiters.into_iter().for_each(Waker::wake);
         }
+    }
+
+    /// A room becomes active here: continue its sequence if it had one.
+    fn revive(&self, room: &str, m: &crate::metrics::ShardMetrics) -> HomeRoom {
+        m.rooms.inc();
+        let last_seq = self.tombstones.borrow_mut().remove(room).unwrap_or(0);
+        HomeRoom::new(self.shards, last_seq)
+    }
+
+    /// A room emptied: forget its members and duplicate window, keep its
+    /// last seq.
+    fn bury(&self, room: Arc<str>, last_seq: u64, m: &crate::metrics::ShardMetrics) {
+        m.rooms.sub(1);
+        let mut t = self.tombstones.borrow_mut();
+        if t.len() >= MAX_TOMBSTONES {
+            if let Some(k) = t.keys().next().cloned() {
+                t.remove(&k);
+            }
+        }
+        t.insert(room, last_seq);
     }
 
     pub fn add_local_member(&self, shard: &Shard, room: &Arc<str>, key: (u32, u32)) {
@@ -408,6 +460,7 @@ pub fn spawn_tasks(
         loop {
             let req = s.chat.requests.queues[s.chat.me].pop().await;
             handle_request(&s, req);
+            s.chat.maybe_release(&s);
             pause_while_congested(&s).await;
         }
     })
@@ -417,6 +470,9 @@ pub fn spawn_tasks(
         glommio::spawn_local(async move {
             while let Some(d) = stream.recv().await {
                 handle_delivery(&s, d);
+                // A busy ring must not keep the shard's connections from
+                // flushing what was just queued for them.
+                glommio::yield_if_needed().await;
             }
         })
         .detach();
@@ -426,6 +482,8 @@ pub fn spawn_tasks(
         loop {
             let d = s.chat.deliveries.queues[s.chat.me].pop().await;
             handle_delivery(&s, d);
+            s.chat.maybe_release(&s);
+            glommio::yield_if_needed().await;
         }
     })
     .detach();
@@ -456,8 +514,11 @@ fn spawn_forwarder<T: Send + 'static>(
 
 async fn pause_while_congested(shard: &Rc<Shard>) {
     poll_fn(|cx| {
-        if shard.chat.congested() {
-            shard.chat.wait_uncongested(cx.waker());
+        if shard.chat.deliveries_congested() {
+            let mut w = shard.chat.handler_waiters.borrow_mut();
+            if !w.iter().any(|x| x.will_wake(cx.waker())) {
+                w.push(cx.waker().clone());
+            }
             Poll::Pending
         } else {
             Poll::Ready(())
@@ -475,10 +536,9 @@ fn handle_request(shard: &Shard, req: Request) {
     match req {
         Request::Join { room, user, conn } => {
             let mut homes = chat.homes.borrow_mut();
-            let home = homes.entry(room.clone()).or_insert_with(|| {
-                m.rooms.inc();
-                HomeRoom::new(chat.shards, 0)
-            });
+            let home = homes
+                .entry(room.clone())
+                .or_insert_with(|| chat.revive(&room, m));
             let change = home.join(conn.shard as usize, &user);
             let (seq, members) = (home.last_seq(), home.connections());
             let event = (change.user_changed && home.user_count() <= presence_max).then(|| {
@@ -519,7 +579,14 @@ fn handle_request(shard: &Shard, req: Request) {
                     proto::presence_event(&room, false, &user),
                 )
             });
-            drop(homes);
+            if home.is_empty() {
+                let last_seq = home.last_seq();
+                homes.remove(&room);
+                drop(homes);
+                chat.bury(room.clone(), last_seq, m);
+            } else {
+                drop(homes);
+            }
             if let Some((shards, frame)) = event {
                 broadcast(shard, &room, &shards, frame);
             }
@@ -532,10 +599,9 @@ fn handle_request(shard: &Shard, req: Request) {
             conn,
         } => {
             let mut homes = chat.homes.borrow_mut();
-            let home = homes.entry(room.clone()).or_insert_with(|| {
-                m.rooms.inc();
-                HomeRoom::new(chat.shards, 0)
-            });
+            let home = homes
+                .entry(room.clone())
+                .or_insert_with(|| chat.revive(&room, m));
             match home.sequence(&user, &id, shard.clock.get()) {
                 Sequenced::New(seq) => {
                     m.publishes.inc();
