@@ -727,6 +727,12 @@ impl Conn {
                     );
                     return;
                 }
+                // While the shard holds chat input back (cross-shard
+                // congestion) the client may well be sending: its silence is
+                // ours, not its own, so it does not count as idle.
+                if self.endpoint == Endpoint::Chat && self.shard.chat.congested() {
+                    self.last_rx = now;
+                }
                 let idle = now.saturating_duration_since(self.last_rx);
                 if idle >= limits.idle_timeout {
                     self.start_close(code::GOING_AWAY, "idle timeout");
