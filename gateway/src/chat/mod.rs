@@ -560,7 +560,7 @@ fn handle_request(shard: &Shard, req: Request) {
                 },
             );
             if let Some((shards, frame)) = event {
-                broadcast(shard, &room, &shards, frame);
+                broadcast(shard, &room, shards, frame);
             }
         }
         Request::Leave {
@@ -588,7 +588,7 @@ fn handle_request(shard: &Shard, req: Request) {
                 drop(homes);
             }
             if let Some((shards, frame)) = event {
-                broadcast(shard, &room, &shards, frame);
+                broadcast(shard, &room, shards, frame);
             }
         }
         Request::Publish {
@@ -606,9 +606,9 @@ fn handle_request(shard: &Shard, req: Request) {
                 Sequenced::New(seq) => {
                     m.publishes.inc();
                     let frame = proto::message(&room, seq, &user, &id, now_ms(), &body);
-                    let shards: Vec<usize> = home.shards().collect();
+                    // Delivering only queues: the room table may stay borrowed.
+                    broadcast(shard, &room, home.shards(), frame);
                     drop(homes);
-                    broadcast(shard, &room, &shards, frame);
                     let ack = proto::ack(&id, &room, seq, false);
                     chat.deliver(
                         shard,
@@ -713,9 +713,14 @@ fn handle_request(shard: &Shard, req: Request) {
 }
 
 /// Sends one frame to every shard that has members of `room`.
-fn broadcast(shard: &Shard, room: &Arc<str>, shards: &[usize], frame: Vec<u8>) {
+fn broadcast(
+    shard: &Shard,
+    room: &Arc<str>,
+    shards: impl IntoIterator<Item = usize>,
+    frame: Vec<u8>,
+) {
     let frame: Arc<[u8]> = frame.into();
-    for &s in shards {
+    for s in shards {
         shard.chat.deliver(
             shard,
             s,
