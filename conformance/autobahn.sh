@@ -30,36 +30,19 @@ if [[ -z "$gateway" ]]; then
   gateway="$repo/target/release/gateway"
 fi
 
-port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
 out="$(mktemp -d "${TMPDIR:-/tmp}/corecast-autobahn.XXXXXX")"
-log="$out/gateway.log"
+# shellcheck source=conformance/lib.sh
+source "$repo/conformance/lib.sh"
 # Autobahn's 9.* cases send messages of up to 16 MiB.
-RUST_LOG=warn "$gateway" --listen "127.0.0.1:$port" --shards 2 \
+start_gateway "$gateway" "$out/gateway.log" --shards 2 \
   --max-frame-bytes 16777216 --max-message-bytes 16777216 \
-  --outbound-budget-bytes 33554432 >"$log" 2>&1 &
-gw_pid=$!
-cleanup() { kill "$gw_pid" 2>/dev/null || true; }
-trap cleanup EXIT
-for _ in $(seq 100); do
-  curl -sf "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break
-  kill -0 "$gw_pid" 2>/dev/null || { echo "gateway exited:"; cat "$log"; exit 1; }
-  sleep 0.1
-done
+  --outbound-budget-bytes 33554432
 
 status=0
-bash "$runner" -n -o "$out/report" "ws://127.0.0.1:$port/echo" || status=$?
+bash "$runner" -n -o "$out/report" "ws://127.0.0.1:$gw_port/echo" || status=$?
 
 # The gateway must drain and exit 0 on SIGTERM after the run.
-kill -TERM "$gw_pid"
-gw_status=0
-wait "$gw_pid" || gw_status=$?
-trap - EXIT
-if [[ $gw_status -ne 0 ]]; then
-  echo "autobahn.sh: gateway exited with $gw_status after SIGTERM:"; cat "$log"; exit 1
-fi
-if grep -q "panicked" "$log"; then
-  echo "autobahn.sh: the gateway panicked:"; cat "$log"; exit 1
-fi
+stop_gateway
 
 args=("$out/report/index.json" "$repo/conformance/autobahn-expected.json")
 [[ $update -eq 1 ]] && args+=(--update)

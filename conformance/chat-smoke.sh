@@ -25,27 +25,14 @@ if [[ -z "$gateway" || -z "$loadgen" ]]; then
   loadgen="${loadgen:-$repo/target/release/loadgen}"
 fi
 
-port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
 secret="chat-smoke-secret-0123456789abcdef0123"
-log="$(mktemp)"
-RUST_LOG=warn "$gateway" --listen "127.0.0.1:$port" --shards 4 --jwt-secret "$secret" >"$log" 2>&1 &
-gw_pid=$!
-trap 'kill $gw_pid 2>/dev/null || true' EXIT
-for _ in $(seq 100); do
-  curl -sf "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break
-  kill -0 "$gw_pid" 2>/dev/null || { echo "gateway exited:"; cat "$log"; exit 1; }
-  sleep 0.1
-done
+# shellcheck source=conformance/lib.sh
+source "$repo/conformance/lib.sh"
+start_gateway "$gateway" "$(mktemp)" --shards 4 --jwt-secret "$secret"
 
 status=0
-"$loadgen" chat --url "ws://127.0.0.1:$port/ws" --jwt-secret "$secret" \
+"$loadgen" chat --url "ws://127.0.0.1:$gw_port/ws" --jwt-secret "$secret" \
   --rooms 10 --members 20 --publishers 2 --rate 200 --duration-s 5 || status=$?
 
-kill -TERM "$gw_pid"
-gw_status=0
-wait "$gw_pid" || gw_status=$?
-trap - EXIT
-if [[ $gw_status -ne 0 ]] || grep -q panicked "$log"; then
-  echo "chat-smoke.sh: the gateway did not exit cleanly ($gw_status):"; cat "$log"; exit 1
-fi
+stop_gateway
 exit $status
