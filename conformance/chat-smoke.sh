@@ -2,19 +2,23 @@
 # End-to-end chat check: a fresh release gateway on 4 shards and
 # `loadgen chat` (10 rooms x 20 members, 2 publishers per room, 5 s at a
 # fixed rate) over loopback. loadgen exits non-zero on any gap, duplicate,
-# reorder, lost message, error frame or failed connection.
+# reorder, lost message, error frame or failed connection. With --redis the
+# gateway stores into that Redis, and afterwards every published message
+# must have been persisted (none spilled, none lost).
 #
-# Usage: conformance/chat-smoke.sh [--gateway PATH] [--loadgen PATH]
+# Usage: conformance/chat-smoke.sh [--gateway PATH] [--loadgen PATH] [--redis URL]
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 gateway=""
 loadgen=""
+redis=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --gateway) gateway="${2:?--gateway needs a path}"; shift ;;
     --loadgen) loadgen="${2:?--loadgen needs a path}"; shift ;;
-    -h|--help) sed -n '2,8{s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; exit 0 ;;
+    --redis) redis="${2:?--redis needs a URL}"; shift ;;
+    -h|--help) sed -n '2,10{s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "chat-smoke.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -28,11 +32,27 @@ fi
 secret="chat-smoke-secret-0123456789abcdef0123"
 # shellcheck source=conformance/lib.sh
 source "$repo/conformance/lib.sh"
-start_gateway "$gateway" "$(mktemp)" --shards 4 --jwt-secret "$secret"
+store_flags=()
+if [[ -n "$redis" ]]; then
+  spill="$(mktemp -d)"
+  store_flags=(--redis "$redis" --spill-dir "$spill")
+fi
+start_gateway "$gateway" "$(mktemp)" --shards 4 --jwt-secret "$secret" "${store_flags[@]}"
 
 status=0
 "$loadgen" chat --url "ws://127.0.0.1:$gw_port/ws" --jwt-secret "$secret" \
   --rooms 10 --members 20 --publishers 2 --rate 200 --duration-s 5 || status=$?
+
+if [[ -n "$redis" ]]; then
+  metric() { curl -sf "http://127.0.0.1:$gw_port/metrics" | awk -v n="$1" '$1 == n {print $2}'; }
+  published=$(curl -sf "http://127.0.0.1:$gw_port/metrics" | awk '/^corecast_publishes_total/ {s += $2} END {print s}')
+  persisted=$(metric corecast_storage_persisted_total)
+  echo "redis store: $published published, $persisted persisted, $(metric corecast_storage_spilled_total) spilled, $(metric corecast_storage_lost_total) lost"
+  if [[ "$published" -eq 0 || "$persisted" -ne "$published" ]]; then
+    echo "chat-smoke: every published message must be persisted to Redis" >&2
+    status=1
+  fi
+fi
 
 stop_gateway
 exit $status

@@ -30,3 +30,29 @@ stop_gateway() {
     echo "the gateway did not exit cleanly after SIGTERM (status $status):"; cat "$gw_log"; exit 1
   fi
 }
+
+# start_redis DIR: a private redis-server on a free loopback port, data and
+# pid file in DIR. Sets $redis_port, $redis_pid and $redis_url.
+start_redis() {
+  local dir=$1
+  mkdir -p "$dir"
+  redis_port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+  redis-server --port "$redis_port" --bind 127.0.0.1 --dir "$dir" --save "" \
+    --appendonly yes --appendfsync everysec --daemonize no >"$dir/redis.log" 2>&1 &
+  redis_pid=$!
+  redis_url="redis://127.0.0.1:$redis_port/"
+  for _ in $(seq 100); do
+    redis-cli -p "$redis_port" ping >/dev/null 2>&1 && return 0
+    kill -0 "$redis_pid" 2>/dev/null || { echo "redis-server exited:"; cat "$dir/redis.log"; exit 1; }
+    sleep 0.1
+  done
+  echo "redis-server did not answer within 10 s:"; cat "$dir/redis.log"; exit 1
+}
+
+# stop_redis: by pid, and wait for it.
+stop_redis() {
+  [[ -n "${redis_pid:-}" ]] || return 0
+  kill -TERM "$redis_pid" 2>/dev/null || true
+  wait "$redis_pid" 2>/dev/null || true
+  redis_pid=""
+}

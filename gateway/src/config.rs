@@ -123,6 +123,58 @@ pub struct Config {
     /// answers presence queries with the count only.
     #[arg(long, env = "CORECAST_PRESENCE_MAX_MEMBERS", default_value_t = 1000)]
     pub presence_max_members: usize,
+
+    /// Where room history, sequences and presence are kept: `memory` (this
+    /// process only; the default) or `redis` (see --redis). Giving --redis
+    /// alone selects `redis`.
+    #[arg(long, env = "CORECAST_STORE", value_parser = ["memory", "redis"])]
+    pub store: Option<String>,
+
+    /// The Redis server of the `redis` store.
+    #[arg(long, env = "CORECAST_REDIS")]
+    pub redis: Option<String>,
+
+    /// Messages kept per room for history and resume.
+    #[arg(long, env = "CORECAST_HISTORY_SIZE", default_value_t = 1000)]
+    pub history_size: usize,
+
+    /// A room's history is dropped this long after its last message.
+    #[arg(long, env = "CORECAST_HISTORY_TTL_S", default_value_t = 86_400)]
+    pub history_ttl_s: u64,
+
+    /// A room's sequence and epoch are dropped this long after its last
+    /// message (then its seqs start again at 1, in a new epoch). At least
+    /// --history-ttl-s.
+    #[arg(long, env = "CORECAST_HISTORY_META_TTL_S", default_value_t = 30 * 86_400)]
+    pub history_meta_ttl_s: u64,
+
+    /// Most writes the storage worker sends to the store in one batch.
+    #[arg(long, env = "CORECAST_STORAGE_BATCH", default_value_t = 512)]
+    pub storage_batch: usize,
+
+    /// Most storage operations a shard may have queued; past it publishes
+    /// are refused with `storage_busy` (never delivered unstored).
+    #[arg(long, env = "CORECAST_STORAGE_QUEUE", default_value_t = 16_384)]
+    pub storage_queue: usize,
+
+    /// Where messages Redis could not take wait to be replayed (append-only,
+    /// fsynced before the ack).
+    #[arg(long, env = "CORECAST_SPILL_DIR", default_value = "corecast-spill")]
+    pub spill_dir: std::path::PathBuf,
+
+    /// Redis connect, read and write timeout; a slower answer opens the
+    /// breaker and spills.
+    #[arg(long, env = "CORECAST_REDIS_TIMEOUT_MS", default_value_t = 1000)]
+    pub redis_timeout_ms: u64,
+
+    /// This node's name: in presence entries and the spill file's name.
+    #[arg(long, env = "CORECAST_NODE_ID", default_value = "node-1")]
+    pub node_id: String,
+
+    /// A presence entry in the store expires this long after the home's last
+    /// heartbeat (heartbeats run three times per TTL).
+    #[arg(long, env = "CORECAST_PRESENCE_TTL_S", default_value_t = 30)]
+    pub presence_ttl_s: u64,
 }
 
 impl Config {
@@ -139,9 +191,76 @@ impl Config {
             rate_limit_burst: self.rate_limit_burst,
             max_body_bytes: self.max_body_bytes,
             presence_max_members: self.presence_max_members,
+            presence_ttl: Duration::from_secs(self.presence_ttl_s),
+            history_max_limit: self.history_size.clamp(1, MAX_HISTORY_LIMIT),
         }
     }
+
+    /// The storage worker's settings.
+    pub fn storage(&self) -> Result<crate::storage::StorageConfig, ConfigError> {
+        use crate::storage::{StorageConfig, StoreKind};
+        let err = |m: String| Err(ConfigError(m));
+        let kind = match (self.store.as_deref(), &self.redis) {
+            (Some("memory"), Some(_)) => {
+                return err("--redis was given with --store memory: drop one of them".into())
+            }
+            (Some("memory"), None) | (None, None) => StoreKind::Memory,
+            (_, Some(url)) => StoreKind::Redis { url: url.clone() },
+            (Some(_), None) => StoreKind::Redis {
+                url: "redis://127.0.0.1:6379/".into(),
+            },
+        };
+        if let StoreKind::Redis { url } = &kind {
+            if let Err(e) = redis::Client::open(url.as_str()) {
+                return err(format!(
+                    "bad --redis URL {url:?}: {e} (expected redis://HOST:PORT/DB)"
+                ));
+            }
+        }
+        if self.history_size > 1_000_000 {
+            return err("--history-size must be at most 1000000".into());
+        }
+        if self.history_ttl_s == 0 || self.history_meta_ttl_s < self.history_ttl_s {
+            return err(
+                "--history-ttl-s must be at least 1 and --history-meta-ttl-s at least --history-ttl-s"
+                    .into(),
+            );
+        }
+        if !(1..=100_000).contains(&self.storage_batch) || self.storage_queue == 0 {
+            return err("--storage-batch must be 1-100000 and --storage-queue at least 1".into());
+        }
+        if self.redis_timeout_ms == 0 || self.presence_ttl_s == 0 {
+            return err("--redis-timeout-ms and --presence-ttl-s must be at least 1".into());
+        }
+        if self.node_id.is_empty()
+            || self.node_id.len() > 64
+            || !self
+                .node_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        {
+            return err(format!(
+                "--node-id {:?}: use 1-64 letters, digits, '-', '_' or '.'",
+                self.node_id
+            ));
+        }
+        Ok(StorageConfig {
+            kind,
+            history_size: self.history_size,
+            history_ttl: Duration::from_secs(self.history_ttl_s),
+            meta_ttl: Duration::from_secs(self.history_meta_ttl_s),
+            batch_max: self.storage_batch,
+            queue_per_shard: self.storage_queue,
+            spill_dir: self.spill_dir.clone(),
+            redis_timeout: Duration::from_millis(self.redis_timeout_ms),
+            node_id: self.node_id.clone(),
+            presence_ttl: Duration::from_secs(self.presence_ttl_s),
+        })
+    }
 }
+
+/// Most messages one `history` request may return.
+pub const MAX_HISTORY_LIMIT: usize = 1000;
 
 /// A list of CPU ids, parsed from `0-3,6`.
 #[derive(Debug, Clone, PartialEq, Eq)]

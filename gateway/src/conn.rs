@@ -144,6 +144,22 @@ impl ConnShared {
         self.with_out(shard, |out| out.extend_from_slice(frame));
     }
 
+    /// Closes the connection as a slow consumer (1008): it holds more than
+    /// it may, somewhere other than its output queue.
+    pub fn overflow(&self) {
+        self.overflowed.set(true);
+        self.accepting.set(false);
+        self.wake();
+    }
+
+    /// The most a connection may hold queued for it.
+    pub fn hard_cap(shard: &Shard) -> usize {
+        shard
+            .limits
+            .outbound_budget_bytes
+            .saturating_mul(HARD_CAP_BUDGETS)
+    }
+
     /// Queues a frame delivered from a room or another connection, and wakes
     /// the connection to flush it. Dropped if the connection is closing; at
     /// the hard cap the connection is closed as a slow consumer instead.
@@ -508,7 +524,11 @@ impl Conn {
                 }
             }
             "/metrics" => {
-                let body = metrics::render(&self.shard.all_metrics, self.shard.draining.get());
+                let body = metrics::render(
+                    &self.shard.all_metrics,
+                    Some(&self.shard.chat.storage),
+                    self.shard.draining.get(),
+                );
                 self.reply(
                     200,
                     "text/plain; version=0.0.4; charset=utf-8",

@@ -11,6 +11,8 @@
 //! - [`chat`]: the `corecast.v1` chat endpoint: sessions, rooms homed on
 //!   shards, cross-shard fan-out over glommio's channel mesh, direct
 //!   messages, presence.
+//! - [`storage`]: the storage worker thread: history, resume, sequences
+//!   and presence in memory or Redis, circuit breaker and spill file.
 //! - `buf`: per-shard buffer pools, so idle connections hold no buffers.
 //! - [`ws`]: the sans-IO RFC 6455 codec (handshake, frames, masking, UTF-8).
 //! - [`metrics`]: per-shard counters and the Prometheus rendering.
@@ -27,6 +29,7 @@ pub mod metrics;
 pub mod server;
 mod shard;
 pub mod shutdown;
+pub mod storage;
 mod sys;
 pub mod ws;
 
@@ -46,6 +49,8 @@ pub enum Error {
         source: std::io::Error,
         hint: &'static str,
     },
+    #[error("storage: {0}")]
+    Storage(#[from] storage::StartError),
     #[error("starting shard {shard}: {message}")]
     Executor { shard: usize, message: String },
     #[error("shard {shard} failed: {message}")]

@@ -133,6 +133,8 @@ pub struct ShardMetrics {
     pub rate_limited: Counter,
     /// Requests refused with an error frame.
     pub chat_errors: Counter,
+    /// Publishes refused because the store could not take them.
+    pub storage_refusals: Counter,
     pub auth_failures: [Counter; AUTH_ERRORS.len()],
     pub handshake_failures: [Counter; Refusal::ALL.len()],
     pub closes: [[Counter; CLOSE_CODES.len()]; 2],
@@ -156,7 +158,11 @@ impl ShardMetrics {
 }
 
 /// Renders all shards in the Prometheus text exposition format.
-pub fn render(shards: &[ShardMetrics], draining: bool) -> String {
+pub fn render(
+    shards: &[ShardMetrics],
+    storage: Option<&crate::storage::Storage>,
+    draining: bool,
+) -> String {
     let mut out = String::with_capacity(8192);
     type Series = (
         &'static str,
@@ -164,7 +170,7 @@ pub fn render(shards: &[ShardMetrics], draining: bool) -> String {
         &'static str,
         fn(&ShardMetrics) -> &Counter,
     );
-    let simple: [Series; 25] = [
+    let simple: [Series; 26] = [
         (
             "corecast_connections",
             "gauge",
@@ -315,6 +321,12 @@ pub fn render(shards: &[ShardMetrics], draining: bool) -> String {
             "Chat requests refused with an error frame.",
             |m| &m.chat_errors,
         ),
+        (
+            "corecast_storage_refusals_total",
+            "counter",
+            "Publishes refused (storage_busy, room_unavailable) and not sequenced.",
+            |m| &m.storage_refusals,
+        ),
     ];
     for (name, kind, help, get) in simple {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -374,11 +386,102 @@ pub fn render(shards: &[ShardMetrics], draining: bool) -> String {
             }
         }
     }
+    if let Some(st) = storage {
+        render_storage(&mut out, st, shards.len());
+    }
     let _ = writeln!(out, "# HELP corecast_draining 1 while the gateway is shutting down.\n# TYPE corecast_draining gauge\ncorecast_draining {}", draining as u8);
     if let Some(rss) = resident_bytes() {
         let _ = writeln!(out, "# HELP process_resident_memory_bytes Resident memory size in bytes.\n# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {rss}");
     }
     out
+}
+
+fn render_storage(out: &mut String, st: &crate::storage::Storage, shards: usize) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let name = "corecast_storage_queue";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Operations queued for the storage worker.\n# TYPE {name} gauge"
+    );
+    for i in 0..shards {
+        let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", st.queued(i));
+    }
+    let m = &st.metrics;
+    let series: [(&str, &str, &str, &std::sync::atomic::AtomicU64); 11] = [
+        (
+            "corecast_storage_batches_total",
+            "counter",
+            "Write batches handled by the storage worker.",
+            &m.batches,
+        ),
+        (
+            "corecast_storage_persisted_total",
+            "counter",
+            "Messages written to the store.",
+            &m.persisted,
+        ),
+        (
+            "corecast_storage_spilled_total",
+            "counter",
+            "Messages written to the spill file while the store was unreachable.",
+            &m.spilled,
+        ),
+        (
+            "corecast_storage_replayed_total",
+            "counter",
+            "Spilled messages replayed into the store.",
+            &m.replayed,
+        ),
+        (
+            "corecast_storage_lost_total",
+            "counter",
+            "Messages neither stored nor spilled (acked stored:false).",
+            &m.lost,
+        ),
+        (
+            "corecast_storage_spill_bytes",
+            "gauge",
+            "Bytes in the spill file waiting for replay.",
+            &m.spill_bytes,
+        ),
+        (
+            "corecast_storage_breaker",
+            "gauge",
+            "Circuit breaker: 0 closed, 1 open (spilling), 2 replaying.",
+            &m.breaker,
+        ),
+        (
+            "corecast_storage_breaker_opened_total",
+            "counter",
+            "Times the breaker opened.",
+            &m.breaker_opened,
+        ),
+        (
+            "corecast_storage_presence_dropped_total",
+            "counter",
+            "Presence updates dropped while the store was unreachable.",
+            &m.presence_dropped,
+        ),
+        (
+            "corecast_storage_reads_total",
+            "counter",
+            "History, resume, load and presence reads answered by the store.",
+            &m.reads,
+        ),
+        (
+            "corecast_storage_reads_refused_total",
+            "counter",
+            "Reads answered storage_unavailable (breaker open).",
+            &m.reads_refused,
+        ),
+    ];
+    for (name, kind, help, v) in series {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
+            v.load(Relaxed)
+        );
+    }
 }
 
 /// Resident set size from /proc/self/statm.
@@ -399,7 +502,7 @@ mod tests {
         shards[0].handshake_failed(Refusal::UnsupportedWsVersion);
         shards[1].closed(1009, Initiator::Server);
         shards[1].closed(4321, Initiator::Client);
-        let text = render(&shards, false);
+        let text = render(&shards, None, false);
         assert!(
             text.contains("corecast_frames_in_total{shard=\"1\"} 5\n"),
             "{text}"

@@ -39,6 +39,7 @@ pub struct Server {
     config: Config,
     limits: Limits,
     plan: ShardPlan,
+    storage: crate::storage::StorageConfig,
     listeners: Vec<OwnedFd>,
     local_addr: SocketAddr,
 }
@@ -48,6 +49,7 @@ impl Server {
     pub fn bind(config: Config) -> Result<Server, Error> {
         let limits = config.limits()?;
         let plan = config.placement()?;
+        let storage = config.storage()?;
         let addr = config.listen;
         let bind_err = |source: io::Error| {
             let hint = match source.kind() {
@@ -83,6 +85,7 @@ impl Server {
             config,
             limits,
             plan,
+            storage,
             listeners,
             local_addr,
         })
@@ -101,6 +104,7 @@ impl Server {
             config,
             limits,
             plan,
+            storage,
             listeners,
             local_addr,
         } = self;
@@ -133,6 +137,7 @@ impl Server {
         if chat_settings.verifier.is_none() && !chat_settings.allow_anonymous {
             log::warn!("no --jwt-secret and no --allow-anonymous: /ws will refuse every client");
         }
+        let (store, worker) = crate::storage::start(&storage, plan.shards)?;
         let requests = MeshBuilder::full(plan.shards, chat::RING_SLOTS);
         let deliveries = MeshBuilder::full(plan.shards, chat::RING_SLOTS);
         let stop = Arc::new(AtomicBool::new(false));
@@ -153,6 +158,7 @@ impl Server {
                 chat: chat_settings.clone(),
                 requests: requests.clone(),
                 deliveries: deliveries.clone(),
+                storage: store.clone(),
             };
             let spawned = LocalExecutorBuilder::new(placement)
                 .name(&format!("shard-{id}"))
@@ -168,6 +174,7 @@ impl Server {
                     for h in handles {
                         let _ = h.join();
                     }
+                    worker.stop(&store);
                     return Err(Error::Executor {
                         shard: id,
                         message: format!(
@@ -205,6 +212,8 @@ impl Server {
                 });
             }
         }
+        // The shards are gone: the worker writes what it holds, then stops.
+        worker.stop(&store);
         if early_exit && result.is_ok() {
             result = Err(Error::ShardFailed {
                 shard: usize::MAX,

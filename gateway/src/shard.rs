@@ -86,6 +86,7 @@ pub struct ShardSetup {
     pub chat: chat::Settings,
     pub requests: FullMesh<Request>,
     pub deliveries: FullMesh<Delivery>,
+    pub storage: crate::storage::Storage,
 }
 
 /// Runs a shard until `stop` is set and its connections have drained.
@@ -99,6 +100,7 @@ pub async fn run(setup: ShardSetup) {
         chat: settings,
         requests,
         deliveries,
+        storage,
     } = setup;
     // Every shard joins both meshes before any accepts: a join completes
     // once all peers have joined.
@@ -117,7 +119,7 @@ pub async fn run(setup: ShardSetup) {
         clock: Cell::new(Instant::now()),
         draining: Cell::new(false),
         next_gen: Cell::new(0),
-        chat: ChatShard::new(settings, req_tx, del_tx),
+        chat: ChatShard::new(settings, req_tx, del_tx, storage),
     });
     chat::spawn_tasks(&shard, req_rx, del_rx);
     let listener = sys::adopt_listener(listener);

@@ -172,8 +172,8 @@ fn on_frame(fake: &Fake, m: &Value, me: &mpsc::Sender<String>) -> Value {
             for member in &r.members {
                 let n = fake.deliveries.fetch_add(1, Ordering::Relaxed) + 1;
                 match fake.fault {
-                    Fault::DropEvery(k) if n % k == 0 => continue,
-                    Fault::DupEvery(k) if n % k == 0 => {
+                    Fault::DropEvery(k) if n.is_multiple_of(k) => continue,
+                    Fault::DupEvery(k) if n.is_multiple_of(k) => {
                         let _ = member.send(msg.clone());
                     }
                     _ => {}

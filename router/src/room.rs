@@ -70,6 +70,12 @@ impl HomeRoom {
         self.last_seq
     }
 
+    /// The store says the sequence stands at `last_seq`: continue from
+    /// there (never backwards, so no seq is given twice).
+    pub fn resume_from(&mut self, last_seq: u64) {
+        self.last_seq = self.last_seq.max(last_seq);
+    }
+
     /// Member connections in all.
     pub fn connections(&self) -> u64 {
         self.per_shard.iter().map(|&n| n as u64).sum()
@@ -185,6 +191,14 @@ mod tests {
         assert_eq!(seqs, (1..=5).map(Sequenced::New).collect::<Vec<_>>());
         let mut resumed = HomeRoom::new(2, 41);
         assert_eq!(resumed.sequence(&a, "", now), Sequenced::New(42));
+        resumed.resume_from(40);
+        assert_eq!(
+            resumed.sequence(&a, "", now),
+            Sequenced::New(43),
+            "never backwards"
+        );
+        resumed.resume_from(99);
+        assert_eq!(resumed.sequence(&a, "", now), Sequenced::New(100));
     }
 
     #[test]

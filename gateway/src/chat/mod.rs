@@ -34,7 +34,7 @@ use std::{
     rc::Rc,
     sync::Arc,
     task::{Poll, Waker},
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use corecast_router::{
@@ -46,7 +46,12 @@ use glommio::{
     GlommioError, ResourceType,
 };
 
-use crate::{auth::Verifier, conn::ConnShared, shard::Shard};
+use crate::{
+    auth::Verifier,
+    conn::ConnShared,
+    shard::Shard,
+    storage::{Op, PresenceOp, Query, Record, Recover, Reply, RoomMeta, Storage},
+};
 pub use session::Session;
 
 /// Messages queued in a shard's outboxes above which it applies
@@ -58,6 +63,10 @@ const OUTBOX_LOW: usize = OUTBOX_HIGH / 2;
 /// cycling through room names cannot grow a shard's memory without bound;
 /// durable sequences come with the storage worker.
 pub const MAX_TOMBSTONES: usize = 100_000;
+
+/// Requests a room may queue while its sequence loads from the store;
+/// publishes past it are refused (`storage_busy`).
+pub const MAX_QUEUED_WHILE_LOADING: usize = 1024;
 
 /// Slots in each cross-shard ring (per ordered pair of shards).
 pub const RING_SLOTS: usize = 1024;
@@ -78,6 +87,8 @@ pub enum Request {
         room: Arc<str>,
         user: Arc<str>,
         conn: ConnRef,
+        /// Resume point: last seq seen and its epoch.
+        since: Option<(u64, Box<str>)>,
     },
     Leave {
         room: Arc<str>,
@@ -93,6 +104,11 @@ pub enum Request {
     },
     Presence {
         room: Arc<str>,
+        conn: ConnRef,
+    },
+    History {
+        room: Arc<str>,
+        query: Query,
         conn: ConnRef,
     },
     UserOnline {
@@ -112,6 +128,32 @@ pub enum Request {
     },
 }
 
+impl Request {
+    /// The room a request is about, if any.
+    fn room(&self) -> Option<&Arc<str>> {
+        match self {
+            Request::Join { room, .. }
+            | Request::Leave { room, .. }
+            | Request::Publish { room, .. }
+            | Request::Presence { room, .. }
+            | Request::History { room, .. } => Some(room),
+            _ => None,
+        }
+    }
+}
+
+/// What a join with a resume point became.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resume {
+    /// No resume point: answer `joined` at once.
+    No,
+    /// The store is fetching what the client missed: hold the room's live
+    /// messages for this connection until [`Reply::Recovered`] arrives.
+    Pending,
+    /// The store's queue is full: `joined` with `recovered:false`.
+    Refused,
+}
+
 /// Work a home sends to the shards that hold connections.
 #[derive(Debug)]
 pub enum Delivery {
@@ -122,6 +164,8 @@ pub enum Delivery {
         conn: ConnRef,
         seq: u64,
         members: u64,
+        epoch: Arc<str>,
+        resume: Resume,
     },
     /// A frame for every local member of the room (a message, a presence event).
     Room { room: Arc<str>, frame: Arc<[u8]> },
@@ -141,6 +185,41 @@ pub struct Settings {
     pub rate_limit_burst: f64,
     pub max_body_bytes: usize,
     pub presence_max_members: usize,
+    /// How long a presence entry in the store lives without a heartbeat.
+    pub presence_ttl: Duration,
+    /// Most messages one `history` request returns.
+    pub history_max_limit: usize,
+}
+
+/// Where a home room's sequence stands.
+enum SeqState {
+    Known,
+    /// Asked the store; these requests wait for the answer, in order.
+    Loading(VecDeque<Request>),
+    /// The store could not say (breaker open): membership works, publishes
+    /// ask the store again.
+    Unknown,
+}
+
+/// A room homed on this shard.
+struct Home {
+    room: HomeRoom,
+    /// The store's epoch for the room's seqs ("" while unknown).
+    epoch: Arc<str>,
+    seq: SeqState,
+}
+
+/// An emptied room's last seq and epoch.
+type Tombstone = (u64, Arc<str>);
+/// A resume answer: the `joined` frame and the missed messages' frames.
+type Recovered = (Box<[u8]>, Vec<u8>);
+
+/// A local member whose resume is being answered by the store: the room's
+/// live frames wait here so that they follow what it missed.
+struct Recovering {
+    key: LocalConn,
+    held: Vec<Arc<[u8]>>,
+    bytes: usize,
 }
 
 /// A FIFO queue for one consumer task on this shard.
@@ -247,11 +326,17 @@ pub struct ChatShard {
     pub settings: Settings,
     requests: Outbox<Request>,
     deliveries: Outbox<Delivery>,
-    /// Rooms homed here that have members.
-    homes: RefCell<HashMap<Arc<str>, HomeRoom>>,
-    /// Last seq of rooms homed here that emptied, so a room that fills again
-    /// continues its sequence. Bounded by [`MAX_TOMBSTONES`].
-    tombstones: RefCell<HashMap<Arc<str>, u64>>,
+    pub storage: Storage,
+    /// Rooms homed here that have members (or a sequence being loaded).
+    homes: RefCell<HashMap<Arc<str>, Home>>,
+    /// Last seq and epoch of rooms homed here that emptied, so a room that
+    /// fills again continues without asking the store. Bounded by
+    /// [`MAX_TOMBSTONES`].
+    tombstones: RefCell<HashMap<Arc<str>, Tombstone>>,
+    /// Local members waiting for their resume, per room.
+    recovering: RefCell<HashMap<Arc<str>, Vec<Recovering>>>,
+    /// Resume answers that arrived before the home's `Joined`.
+    early_recoveries: RefCell<HashMap<(Arc<str>, LocalConn), Recovered>>,
     /// Users homed here: connections per shard.
     user_homes: RefCell<HashMap<Arc<str>, Vec<u32>>>,
     /// Local members of each room.
@@ -281,6 +366,7 @@ impl ChatShard {
         settings: Settings,
         requests: Senders<Request>,
         deliveries: Senders<Delivery>,
+        storage: Storage,
     ) -> ChatShard {
         let me = requests.peer_id();
         let shards = requests.nr_consumers();
@@ -290,8 +376,11 @@ impl ChatShard {
             settings,
             requests: Outbox::new(requests),
             deliveries: Outbox::new(deliveries),
+            storage,
             homes: RefCell::new(HashMap::new()),
             tombstones: RefCell::new(HashMap::new()),
+            recovering: RefCell::new(HashMap::new()),
+            early_recoveries: RefCell::new(HashMap::new()),
             user_homes: RefCell::new(HashMap::new()),
             local_rooms: RefCell::new(HashMap::new()),
             local_users: RefCell::new(HashMap::new()),
@@ -324,6 +413,12 @@ impl ChatShard {
 
     fn deliver(&self, shard: &Shard, to: usize, d: Delivery) {
         self.deliveries.send(to, d, shard.metrics());
+    }
+
+    /// Sends one frame to one connection, through its shard.
+    fn to_conn(&self, shard: &Shard, conn: ConnRef, frame: Vec<u8>) {
+        let frame = frame.into();
+        self.deliver(shard, conn.shard as usize, Delivery::ToConn { conn, frame });
     }
 
     /// Too much is queued: connections stop reading new work.
@@ -365,24 +460,47 @@ impl ChatShard {
         }
     }
 
-    /// A room becomes active here: continue its sequence if it had one.
-    fn revive(&self, room: &str, m: &crate::metrics::ShardMetrics) -> HomeRoom {
+    /// A room becomes active here: continue its sequence from its tombstone,
+    /// or ask the store where it stands.
+    fn revive(&self, room: &Arc<str>, m: &crate::metrics::ShardMetrics) -> Home {
         m.rooms.inc();
-        let last_seq = self.tombstones.borrow_mut().remove(room).unwrap_or(0);
-        HomeRoom::new(self.shards, last_seq)
+        match self.tombstones.borrow_mut().remove(room) {
+            Some((last_seq, epoch)) => Home {
+                room: HomeRoom::new(self.shards, last_seq),
+                epoch,
+                seq: SeqState::Known,
+            },
+            None => {
+                self.storage.send(
+                    self.me,
+                    Op::Load {
+                        room: room.clone(),
+                        home: self.me as u16,
+                    },
+                );
+                Home {
+                    room: HomeRoom::new(self.shards, 0),
+                    epoch: Arc::from(""),
+                    seq: SeqState::Loading(VecDeque::new()),
+                }
+            }
+        }
     }
 
     /// A room emptied: forget its members and duplicate window, keep its
-    /// last seq.
-    fn bury(&self, room: Arc<str>, last_seq: u64, m: &crate::metrics::ShardMetrics) {
+    /// last seq and epoch (if the store told them).
+    fn bury(&self, room: Arc<str>, home: Home, m: &crate::metrics::ShardMetrics) {
         m.rooms.sub(1);
+        if !matches!(home.seq, SeqState::Known) {
+            return;
+        }
         let mut t = self.tombstones.borrow_mut();
         if t.len() >= MAX_TOMBSTONES {
             if let Some(k) = t.keys().next().cloned() {
                 t.remove(&k);
             }
         }
-        t.insert(room, last_seq);
+        t.insert(room, (home.room.last_seq(), home.epoch));
     }
 
     pub fn add_local_member(&self, shard: &Shard, room: &Arc<str>, key: (u32, u32)) {
@@ -394,9 +512,18 @@ impl ChatShard {
         shard.metrics().room_members.inc();
     }
 
-    /// Removes a local membership. Linear in the room's local members: cheap
-    /// for the sizes chat rooms have on one shard.
+    /// Removes a local membership (or a resume in progress). Linear in the
+    /// room's local members: cheap for the sizes chat rooms have on one shard.
     pub fn remove_local_member(&self, shard: &Shard, room: &str, key: (u32, u32)) {
+        {
+            let mut rec = self.recovering.borrow_mut();
+            if let Some(list) = rec.get_mut(room) {
+                list.retain(|r| r.key != key);
+                if list.is_empty() {
+                    rec.remove(room);
+                }
+            }
+        }
         let mut rooms = self.local_rooms.borrow_mut();
         if let Some(members) = rooms.get_mut(room) {
             if let Some(i) = members.iter().position(|k| *k == key) {
@@ -480,6 +607,21 @@ pub fn spawn_tasks(
     let s = shard.clone();
     glommio::spawn_local(async move {
         loop {
+            let replies = poll_fn(|cx| s.chat.storage.inbox(s.chat.me).poll_recv(cx)).await;
+            for r in replies {
+                handle_reply(&s, r);
+            }
+            s.chat.maybe_release(&s);
+            glommio::yield_if_needed().await;
+        }
+    })
+    .detach();
+    if chat.storage.keeps_presence() {
+        spawn_presence_heartbeat(shard);
+    }
+    let s = shard.clone();
+    glommio::spawn_local(async move {
+        loop {
             let d = s.chat.deliveries.queues[s.chat.me].pop().await;
             handle_delivery(&s, d);
             s.chat.maybe_release(&s);
@@ -512,6 +654,32 @@ fn spawn_forwarder<T: Send + 'static>(
     .detach();
 }
 
+/// Refreshes the store's presence entries of the rooms homed here, three
+/// times per presence TTL, so they outlive no node by more than the TTL.
+fn spawn_presence_heartbeat(shard: &Rc<Shard>) {
+    let s = shard.clone();
+    let every = (s.chat.settings.presence_ttl / 3).max(Duration::from_millis(100));
+    glommio::spawn_local(async move {
+        loop {
+            glommio::timer::sleep(every).await;
+            let rooms: Vec<(Arc<str>, Vec<Arc<str>>)> = s
+                .chat
+                .homes
+                .borrow()
+                .iter()
+                .map(|(room, h)| (room.clone(), h.room.users().cloned().collect()))
+                .collect();
+            for (room, users) in rooms {
+                let op = Op::Presence(PresenceOp::Refresh { room, users });
+                if s.chat.storage.try_send(s.chat.me, op).is_err() {
+                    break;
+                }
+            }
+        }
+    })
+    .detach();
+}
+
 async fn pause_while_congested(shard: &Rc<Shard>) {
     poll_fn(|cx| {
         if shard.chat.deliveries_congested() {
@@ -528,26 +696,142 @@ async fn pause_while_congested(shard: &Rc<Shard>) {
     glommio::yield_if_needed().await;
 }
 
-/// Handles a request at its home shard.
+/// Handles a request at its home shard. Requests for a room whose sequence
+/// is loading from the store wait, in order, until it is known.
 fn handle_request(shard: &Shard, req: Request) {
+    let chat = &shard.chat;
+    if let Some(room) = req.room().cloned() {
+        let mut homes = chat.homes.borrow_mut();
+        if !homes.contains_key(&room)
+            && matches!(req, Request::Join { .. } | Request::Publish { .. })
+        {
+            let home = chat.revive(&room, shard.metrics());
+            homes.insert(room.clone(), home);
+        }
+        if let Some(home) = homes.get_mut(&room) {
+            let publish = matches!(req, Request::Publish { .. });
+            match &mut home.seq {
+                SeqState::Loading(queue) => {
+                    if publish && queue.len() >= MAX_QUEUED_WHILE_LOADING {
+                        drop(homes);
+                        refuse_publish(shard, req, proto::ErrorCode::StorageBusy);
+                    } else {
+                        queue.push_back(req);
+                    }
+                    return;
+                }
+                SeqState::Unknown if publish => {
+                    home.seq = SeqState::Loading(VecDeque::from([req]));
+                    drop(homes);
+                    chat.storage.send(
+                        chat.me,
+                        Op::Load {
+                            room,
+                            home: chat.me as u16,
+                        },
+                    );
+                    return;
+                }
+                _ => {}
+            }
+        }
+    }
+    dispatch_request(shard, req);
+}
+
+/// Answers a publish that was not sequenced.
+fn refuse_publish(shard: &Shard, req: Request, code: proto::ErrorCode) {
+    if let Request::Publish { room, id, conn, .. } = req {
+        shard.metrics().storage_refusals.inc();
+        shard
+            .chat
+            .to_conn(shard, conn, proto::error(code, Some(&id), Some(&room)));
+    }
+}
+
+/// The store answered where a room's sequence stands: run what waited.
+fn on_loaded(shard: &Shard, room: Arc<str>, meta: Option<RoomMeta>) {
+    let chat = &shard.chat;
+    let mut homes = chat.homes.borrow_mut();
+    let Some(home) = homes.get_mut(&room) else {
+        return;
+    };
+    if !matches!(home.seq, SeqState::Loading(_)) {
+        return;
+    }
+    let known = meta.is_some();
+    let next = match meta {
+        Some(m) => {
+            home.room.resume_from(m.last_seq);
+            home.epoch = m.epoch;
+            SeqState::Known
+        }
+        None => SeqState::Unknown,
+    };
+    let SeqState::Loading(waiting) = std::mem::replace(&mut home.seq, next) else {
+        return;
+    };
+    drop(homes);
+    for req in waiting {
+        if !known && matches!(req, Request::Publish { .. }) {
+            refuse_publish(shard, req, proto::ErrorCode::RoomUnavailable);
+        } else {
+            handle_request(shard, req);
+        }
+    }
+}
+
+fn dispatch_request(shard: &Shard, req: Request) {
     let chat = &shard.chat;
     let m = shard.metrics();
     let presence_max = chat.settings.presence_max_members;
     match req {
-        Request::Join { room, user, conn } => {
+        Request::Join {
+            room,
+            user,
+            conn,
+            since,
+        } => {
             let mut homes = chat.homes.borrow_mut();
-            let home = homes
-                .entry(room.clone())
-                .or_insert_with(|| chat.revive(&room, m));
-            let change = home.join(conn.shard as usize, &user);
-            let (seq, members) = (home.last_seq(), home.connections());
-            let event = (change.user_changed && home.user_count() <= presence_max).then(|| {
-                (
-                    home.shards().collect::<Vec<_>>(),
-                    proto::presence_event(&room, true, &user),
-                )
-            });
+            let Some(home) = homes.get_mut(&room) else {
+                return;
+            };
+            let change = home.room.join(conn.shard as usize, &user);
+            let (seq, members) = (home.room.last_seq(), home.room.connections());
+            let epoch = home.epoch.clone();
+            let event =
+                (change.user_changed && home.room.user_count() <= presence_max).then(|| {
+                    (
+                        home.room.shards().collect::<Vec<_>>(),
+                        proto::presence_event(&room, true, &user),
+                    )
+                });
             drop(homes);
+            if change.user_changed && chat.storage.keeps_presence() {
+                let op = Op::Presence(PresenceOp::Add {
+                    room: room.clone(),
+                    user: user.clone(),
+                });
+                let _ = chat.storage.try_send(chat.me, op);
+            }
+            let resume = match since {
+                None => Resume::No,
+                Some((since, client_epoch)) => {
+                    let op = Op::Recover(Box::new(Recover {
+                        room: room.clone(),
+                        since,
+                        epoch: client_epoch,
+                        upto: seq,
+                        home_epoch: epoch.clone(),
+                        members,
+                        to: conn,
+                    }));
+                    match chat.storage.try_send(chat.me, op) {
+                        Ok(()) => Resume::Pending,
+                        Err(_) => Resume::Refused,
+                    }
+                }
+            };
             chat.deliver(
                 shard,
                 conn.shard as usize,
@@ -557,6 +841,8 @@ fn handle_request(shard: &Shard, req: Request) {
                     conn,
                     seq,
                     members,
+                    epoch,
+                    resume,
                 },
             );
             if let Some((shards, frame)) = event {
@@ -572,20 +858,27 @@ fn handle_request(shard: &Shard, req: Request) {
             let Some(home) = homes.get_mut(&room) else {
                 return;
             };
-            let change = home.leave(from as usize, &user);
-            let event = (change.user_changed && home.user_count() < presence_max).then(|| {
+            let change = home.room.leave(from as usize, &user);
+            let event = (change.user_changed && home.room.user_count() < presence_max).then(|| {
                 (
-                    home.shards().collect::<Vec<_>>(),
+                    home.room.shards().collect::<Vec<_>>(),
                     proto::presence_event(&room, false, &user),
                 )
             });
-            if home.is_empty() {
-                let last_seq = home.last_seq();
-                homes.remove(&room);
-                drop(homes);
-                chat.bury(room.clone(), last_seq, m);
+            if home.room.is_empty() {
+                if let Some(home) = homes.remove(&room) {
+                    drop(homes);
+                    chat.bury(room.clone(), home, m);
+                }
             } else {
                 drop(homes);
+            }
+            if change.user_changed && chat.storage.keeps_presence() {
+                let op = Op::Presence(PresenceOp::Remove {
+                    room: room.clone(),
+                    user,
+                });
+                let _ = chat.storage.try_send(chat.me, op);
             }
             if let Some((shards, frame)) = event {
                 broadcast(shard, &room, shards, frame);
@@ -598,45 +891,76 @@ fn handle_request(shard: &Shard, req: Request) {
             body,
             conn,
         } => {
+            if !chat.storage.has_room(chat.me) {
+                let req = Request::Publish {
+                    room,
+                    user,
+                    id,
+                    body,
+                    conn,
+                };
+                refuse_publish(shard, req, proto::ErrorCode::StorageBusy);
+                return;
+            }
             let mut homes = chat.homes.borrow_mut();
-            let home = homes
-                .entry(room.clone())
-                .or_insert_with(|| chat.revive(&room, m));
-            match home.sequence(&user, &id, shard.clock.get()) {
+            let Some(home) = homes.get_mut(&room) else {
+                return;
+            };
+            match home.room.sequence(&user, &id, shard.clock.get()) {
                 Sequenced::New(seq) => {
                     m.publishes.inc();
-                    let frame = proto::message(&room, seq, &user, &id, now_ms(), &body);
+                    let ts = now_ms();
+                    let frame = proto::message(&room, seq, &user, &id, ts, &body);
                     // Delivering only queues: the room table may stay borrowed.
-                    broadcast(shard, &room, home.shards(), frame);
+                    broadcast(shard, &room, home.room.shards(), frame);
                     drop(homes);
-                    let ack = proto::ack(&id, &room, seq, false);
-                    chat.deliver(
-                        shard,
-                        conn.shard as usize,
-                        Delivery::ToConn {
-                            conn,
-                            frame: ack.into(),
+                    let record = Record {
+                        room,
+                        seq,
+                        from: user,
+                        id,
+                        ts,
+                        body,
+                    };
+                    // The ack comes from the worker once the message is stored.
+                    chat.storage.send(
+                        chat.me,
+                        Op::Append {
+                            record,
+                            ack_to: conn,
                         },
                     );
                 }
                 Sequenced::Duplicate(seq) => {
                     drop(homes);
                     m.duplicate_publishes.inc();
-                    let ack = proto::ack(&id, &room, seq, true);
-                    chat.deliver(
-                        shard,
-                        conn.shard as usize,
-                        Delivery::ToConn {
-                            conn,
-                            frame: ack.into(),
+                    chat.storage.send(
+                        chat.me,
+                        Op::DuplicateAck {
+                            room,
+                            id,
+                            seq,
+                            ack_to: conn,
                         },
                     );
                 }
             }
         }
         Request::Presence { room, conn } => {
+            if chat.storage.keeps_presence() {
+                let op = Op::PresenceQuery {
+                    room: room.clone(),
+                    to: conn,
+                    max_members: presence_max,
+                };
+                if chat.storage.try_send(chat.me, op).is_err() {
+                    let frame = proto::error(proto::ErrorCode::StorageBusy, None, Some(&room));
+                    chat.to_conn(shard, conn, frame);
+                }
+                return;
+            }
             let homes = chat.homes.borrow();
-            let frame = match homes.get(&room) {
+            let frame = match homes.get(&room).map(|h| &h.room) {
                 Some(h) if h.user_count() <= presence_max => {
                     proto::presence(&room, h.user_count() as u64, Some(h.users().map(|u| &**u)))
                 }
@@ -646,14 +970,25 @@ fn handle_request(shard: &Shard, req: Request) {
                 None => proto::presence(&room, 0, Some(std::iter::empty())),
             };
             drop(homes);
-            chat.deliver(
-                shard,
-                conn.shard as usize,
-                Delivery::ToConn {
-                    conn,
-                    frame: frame.into(),
-                },
-            );
+            chat.to_conn(shard, conn, frame);
+        }
+        Request::History { room, query, conn } => {
+            let upto = chat
+                .homes
+                .borrow()
+                .get(&room)
+                .filter(|h| matches!(h.seq, SeqState::Known))
+                .map(|h| h.room.last_seq());
+            let op = Op::History {
+                room: room.clone(),
+                query,
+                upto,
+                to: conn,
+            };
+            if chat.storage.try_send(chat.me, op).is_err() {
+                let frame = proto::error(proto::ErrorCode::StorageBusy, None, Some(&room));
+                chat.to_conn(shard, conn, frame);
+            }
         }
         Request::UserOnline { user, shard: at } => {
             let n = chat.shards;
@@ -700,14 +1035,7 @@ fn handle_request(shard: &Shard, req: Request) {
                 }
             }
             let ack = proto::dm_ack(&id, &to, delivered);
-            chat.deliver(
-                shard,
-                conn.shard as usize,
-                Delivery::ToConn {
-                    conn,
-                    frame: ack.into(),
-                },
-            );
+            chat.to_conn(shard, conn, ack);
         }
     }
 }
@@ -743,6 +1071,8 @@ fn handle_delivery(shard: &Shard, d: Delivery) {
             conn,
             seq,
             members,
+            epoch,
+            resume,
         } => {
             let live = lookup(shard, conn);
             let wanted = live.as_ref().is_some_and(|c| {
@@ -751,10 +1081,34 @@ fn handle_delivery(shard: &Shard, d: Delivery) {
                     .as_mut()
                     .is_some_and(|s| s.mark_joined(&room))
             });
+            let key = (conn.key, conn.gen);
+            let early = chat
+                .early_recoveries
+                .borrow_mut()
+                .remove(&(room.clone(), key));
             match live {
                 Some(c) if wanted => {
-                    chat.add_local_member(shard, &room, (conn.key, conn.gen));
-                    c.enqueue(shard, &proto::joined(&room, seq, members));
+                    match (resume, early) {
+                        (Resume::Pending, Some((joined, missed))) => {
+                            c.enqueue(shard, &joined);
+                            c.enqueue(shard, &missed);
+                            chat.add_local_member(shard, &room, key);
+                        }
+                        (Resume::Pending, None) => {
+                            chat.recovering.borrow_mut().entry(room).or_default().push(
+                                Recovering {
+                                    key,
+                                    held: Vec::new(),
+                                    bytes: 0,
+                                },
+                            );
+                        }
+                        (resume, _) => {
+                            let resumed = (resume == Resume::Refused).then_some((false, 0));
+                            chat.add_local_member(shard, &room, key);
+                            c.enqueue(shard, &proto::joined(&room, seq, members, &epoch, resumed));
+                        }
+                    }
                 }
                 // The client left (or went away) before the join completed.
                 _ => chat.request(
@@ -783,6 +1137,8 @@ fn handle_delivery(shard: &Shard, d: Delivery) {
                 }
             }
             shard.metrics().deliveries.add(n);
+            drop(rooms);
+            hold_for_recovering(shard, &room, &frame);
         }
         Delivery::ToConn { conn, frame } => {
             if let Some(c) = lookup(shard, conn) {
@@ -794,6 +1150,91 @@ fn handle_delivery(shard: &Shard, d: Delivery) {
             for &(key, gen) in users.get(&user).map_or(&[][..], |v| v.as_slice()) {
                 if let Some(c) = lookup_key(shard, key, gen) {
                     c.enqueue(shard, &frame);
+                }
+            }
+        }
+    }
+}
+
+/// Keeps a room frame for the members whose resume is still being
+/// answered; one that would hold more than its hard cap is closed.
+fn hold_for_recovering(shard: &Shard, room: &Arc<str>, frame: &Arc<[u8]>) {
+    let mut recovering = shard.chat.recovering.borrow_mut();
+    if recovering.is_empty() {
+        return;
+    }
+    let Some(list) = recovering.get_mut(room) else {
+        return;
+    };
+    let cap = ConnShared::hard_cap(shard);
+    for r in list.iter_mut() {
+        r.bytes += frame.len();
+        if r.bytes > cap {
+            if let Some(c) = lookup_key(shard, r.key.0, r.key.1) {
+                c.overflow();
+            }
+            r.held = Vec::new();
+        } else {
+            r.held.push(frame.clone());
+        }
+    }
+}
+
+/// Handles what the storage worker sent back.
+fn handle_reply(shard: &Shard, reply: Reply) {
+    let chat = &shard.chat;
+    match reply {
+        Reply::ToConn { conn, frame } => {
+            if let Some(c) = lookup(shard, conn) {
+                c.enqueue(shard, &frame);
+            }
+        }
+        Reply::Loaded { room, meta } => on_loaded(shard, room, meta),
+        Reply::Recovered {
+            conn,
+            room,
+            joined,
+            missed,
+        } => {
+            let key = (conn.key, conn.gen);
+            let entry = {
+                let mut rec = chat.recovering.borrow_mut();
+                let entry = rec.get_mut(&room).and_then(|list| {
+                    let i = list.iter().position(|r| r.key == key)?;
+                    Some(list.swap_remove(i))
+                });
+                if rec.get(&room).is_some_and(Vec::is_empty) {
+                    rec.remove(&room);
+                }
+                entry
+            };
+            let Some(c) = lookup(shard, conn) else {
+                return;
+            };
+            match entry {
+                Some(r) => {
+                    if r.bytes > ConnShared::hard_cap(shard) {
+                        return;
+                    }
+                    c.enqueue(shard, &joined);
+                    c.enqueue(shard, &missed);
+                    for f in &r.held {
+                        c.enqueue(shard, f);
+                    }
+                    chat.add_local_member(shard, &room, key);
+                }
+                // The home's `Joined` is still on its way.
+                None => {
+                    let waiting = c
+                        .chat
+                        .borrow()
+                        .as_ref()
+                        .is_some_and(|s| s.awaits_join(&room));
+                    if waiting {
+                        chat.early_recoveries
+                            .borrow_mut()
+                            .insert((room, key), (joined, missed));
+                    }
                 }
             }
         }

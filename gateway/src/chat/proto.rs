@@ -36,6 +36,8 @@ pub enum ClientFrame<'a> {
     },
     Join {
         room: Cow<'a, str>,
+        /// Resume: the last seq the client saw, and its epoch.
+        since: Option<(u64, Cow<'a, str>)>,
     },
     Leave {
         room: Cow<'a, str>,
@@ -52,6 +54,11 @@ pub enum ClientFrame<'a> {
     },
     Presence {
         room: Cow<'a, str>,
+    },
+    History {
+        room: Cow<'a, str>,
+        since: Option<u64>,
+        limit: Option<u64>,
     },
 }
 
@@ -73,6 +80,12 @@ struct Flat<'a> {
     to: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     body: Body<'a>,
+    #[serde(default)]
+    since: Option<u64>,
+    #[serde(borrow, default)]
+    epoch: Option<Cow<'a, str>>,
+    #[serde(default)]
+    limit: Option<u64>,
 }
 
 /// A JSON value kept as its text; unlike `Option<&RawValue>`, `null` is a
@@ -100,6 +113,17 @@ impl<'a> ClientFrame<'a> {
             },
             "join" => ClientFrame::Join {
                 room: need(f.room)?,
+                since: match (f.since, f.epoch) {
+                    (Some(seq), Some(epoch)) => Some((seq, epoch)),
+                    (None, None) => None,
+                    // A resume point means nothing without its epoch.
+                    _ => return Err(BadFrame),
+                },
+            },
+            "history" => ClientFrame::History {
+                room: need(f.room)?,
+                since: f.since,
+                limit: f.limit,
             },
             "leave" => ClientFrame::Leave {
                 room: need(f.room)?,
@@ -135,10 +159,13 @@ pub enum ErrorCode {
     RateLimited,
     BodyTooLarge,
     AlreadyAuthenticated,
+    StorageBusy,
+    StorageUnavailable,
+    RoomUnavailable,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 10] = [
+    pub const ALL: [ErrorCode; 13] = [
         ErrorCode::BadRequest,
         ErrorCode::InvalidRoom,
         ErrorCode::InvalidId,
@@ -149,6 +176,9 @@ impl ErrorCode {
         ErrorCode::RateLimited,
         ErrorCode::BodyTooLarge,
         ErrorCode::AlreadyAuthenticated,
+        ErrorCode::StorageBusy,
+        ErrorCode::StorageUnavailable,
+        ErrorCode::RoomUnavailable,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -163,6 +193,9 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::BodyTooLarge => "body_too_large",
             ErrorCode::AlreadyAuthenticated => "already_authenticated",
+            ErrorCode::StorageBusy => "storage_busy",
+            ErrorCode::StorageUnavailable => "storage_unavailable",
+            ErrorCode::RoomUnavailable => "room_unavailable",
         }
     }
 
@@ -180,6 +213,13 @@ impl ErrorCode {
             ErrorCode::RateLimited => "too many frames per second: slow down",
             ErrorCode::BodyTooLarge => "body larger than the server allows",
             ErrorCode::AlreadyAuthenticated => "already authenticated",
+            ErrorCode::StorageBusy => {
+                "the store is behind: not published; retry with the same id"
+            }
+            ErrorCode::StorageUnavailable => "the store is unreachable: retry later",
+            ErrorCode::RoomUnavailable => {
+                "the room's sequence cannot be read from the store: not published; retry with the same id"
+            }
         }
     }
 }
@@ -258,15 +298,76 @@ pub fn welcome(user: &str, conn: &str) -> Vec<u8> {
     w.finish()
 }
 
-pub fn joined(room: &str, seq: u64, members: u64) -> Vec<u8> {
-    let mut w = FrameWriter::new(64 + room.len());
+/// `resumed` is `(recovered, missed)` when the client gave a resume point.
+pub fn joined(
+    room: &str,
+    seq: u64,
+    members: u64,
+    epoch: &str,
+    resumed: Option<(bool, u64)>,
+) -> Vec<u8> {
+    let mut w = FrameWriter::new(112 + room.len() + epoch.len());
     w.raw(r#"{"type":"joined","room":"#)
         .string(room)
         .raw(r#","seq":"#)
         .number(seq)
         .raw(r#","members":"#)
         .number(members)
-        .raw("}");
+        .raw(r#","epoch":"#)
+        .string(epoch);
+    if let Some((recovered, missed)) = resumed {
+        w.raw(if recovered {
+            r#","recovered":true,"missed":"#
+        } else {
+            r#","recovered":false,"missed":"#
+        })
+        .number(missed);
+    }
+    w.raw("}");
+    w.finish()
+}
+
+/// A history answer: `records` oldest first.
+pub fn history(
+    room: &str,
+    epoch: &str,
+    seq: u64,
+    complete: bool,
+    records: &[crate::storage::Record],
+) -> Vec<u8> {
+    let size: usize = records
+        .iter()
+        .map(|r| 64 + r.from.len() + r.id.len() + r.body.len())
+        .sum();
+    let mut w = FrameWriter::new(96 + room.len() + epoch.len() + size);
+    w.raw(r#"{"type":"history","room":"#)
+        .string(room)
+        .raw(r#","epoch":"#)
+        .string(epoch)
+        .raw(r#","seq":"#)
+        .number(seq)
+        .raw(if complete {
+            r#","complete":true,"messages":["#
+        } else {
+            r#","complete":false,"messages":["#
+        });
+    for (i, r) in records.iter().enumerate() {
+        if i > 0 {
+            w.raw(",");
+        }
+        w.raw(r#"{"seq":"#)
+            .number(r.seq)
+            .raw(r#","from":"#)
+            .string(&r.from)
+            .raw(r#","id":"#)
+            .string(&r.id)
+            .raw(r#","ts":"#)
+            .number(r.ts)
+            .raw(r#","body":"#)
+            .raw(&r.body)
+            .raw("}");
+    }
+    w.raw("]}");
     w.finish()
 }
 
@@ -294,8 +395,10 @@ pub fn message(room: &str, seq: u64, from: &str, id: &str, ts_ms: u64, body: &st
     w.finish()
 }
 
-pub fn ack(id: &str, room: &str, seq: u64, duplicate: bool) -> Vec<u8> {
-    let mut w = FrameWriter::new(80 + id.len() + room.len());
+/// `stored`: the message is in the store or its spill file (see
+/// docs/storage.md); false only when both failed.
+pub fn ack(id: &str, room: &str, seq: u64, duplicate: bool, stored: bool) -> Vec<u8> {
+    let mut w = FrameWriter::new(96 + id.len() + room.len());
     w.raw(r#"{"type":"ack","id":"#)
         .string(id)
         .raw(r#","room":"#)
@@ -305,7 +408,11 @@ pub fn ack(id: &str, room: &str, seq: u64, duplicate: bool) -> Vec<u8> {
     if duplicate {
         w.raw(r#","duplicate":true"#);
     }
-    w.raw("}");
+    w.raw(if stored {
+        r#","stored":true}"#
+    } else {
+        r#","stored":false}"#
+    });
     w.finish()
 }
 
@@ -433,7 +540,8 @@ mod tests {
         assert_eq!(v["seq"], 7);
         assert_eq!(v["from"], "al\"ice");
         assert_eq!(v["body"]["text"], "hi");
-        let v = json(ack("c-1", "lobby", 7, true));
+        let v = json(ack("c-1", "lobby", 7, true, true));
+        assert_eq!(v["stored"], true);
         assert_eq!(
             (v["seq"].as_u64(), v["duplicate"].as_bool()),
             (Some(7), Some(true))
@@ -449,7 +557,8 @@ mod tests {
         );
         for f in [
             welcome("u", "0.1"),
-            joined("r", 0, 1),
+            joined("r", 0, 1, "e", None),
+            joined("r", 9, 1, "e", Some((false, 3))),
             left("r"),
             dm("a", "", 1, "null"),
             dm_ack("i", "b", 2),
@@ -486,6 +595,9 @@ mod tests {
             r#"{"type":"publish","room":"lobby","body":null}"#,
             r#"{"type":"presence","room":"lobby"}"#,
             r#"{"room":"lobby","type":"join"}"#,
+            r#"{"type":"join","room":"lobby","since":41,"epoch":"e1"}"#,
+            r#"{"type":"history","room":"lobby"}"#,
+            r#"{"type":"history","room":"lobby","since":3,"limit":10}"#,
         ];
         for s in ok {
             assert!(ClientFrame::parse(s.as_bytes()).is_ok(), "{s}");
@@ -501,13 +613,16 @@ mod tests {
             r#"{"type":"join","room":null}"#,
             r#"{"type":"join","room":"r","extra":1}"#,
             r#"{"type":"publish","room":"r","body":}"#,
+            r#"{"type":"join","room":"r","since":4}"#,
+            r#"{"type":"join","room":"r","since":-1,"epoch":"e"}"#,
+            r#"{"type":"history","room":"r","limit":"x"}"#,
         ];
         for s in bad {
             assert!(ClientFrame::parse(s.as_bytes()).is_err(), "{s}");
         }
         // Escapes in strings are decoded.
         match ClientFrame::parse(br#"{"type":"join","room":"a\/b"}"#).unwrap() {
-            ClientFrame::Join { room } => assert_eq!(room, "a/b"),
+            ClientFrame::Join { room, since } => assert_eq!((&*room, since), ("a/b", None)),
             other => panic!("{other:?}"),
         }
     }

@@ -20,6 +20,7 @@ use crate::{
     auth::{AuthError, Claims},
     conn::ConnShared,
     shard::Shard,
+    storage::Query,
 };
 
 #[derive(Debug)]
@@ -61,6 +62,11 @@ impl Session {
 
     pub fn user(&self) -> Option<&Arc<str>> {
         self.user.as_ref()
+    }
+
+    /// Has the client asked to join `room` without the home confirming yet?
+    pub fn awaits_join(&self, room: &str) -> bool {
+        self.rooms.iter().any(|e| &*e.room == room && !e.joined)
     }
 
     /// The home confirmed a join; `false` if this connection no longer wants
@@ -226,7 +232,7 @@ pub fn on_text(shard: &Shard, conn: &ConnShared, me: ConnRef, text: &[u8]) -> Ou
     };
     match frame {
         ClientFrame::Connect { .. } => error(ErrorCode::AlreadyAuthenticated, None, None),
-        ClientFrame::Join { room } => {
+        ClientFrame::Join { room, since } => {
             if !proto::valid_room(&room) {
                 return error(ErrorCode::InvalidRoom, None, None);
             }
@@ -251,6 +257,7 @@ pub fn on_text(shard: &Shard, conn: &ConnShared, me: ConnRef, text: &[u8]) -> Ou
                     room,
                     user,
                     conn: me,
+                    since: since.map(|(seq, epoch)| (seq, epoch.into())),
                 },
             );
             Outcome::Continue
@@ -322,6 +329,31 @@ pub fn on_text(shard: &Shard, conn: &ConnShared, me: ConnRef, text: &[u8]) -> Ou
                     from: user,
                     id: id.into(),
                     body: body.get().into(),
+                    conn: me,
+                },
+            );
+            Outcome::Continue
+        }
+        ClientFrame::History { room, since, limit } => {
+            if !proto::valid_room(&room) {
+                return error(ErrorCode::InvalidRoom, None, None);
+            }
+            if session.claims.as_ref().is_some_and(|c| !c.may_join(&room)) {
+                return error(ErrorCode::Forbidden, None, Some(&room));
+            }
+            let max = settings.history_max_limit;
+            let n = limit.map_or(max.min(100), |l| (l as usize).min(max));
+            let query = match since {
+                Some(after) => Query::After { after, n },
+                None => Query::Last(n),
+            };
+            let room: Arc<str> = Arc::from(&*room);
+            chat.request(
+                shard,
+                chat.room_home(&room),
+                Request::History {
+                    room,
+                    query,
                     conn: me,
                 },
             );

@@ -9,6 +9,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod chat;
+pub mod redis;
+
 use clap::Parser;
 use corecast_gateway::{shutdown, Config, Error, Server};
 
@@ -21,6 +24,8 @@ pub struct TestServer {
 impl TestServer {
     /// Starts a gateway with the given extra flags.
     pub fn start(args: &[&str]) -> TestServer {
+        // RUST_LOG=info shows the gateway's log when a test is run by hand.
+        let _ = env_logger::try_init();
         let mut argv = vec!["gateway", "--listen", "127.0.0.1:0"];
         argv.extend_from_slice(args);
         let config = Config::try_parse_from(argv).expect("valid test flags");
@@ -53,7 +58,10 @@ impl TestServer {
     pub fn metric(&self, name: &str, labels: &str) -> u64 {
         let (_, _, body) = http(self.addr, "GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n");
         body.lines()
-            .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(labels))
+            .filter(|l| {
+                (l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+                    && l.contains(labels)
+            })
             .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
             .sum()
     }

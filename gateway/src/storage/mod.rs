@@ -1,0 +1,452 @@
+//! The storage worker: room history, sequence recovery and presence, kept
+//! off the hot path.
+//!
+//! Shards hand [`Op`]s to one worker thread over a bounded crossbeam channel
+//! and never wait for it: a home shard sequences and delivers a message at
+//! once, and the publisher's ack comes back later, from the worker, once the
+//! message is stored. Answers reach a shard through its [`Inbox`], which
+//! wakes the shard's inbox task.
+//!
+//! # Invariants
+//! - A shard never blocks on storage. Each shard may have at most
+//!   `queue_per_shard` ops in flight; above that a publish is refused
+//!   (`storage_busy`) before it is sequenced, so nothing is delivered that
+//!   the store did not accept, and no ack claims a write that was not made.
+//! - Ops from one shard are handled in the order sent (one FIFO channel,
+//!   one worker), so a read a home shard sends after its writes sees them.
+//! - An ack with `"stored":true` means the message is in the backend, or in
+//!   the spill file (fsynced) to be replayed into it; see docs/storage.md.
+
+pub mod memory;
+pub mod redis_backend;
+pub mod spill;
+mod worker;
+
+use std::{
+    fmt,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    task::{Context, Poll, Waker},
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+
+use crate::chat::ConnRef;
+
+/// One stored room message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub room: Arc<str>,
+    pub seq: u64,
+    pub from: Arc<str>,
+    /// The client message id ("" when the client gave none).
+    pub id: Box<str>,
+    /// Milliseconds since the Unix epoch, when the home sequenced it.
+    pub ts: u64,
+    /// The body as JSON text, exactly as published.
+    pub body: Box<str>,
+}
+
+/// Where a room's sequence stands in the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomMeta {
+    pub last_seq: u64,
+    /// Changes whenever the store lost the room's history (a memory store
+    /// restarted, a Redis key expired): seqs of another epoch mean nothing.
+    pub epoch: Arc<str>,
+}
+
+/// Which messages a read wants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Query {
+    /// The last `n` messages.
+    Last(usize),
+    /// Up to `n` messages with seq greater than `after`, oldest first.
+    After { after: u64, n: usize },
+}
+
+/// Presence kept by the store (Redis only; the memory store leaves
+/// presence to the home shards).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PresenceOp {
+    Add {
+        room: Arc<str>,
+        user: Arc<str>,
+    },
+    Remove {
+        room: Arc<str>,
+        user: Arc<str>,
+    },
+    /// The heartbeat: these users are still in the room.
+    Refresh {
+        room: Arc<str>,
+        users: Vec<Arc<str>>,
+    },
+}
+
+/// A store failed; the worker opens its breaker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreError(pub String);
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What the worker needs from a store. Appends are idempotent by seq: a
+/// record whose seq is not above the room's stored last seq is skipped, so
+/// replaying a batch that was partly written stores each message once.
+pub trait Backend: Send {
+    fn describe(&self) -> String;
+    /// (Re)connects and checks the store answers.
+    fn connect(&mut self) -> Result<(), StoreError>;
+    /// Stores records (any rooms, each room's in seq order).
+    fn append(&mut self, records: &[Record]) -> Result<(), StoreError>;
+    /// The room's last seq and epoch (creating the epoch if it has none).
+    fn load(&mut self, room: &str) -> Result<RoomMeta, StoreError>;
+    /// Messages of a room, oldest first, with the room's meta.
+    fn fetch(&mut self, room: &str, q: Query) -> Result<(RoomMeta, Vec<Record>), StoreError>;
+    /// Does this store keep presence (so presence queries go to it)?
+    fn keeps_presence(&self) -> bool;
+    fn presence(&mut self, ops: &[PresenceOp]) -> Result<(), StoreError>;
+    /// Users present in a room (each once).
+    fn presence_list(&mut self, room: &str) -> Result<Vec<String>, StoreError>;
+    /// Periodic housekeeping (expiry of a memory store).
+    fn maintain(&mut self) {}
+}
+
+/// Work for the storage worker.
+#[derive(Debug)]
+pub enum Op {
+    /// Store a sequenced message and then ack it to `ack_to`.
+    Append {
+        record: Record,
+        ack_to: ConnRef,
+    },
+    /// A retried publish: ack it with its original seq once everything
+    /// before it is handled.
+    DuplicateAck {
+        room: Arc<str>,
+        id: Box<str>,
+        seq: u64,
+        ack_to: ConnRef,
+    },
+    /// A home shard needs a room's sequence.
+    Load {
+        room: Arc<str>,
+        home: u16,
+    },
+    /// A client asked for history; answer it a `history` frame.
+    History {
+        room: Arc<str>,
+        query: Query,
+        /// The room's last seq at the home when it asked (None when the home
+        /// does not have the room active).
+        upto: Option<u64>,
+        to: ConnRef,
+    },
+    /// A client joined with a resume point: what it missed, then `joined`.
+    Recover(Box<Recover>),
+    Presence(PresenceOp),
+    /// Answer a presence query from the store.
+    PresenceQuery {
+        room: Arc<str>,
+        to: ConnRef,
+        max_members: usize,
+    },
+    /// The node is stopping: handle what came before, then end.
+    Stop,
+}
+
+/// A resume request, answered with [`Reply::Recovered`].
+#[derive(Debug)]
+pub struct Recover {
+    pub room: Arc<str>,
+    pub since: u64,
+    pub epoch: Box<str>,
+    /// The room's last seq when the join was registered: live messages
+    /// after it reach the client through the room, not the recovery.
+    pub upto: u64,
+    pub home_epoch: Arc<str>,
+    pub members: u64,
+    pub to: ConnRef,
+}
+
+/// What the worker sends back to a shard.
+#[derive(Debug)]
+pub enum Reply {
+    /// A frame for one connection (an ack, a history answer, an error).
+    ToConn { conn: ConnRef, frame: Box<[u8]> },
+    /// A room's sequence, or `None` when the store cannot say (breaker open).
+    Loaded {
+        room: Arc<str>,
+        meta: Option<RoomMeta>,
+    },
+    /// A resume answered: the `joined` frame, then the missed messages.
+    Recovered {
+        conn: ConnRef,
+        room: Arc<str>,
+        joined: Box<[u8]>,
+        missed: Vec<u8>,
+    },
+}
+
+/// A shard's mailbox from the worker: a channel plus the waker of the task
+/// that drains it (woken from the worker thread).
+pub struct Inbox {
+    tx: Sender<Vec<Reply>>,
+    rx: Receiver<Vec<Reply>>,
+    waker: Mutex<Option<Waker>>,
+}
+
+impl Inbox {
+    fn new() -> Inbox {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        Inbox {
+            tx,
+            rx,
+            waker: Mutex::new(None),
+        }
+    }
+
+    fn send(&self, replies: Vec<Reply>) {
+        if self.tx.send(replies).is_ok() {
+            let w = self.waker.lock().ok().and_then(|mut w| w.take());
+            if let Some(w) = w {
+                w.wake();
+            }
+        }
+    }
+
+    /// Polls for the next batch of replies (shard side).
+    pub fn poll_recv(&self, cx: &mut Context<'_>) -> Poll<Vec<Reply>> {
+        match self.rx.try_recv() {
+            Ok(r) => return Poll::Ready(r),
+            Err(TryRecvError::Disconnected) => return Poll::Pending,
+            Err(TryRecvError::Empty) => {}
+        }
+        if let Ok(mut w) = self.waker.lock() {
+            *w = Some(cx.waker().clone());
+        }
+        // A reply sent between the first look and the registration.
+        match self.rx.try_recv() {
+            Ok(r) => Poll::Ready(r),
+            Err(_) => Poll::Pending,
+        }
+    }
+}
+
+/// Storage counters, written by the worker (and the queue gauge by shards).
+#[derive(Debug, Default)]
+pub struct StorageMetrics {
+    pub batches: AtomicU64,
+    pub persisted: AtomicU64,
+    pub spilled: AtomicU64,
+    pub replayed: AtomicU64,
+    /// Messages neither stored nor spilled (the spill file failed too).
+    pub lost: AtomicU64,
+    pub spill_bytes: AtomicU64,
+    /// 0 closed, 1 open, 2 replaying the spill file.
+    pub breaker: AtomicU64,
+    pub breaker_opened: AtomicU64,
+    pub presence_dropped: AtomicU64,
+    pub reads: AtomicU64,
+    pub reads_refused: AtomicU64,
+}
+
+pub const BREAKER_CLOSED: u64 = 0;
+pub const BREAKER_OPEN: u64 = 1;
+pub const BREAKER_REPLAYING: u64 = 2;
+
+/// Which store, from the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreKind {
+    Memory,
+    Redis { url: String },
+}
+
+/// Storage settings, validated from the configuration.
+#[derive(Debug, Clone)]
+pub struct StorageConfig {
+    pub kind: StoreKind,
+    /// Messages kept per room.
+    pub history_size: usize,
+    /// A room's history expires this long after its last message.
+    pub history_ttl: Duration,
+    /// A room's sequence and epoch expire this long after its last message.
+    pub meta_ttl: Duration,
+    pub batch_max: usize,
+    pub queue_per_shard: usize,
+    pub spill_dir: PathBuf,
+    pub redis_timeout: Duration,
+    pub node_id: String,
+    pub presence_ttl: Duration,
+}
+
+/// Why storage could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("bad --redis URL {url:?}: {reason} (expected redis://HOST:PORT/DB)")]
+    BadUrl { url: String, reason: String },
+    #[error("spill directory {dir}: {source} (pass a writable --spill-dir)")]
+    SpillDir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("starting the storage thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// The shards' side of the worker: cloneable and `Send`.
+#[derive(Clone)]
+pub struct Storage {
+    tx: Sender<(u16, Op)>,
+    pending: Arc<[AtomicUsize]>,
+    inboxes: Arc<[Inbox]>,
+    cap: usize,
+    keeps_presence: bool,
+    pub metrics: Arc<StorageMetrics>,
+}
+
+impl fmt::Debug for Storage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Storage").field("cap", &self.cap).finish()
+    }
+}
+
+impl Storage {
+    /// May shard `from` hand over one more op that counts against its queue?
+    pub fn has_room(&self, from: usize) -> bool {
+        self.pending[from].load(Ordering::Acquire) < self.cap
+    }
+
+    /// Hands `op` over if shard `from` is under its queue bound; gives it
+    /// back otherwise. Only shard `from` adds to its own count, so the check
+    /// cannot race.
+    pub fn try_send(&self, from: usize, op: Op) -> Result<(), Op> {
+        if !self.has_room(from) {
+            return Err(op);
+        }
+        self.send(from, op);
+        Ok(())
+    }
+
+    /// Hands `op` over whatever the queue holds: for small ops that must not
+    /// be lost (loads, acks of retries), bounded by the channel's slack.
+    pub fn send(&self, from: usize, op: Op) {
+        self.pending[from].fetch_add(1, Ordering::AcqRel);
+        if self.tx.send((from as u16, op)).is_err() {
+            self.pending[from].fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    pub fn queued(&self, from: usize) -> usize {
+        self.pending[from].load(Ordering::Relaxed)
+    }
+
+    pub fn inbox(&self, shard: usize) -> &Inbox {
+        &self.inboxes[shard]
+    }
+
+    pub fn keeps_presence(&self) -> bool {
+        self.keeps_presence
+    }
+}
+
+/// The running worker.
+pub struct WorkerHandle {
+    thread: JoinHandle<()>,
+}
+
+impl WorkerHandle {
+    /// Stops the worker once it handled everything sent before this call
+    /// (call it after the shards stopped), and waits for it.
+    pub fn stop(self, storage: &Storage) {
+        storage.send(0, Op::Stop);
+        if self.thread.join().is_err() {
+            log::error!("storage worker panicked");
+        }
+    }
+}
+
+/// Starts the worker for `shards` shards.
+pub fn start(config: &StorageConfig, shards: usize) -> Result<(Storage, WorkerHandle), StartError> {
+    let backend: Box<dyn Backend> = match &config.kind {
+        StoreKind::Memory => Box::new(memory::MemoryStore::new(
+            config.history_size,
+            config.history_ttl,
+            config.meta_ttl,
+        )),
+        StoreKind::Redis { url } => Box::new(redis_backend::RedisStore::new(url, config)?),
+    };
+    start_with(backend, config, shards)
+}
+
+/// Starts the worker on a given store (tests use this with a failing one).
+pub fn start_with(
+    backend: Box<dyn Backend>,
+    config: &StorageConfig,
+    shards: usize,
+) -> Result<(Storage, WorkerHandle), StartError> {
+    let cap = config.queue_per_shard.max(1);
+    // Slack for ops sent past the bound (loads, acks of retries).
+    let (tx, rx) = crossbeam_channel::bounded(shards * cap * 2 + 1024);
+    let pending: Arc<[AtomicUsize]> = (0..shards).map(|_| AtomicUsize::new(0)).collect();
+    let inboxes: Arc<[Inbox]> = (0..shards).map(|_| Inbox::new()).collect();
+    let metrics = Arc::new(StorageMetrics::default());
+    let keeps_presence = backend.keeps_presence();
+    let spill = match &config.kind {
+        StoreKind::Memory => None,
+        StoreKind::Redis { .. } => Some(
+            spill::Spill::open(&config.spill_dir, &config.node_id).map_err(|source| {
+                StartError::SpillDir {
+                    dir: config.spill_dir.clone(),
+                    source,
+                }
+            })?,
+        ),
+    };
+    let w = worker::Worker::new(
+        backend,
+        rx,
+        pending.clone(),
+        inboxes.clone(),
+        metrics.clone(),
+        spill,
+        config.clone(),
+    );
+    let thread = std::thread::Builder::new()
+        .name("storage".into())
+        .spawn(move || w.run())
+        .map_err(StartError::Thread)?;
+    Ok((
+        Storage {
+            tx,
+            pending,
+            inboxes,
+            cap,
+            keeps_presence,
+            metrics,
+        },
+        WorkerHandle { thread },
+    ))
+}
+
+/// A fresh epoch: unique per process start and per call.
+pub fn new_epoch() -> String {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let mixed = (now ^ (std::process::id() as u64).rotate_left(40))
+        .wrapping_add(n.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    format!("{:012x}", mixed & 0xffff_ffff_ffff)
+}

@@ -1,0 +1,478 @@
+//! History, resume and durability, with both stores: the memory store, and
+//! a private redis-server per test (killed by pid in the fault test).
+
+mod common;
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use common::{chat::*, redis::RedisServer, *};
+use serde_json::{json, Value};
+
+/// Publishes and waits for the ack; returns its seq.
+fn publish(c: &mut Chat, room: &str, id: &str) -> u64 {
+    c.send(json!({"type":"publish","room":room,"id":id,"body":{"n":id}}));
+    let ack = c.recv_type("ack");
+    assert_eq!(
+        (ack["id"].as_str(), ack["stored"].as_bool()),
+        (Some(id), Some(true)),
+        "{ack}"
+    );
+    ack["seq"].as_u64().unwrap()
+}
+
+/// Joins and returns the `joined` frame.
+fn join(c: &mut Chat, room: &str) -> Value {
+    c.send(json!({"type":"join","room":room}));
+    c.recv_type("joined")
+}
+
+fn history(c: &mut Chat, req: Value) -> (Vec<u64>, Value) {
+    c.send(req);
+    let h = c.recv_type("history");
+    let seqs = h["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["seq"].as_u64().unwrap())
+        .collect();
+    (seqs, h)
+}
+
+/// Resumes with `since`/`epoch`: the `joined` frame and the seqs of the
+/// message frames that follow it, up to `until` (a live message).
+fn resume(c: &mut Chat, room: &str, since: u64, epoch: &str) -> Value {
+    c.send(json!({"type":"join","room":room,"since":since,"epoch":epoch}));
+    c.recv_type("joined")
+}
+
+fn assert_resumed(joined: &Value, recovered: bool, missed: u64) {
+    assert_eq!(
+        (joined["recovered"].as_bool(), joined["missed"].as_u64()),
+        (Some(recovered), Some(missed)),
+        "{joined}"
+    );
+}
+
+fn next_msgs(c: &mut Chat, n: usize) -> Vec<u64> {
+    (0..n)
+        .map(|_| c.recv_type("msg")["seq"].as_u64().unwrap())
+        .collect()
+}
+
+/// The same scenario on either store: history by count and by seq, a
+/// resume that is complete, one in the wrong epoch, one past the window.
+fn history_and_resume(server: &TestServer) {
+    let mut a = Chat::connect(server, "alice");
+    let j = join(&mut a, "hist");
+    let epoch = j["epoch"].as_str().unwrap().to_string();
+    assert!(!epoch.is_empty(), "{j}");
+    for i in 1..=10 {
+        assert_eq!(publish(&mut a, "hist", &format!("m{i}")), i);
+    }
+    let (seqs, h) = history(&mut a, json!({"type":"history","room":"hist","limit":5}));
+    assert_eq!(seqs, vec![6, 7, 8, 9, 10]);
+    assert_eq!(
+        (h["complete"].as_bool(), h["seq"].as_u64()),
+        (Some(true), Some(10))
+    );
+    assert_eq!(h["epoch"], epoch.as_str());
+    assert_eq!(h["messages"][0]["body"], json!({"n":"m6"}));
+    assert_eq!(h["messages"][0]["from"], "alice");
+    let (seqs, _) = history(
+        &mut a,
+        json!({"type":"history","room":"hist","since":3,"limit":4}),
+    );
+    assert_eq!(seqs, vec![4, 5, 6, 7]);
+
+    // Bob missed 5..10: he gets them after `joined`, before anything live.
+    let mut b = Chat::connect(server, "bob");
+    let j = resume(&mut b, "hist", 4, &epoch);
+    assert_eq!(
+        (
+            j["recovered"].as_bool(),
+            j["missed"].as_u64(),
+            j["seq"].as_u64()
+        ),
+        (Some(true), Some(6), Some(10)),
+        "{j}"
+    );
+    assert_eq!(next_msgs(&mut b, 6), vec![5, 6, 7, 8, 9, 10]);
+    assert_eq!(publish(&mut a, "hist", "m11"), 11);
+    assert_eq!(next_msgs(&mut b, 1), vec![11]);
+
+    // Another epoch: nothing can be recovered.
+    let mut c = Chat::connect(server, "carol");
+    let j = resume(&mut c, "hist", 4, "not-the-epoch");
+    assert_resumed(&j, false, 0);
+    // Up to date already: recovered, nothing missed.
+    let mut d = Chat::connect(server, "dave");
+    let j = resume(&mut d, "hist", 11, &epoch);
+    assert_resumed(&j, true, 0);
+    // The stores keep 8 messages: from seq 1 the gap is not covered.
+    let mut e = Chat::connect(server, "erin");
+    let j = resume(&mut e, "hist", 1, &epoch);
+    assert_eq!(j["recovered"].as_bool(), Some(false), "{j}");
+    let missed = j["missed"].as_u64().unwrap() as usize;
+    let got = next_msgs(&mut e, missed);
+    assert_eq!(
+        got,
+        (12 - missed as u64..=11).collect::<Vec<_>>(),
+        "the newest it has, in order"
+    );
+    assert_eq!(publish(&mut a, "hist", "m12"), 12);
+    assert_eq!(next_msgs(&mut e, 1), vec![12]);
+    // A retried publish is acked again with its seq, as stored.
+    a.send(json!({"type":"publish","room":"hist","id":"m12","body":1}));
+    let ack = a.recv_type("ack");
+    assert_eq!(
+        (
+            ack["seq"].as_u64(),
+            ack["duplicate"].as_bool(),
+            ack["stored"].as_bool()
+        ),
+        (Some(12), Some(true), Some(true))
+    );
+}
+
+#[test]
+fn history_and_resume_with_the_memory_store() {
+    let server = chat_server(&["--shards", "4", "--history-size", "8"]);
+    history_and_resume(&server);
+}
+
+#[test]
+fn history_and_resume_with_redis() {
+    let redis = RedisServer::start();
+    let spill = redis.scratch("spill");
+    let server = chat_server(&[
+        "--shards",
+        "4",
+        "--history-size",
+        "8",
+        "--redis",
+        &redis.url(),
+        "--spill-dir",
+        &spill,
+    ]);
+    history_and_resume(&server);
+    drop(server);
+    // Redis trims streams approximately (whole nodes): at least the last 8.
+    let kept = redis.stream_seqs("hist");
+    assert!(kept.len() >= 8, "{kept:?}");
+    assert_eq!(kept, (13 - kept.len() as u64..=12).collect::<Vec<_>>());
+}
+
+#[test]
+fn sequences_and_resume_survive_a_restart_with_redis_but_not_in_memory() {
+    let redis = RedisServer::start();
+    let spill = redis.scratch("spill");
+    let args = [
+        "--shards",
+        "2",
+        "--redis",
+        &redis.url(),
+        "--spill-dir",
+        &spill,
+    ];
+    let server = chat_server(&args);
+    let mut a = Chat::connect(&server, "alice");
+    let epoch = join(&mut a, "durable")["epoch"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for i in 1..=5 {
+        publish(&mut a, "durable", &format!("m{i}"));
+    }
+    drop(a);
+    server.stop().unwrap();
+
+    let server = chat_server(&args);
+    let mut b = Chat::connect(&server, "bob");
+    let j = resume(&mut b, "durable", 3, &epoch);
+    assert_eq!(
+        (
+            j["recovered"].as_bool(),
+            j["missed"].as_u64(),
+            j["seq"].as_u64(),
+            j["epoch"].as_str()
+        ),
+        (Some(true), Some(2), Some(5), Some(epoch.as_str())),
+        "{j}"
+    );
+    assert_eq!(next_msgs(&mut b, 2), vec![4, 5]);
+    assert_eq!(
+        publish(&mut b, "durable", "after-restart"),
+        6,
+        "the sequence continues"
+    );
+    drop(b);
+    server.stop().unwrap();
+
+    // The memory store forgets: a new epoch, and seqs start again.
+    let server = chat_server(&["--shards", "2"]);
+    let mut a = Chat::connect(&server, "alice");
+    let epoch = join(&mut a, "volatile")["epoch"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    publish(&mut a, "volatile", "x");
+    drop(a);
+    server.stop().unwrap();
+    let server = chat_server(&["--shards", "2"]);
+    let mut b = Chat::connect(&server, "bob");
+    let j = resume(&mut b, "volatile", 1, &epoch);
+    assert_eq!(j["recovered"].as_bool(), Some(false), "{j}");
+    assert_ne!(j["epoch"].as_str(), Some(epoch.as_str()));
+    assert_eq!(publish(&mut b, "volatile", "y"), 1);
+}
+
+#[test]
+fn presence_is_kept_in_redis() {
+    let redis = RedisServer::start();
+    let spill = redis.scratch("spill");
+    let server = chat_server(&[
+        "--shards",
+        "2",
+        "--redis",
+        &redis.url(),
+        "--spill-dir",
+        &spill,
+        "--node-id",
+        "n7",
+    ]);
+    let mut a = Chat::connect(&server, "alice");
+    let mut b = Chat::connect(&server, "bob");
+    join(&mut a, "room");
+    join(&mut b, "room");
+    a.send(json!({"type":"presence","room":"room"}));
+    let p = a.recv_type("presence");
+    assert_eq!(
+        (p["count"].as_u64(), &p["users"]),
+        (Some(2), &json!(["alice", "bob"])),
+        "{p}"
+    );
+    let mut c = redis.client().unwrap();
+    let members: Vec<String> = ::redis::cmd("ZRANGE")
+        .arg("cc:{room}:p")
+        .arg(0)
+        .arg(-1)
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(members, vec!["n7|alice", "n7|bob"]);
+    b.send(json!({"type":"leave","room":"room"}));
+    b.recv_type("left");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        a.send(json!({"type":"presence","room":"room"}));
+        let p = a.recv_type("presence");
+        if p["users"] == json!(["alice"]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "bob never left: {p}");
+    }
+}
+
+#[test]
+fn an_unreachable_redis_at_start_keeps_live_traffic_and_refuses_unsequenced_publishes() {
+    let spill =
+        std::env::temp_dir().join(format!("corecast-test-unreachable-{}", std::process::id()));
+    let spill = spill.display().to_string();
+    // Nothing listens on port 1.
+    let server = chat_server(&["--redis", "redis://127.0.0.1:1/", "--spill-dir", &spill]);
+    let mut a = Chat::connect(&server, "alice");
+    let j = join(&mut a, "r");
+    assert_eq!(j["epoch"], "", "{j}");
+    a.send(json!({"type":"publish","room":"r","id":"p1","body":1}));
+    let e = a.recv_type("error");
+    assert_eq!(
+        (e["code"].as_str(), e["id"].as_str()),
+        (Some("room_unavailable"), Some("p1")),
+        "{e}"
+    );
+    a.send(json!({"type":"history","room":"r"}));
+    assert_eq!(a.recv_type("error")["code"], "storage_unavailable");
+    // Direct messages do not need the store.
+    let mut b = Chat::connect(&server, "bob");
+    a.send(json!({"type":"dm","to":"bob","id":"d","body":"hi"}));
+    assert_eq!(b.recv_type("dm")["body"], "hi");
+    assert_eq!(server.metric("corecast_storage_breaker", ""), 1);
+    drop(server);
+    let _ = std::fs::remove_dir_all(&spill);
+}
+
+#[test]
+fn bad_storage_flags_are_refused_with_a_reason() {
+    use clap::Parser;
+    for (args, want) in [
+        (&["--redis", "nope://x"][..], "bad --redis URL"),
+        (
+            &["--store", "memory", "--redis", "redis://127.0.0.1/"][..],
+            "drop one of them",
+        ),
+        (
+            &["--history-ttl-s", "10", "--history-meta-ttl-s", "5"][..],
+            "--history-meta-ttl-s",
+        ),
+        (&["--node-id", "a b"][..], "--node-id"),
+    ] {
+        let mut argv = vec!["gateway", "--listen", "127.0.0.1:0"];
+        argv.extend_from_slice(args);
+        let config = corecast_gateway::Config::try_parse_from(argv).unwrap();
+        let e = corecast_gateway::Server::bind(config)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(e.contains(want), "{args:?}: {e}");
+    }
+}
+
+/// The fault test: a publisher never stops; Redis is killed by pid and
+/// restarted on the same port; every acked message must end up in the
+/// room's stream exactly once, in seq order, and the listener must have
+/// kept receiving live messages throughout.
+#[test]
+fn every_acked_message_survives_a_redis_crash_exactly_once_in_order() {
+    let mut redis = RedisServer::start();
+    let spill = redis.scratch("spill");
+    let server = chat_server(&[
+        "--shards",
+        "2",
+        "--redis",
+        &redis.url(),
+        "--spill-dir",
+        &spill,
+        "--redis-timeout-ms",
+        "300",
+        "--history-size",
+        "100000",
+        "--rate-limit-per-s",
+        "100000",
+        "--rate-limit-burst",
+        "100000",
+    ]);
+    let mut listener = Chat::connect(&server, "listener");
+    join(&mut listener, "ledger");
+    let mut publisher = Chat::connect(&server, "publisher");
+    join(&mut publisher, "ledger");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let received: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let pub_thread = {
+        let (stop, acked) = (stop.clone(), acked.clone());
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            // Eight in flight, so a kill is likely to cut a batch.
+            let mut in_flight = 0;
+            loop {
+                while in_flight < 8 && !stop.load(Ordering::Relaxed) {
+                    i += 1;
+                    publisher.send(json!({"type":"publish","room":"ledger","id":format!("p{i}"),"body":{"i":i}}));
+                    in_flight += 1;
+                }
+                if in_flight == 0 {
+                    return;
+                }
+                let v = publisher.recv();
+                match v["type"].as_str() {
+                    Some("ack") => {
+                        assert_eq!(v["stored"], true, "{v}");
+                        acked.lock().unwrap().push(v["seq"].as_u64().unwrap());
+                        in_flight -= 1;
+                    }
+                    Some("msg") | Some("presence_event") => {}
+                    _ => panic!("publisher got {v}"),
+                }
+            }
+        })
+    };
+    let listen_thread = {
+        let (stop, received) = (stop.clone(), received.clone());
+        std::thread::spawn(move || {
+            listener
+                .ws
+                .get_ref()
+                .set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            loop {
+                match listener.ws.read() {
+                    Ok(tungstenite::Message::Text(t)) => {
+                        let v: Value = serde_json::from_str(&t).unwrap();
+                        if v["type"] == "msg" {
+                            received.lock().unwrap().push(v["seq"].as_u64().unwrap());
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) if stop.load(Ordering::Relaxed) => return,
+                    Err(tungstenite::Error::Io(e))
+                        if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("listener: {e}"),
+                }
+            }
+        })
+    };
+    let wait_acks = |n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while acked.lock().unwrap().len() < n {
+            let got = acked.lock().unwrap().len();
+            assert!(Instant::now() < deadline, "only {got} acks");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    wait_acks(300);
+    redis.kill();
+    let at_kill = received.lock().unwrap().len();
+    let n = acked.lock().unwrap().len();
+    wait_acks(n + 300);
+    assert_eq!(
+        server.metric("corecast_storage_breaker", ""),
+        1,
+        "breaker open while Redis is down"
+    );
+    assert!(server.metric("corecast_storage_spilled_total", "") > 0);
+    let during_outage = received.lock().unwrap().len() - at_kill;
+    redis.restart();
+    let n = acked.lock().unwrap().len();
+    wait_acks(n + 300);
+    stop.store(true, Ordering::Relaxed);
+    pub_thread.join().unwrap();
+    // Replay finishes: breaker closed, spill file empty.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server.metric("corecast_storage_breaker", "") != 0
+        || server.metric("corecast_storage_spill_bytes", "") != 0
+    {
+        assert!(Instant::now() < deadline, "replay did not finish");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(600));
+    listen_thread.join().unwrap();
+
+    let mut acked = acked.lock().unwrap().clone();
+    acked.sort_unstable();
+    let n = acked.len() as u64;
+    assert_eq!(
+        acked,
+        (1..=n).collect::<Vec<_>>(),
+        "acks are the gapless seqs 1..={n}"
+    );
+    assert_eq!(
+        redis.stream_seqs("ledger"),
+        acked,
+        "every acked message stored once, in order"
+    );
+    let received = received.lock().unwrap().clone();
+    assert_eq!(
+        received,
+        (1..=n).collect::<Vec<_>>(),
+        "the listener got every message live, in order"
+    );
+    assert!(during_outage > 0, "live delivery went on during the outage");
+    assert!(server.metric("corecast_storage_replayed_total", "") > 0);
+    assert_eq!(server.metric("corecast_storage_lost_total", ""), 0);
+}
