@@ -1,6 +1,7 @@
 //! The embedded store: the last N messages of each room, in this process's
 //! memory. Everything is lost when the process ends, which the epoch tells
-//! resuming clients (it is new at every start).
+//! resuming clients: a room's epoch is made when the store first sees the
+//! room, so it is new after a restart, and new if the store forgot the room.
 //!
 //! # Invariants
 //! - Bounded: at most `history_size` messages per room; a room's messages
@@ -17,13 +18,13 @@ use super::{new_epoch, Backend, PresenceOp, Query, Record, RoomMeta, StoreError}
 
 struct Room {
     last_seq: u64,
+    epoch: Arc<str>,
     messages: VecDeque<Record>,
     touched: Instant,
 }
 
 pub struct MemoryStore {
     rooms: HashMap<Arc<str>, Room>,
-    epoch: Arc<str>,
     history_size: usize,
     history_ttl: Duration,
     meta_ttl: Duration,
@@ -34,7 +35,6 @@ impl MemoryStore {
     pub fn new(history_size: usize, history_ttl: Duration, meta_ttl: Duration) -> MemoryStore {
         MemoryStore {
             rooms: HashMap::new(),
-            epoch: Arc::from(new_epoch()),
             history_size,
             history_ttl,
             meta_ttl,
@@ -42,11 +42,20 @@ impl MemoryStore {
         }
     }
 
-    fn meta(&self, room: Option<&Room>) -> RoomMeta {
-        RoomMeta {
-            last_seq: room.map_or(0, |r| r.last_seq),
-            epoch: self.epoch.clone(),
+    /// The room's entry, made (with a new epoch) if the store has none.
+    fn room(&mut self, room: &str) -> &mut Room {
+        if !self.rooms.contains_key(room) {
+            self.rooms.insert(
+                Arc::from(room),
+                Room {
+                    last_seq: 0,
+                    epoch: Arc::from(new_epoch()),
+                    messages: VecDeque::new(),
+                    touched: Instant::now(),
+                },
+            );
         }
+        self.rooms.get_mut(room).expect("inserted above")
     }
 }
 
@@ -66,20 +75,17 @@ impl Backend for MemoryStore {
     fn append(&mut self, records: &[Record]) -> Result<(), StoreError> {
         let now = Instant::now();
         for r in records {
-            let room = self.rooms.entry(r.room.clone()).or_insert_with(|| Room {
-                last_seq: 0,
-                messages: VecDeque::new(),
-                touched: now,
-            });
+            let history_size = self.history_size;
+            let room = self.room(&r.room);
             if r.seq <= room.last_seq {
                 continue;
             }
             room.last_seq = r.seq;
             room.touched = now;
-            if self.history_size == 0 {
+            if history_size == 0 {
                 continue;
             }
-            if room.messages.len() == self.history_size {
+            if room.messages.len() == history_size {
                 room.messages.pop_front();
             }
             room.messages.push_back(r.clone());
@@ -88,14 +94,18 @@ impl Backend for MemoryStore {
     }
 
     fn load(&mut self, room: &str) -> Result<RoomMeta, StoreError> {
-        Ok(self.meta(self.rooms.get(room)))
+        let r = self.room(room);
+        Ok(RoomMeta {
+            last_seq: r.last_seq,
+            epoch: r.epoch.clone(),
+        })
     }
 
     fn fetch(&mut self, room: &str, q: Query) -> Result<(RoomMeta, Vec<Record>), StoreError> {
-        let r = self.rooms.get(room);
-        let meta = self.meta(r);
-        let Some(r) = r else {
-            return Ok((meta, Vec::new()));
+        let r = self.room(room);
+        let meta = RoomMeta {
+            last_seq: r.last_seq,
+            epoch: r.epoch.clone(),
         };
         let msgs = &r.messages;
         let out = match q {
@@ -178,9 +188,21 @@ mod tests {
     }
 
     #[test]
-    fn epochs_differ_between_stores() {
-        let a = MemoryStore::new(1, Duration::from_secs(1), Duration::from_secs(1));
-        let b = MemoryStore::new(1, Duration::from_secs(1), Duration::from_secs(1));
-        assert_ne!(a.epoch, b.epoch);
+    fn epochs_are_per_room_and_new_when_the_room_is_forgotten() {
+        let mut a = MemoryStore::new(1, Duration::from_secs(1), Duration::ZERO);
+        let mut b = MemoryStore::new(1, Duration::from_secs(1), Duration::from_secs(1));
+        let first = a.load("r").unwrap().epoch;
+        assert_eq!(a.load("r").unwrap().epoch, first, "stable while kept");
+        assert_ne!(
+            b.load("r").unwrap().epoch,
+            first,
+            "another store (a restart)"
+        );
+        a.append(&[rec("r", 1)]).unwrap();
+        a.last_sweep -= Duration::from_secs(2);
+        a.maintain();
+        let again = a.load("r").unwrap();
+        assert_eq!(again.last_seq, 0, "forgotten after the meta ttl");
+        assert_ne!(again.epoch, first, "so its seqs start a new epoch");
     }
 }

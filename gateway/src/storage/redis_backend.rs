@@ -28,6 +28,9 @@ use super::{
     new_epoch, Backend, PresenceOp, Query, Record, RoomMeta, StartError, StorageConfig, StoreError,
 };
 
+/// Longest a probe of an unreachable Redis may take.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(200);
+
 const APPEND: &str = r#"
 local s = redis.call('HGET', KEYS[2], 'seq')
 local last = 0
@@ -257,12 +260,15 @@ impl Backend for RedisStore {
 
     fn connect(&mut self) -> Result<(), StoreError> {
         self.live = None;
+        // The worker probes on its own thread: a Redis that is up but stuck
+        // (DEBUG SLEEP, a long save) must not hold it for a whole timeout.
+        let probe = self.timeout.min(PROBE_TIMEOUT);
         let mut conn = self
             .client
-            .get_connection_with_timeout(self.timeout)
+            .get_connection_with_timeout(probe)
             .map_err(|e| err("connect", e))?;
-        conn.set_read_timeout(Some(self.timeout))
-            .and_then(|_| conn.set_write_timeout(Some(self.timeout)))
+        conn.set_read_timeout(Some(probe))
+            .and_then(|_| conn.set_write_timeout(Some(probe)))
             .map_err(|e| err("set timeouts", e))?;
         let load = |src: &str, conn: &mut redis::Connection| -> Result<String, StoreError> {
             redis::cmd("SCRIPT")
@@ -273,6 +279,9 @@ impl Backend for RedisStore {
         };
         let append_sha = load(APPEND, &mut conn)?;
         let load_sha = load(LOAD, &mut conn)?;
+        conn.set_read_timeout(Some(self.timeout))
+            .and_then(|_| conn.set_write_timeout(Some(self.timeout)))
+            .map_err(|e| err("set timeouts", e))?;
         self.live = Some(Live {
             conn,
             append_sha,

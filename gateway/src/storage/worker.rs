@@ -253,26 +253,31 @@ impl Worker {
                 Op::Presence(p) => presence.push(p),
                 Op::Stop => self.stopping = true,
                 read => {
+                    // A read sees every write sent before it.
                     self.flush(&mut appends, &mut acks);
+                    self.flush_presence(&mut presence);
                     self.read(read);
                 }
             }
         }
         self.flush(&mut appends, &mut acks);
-        if !presence.is_empty() {
-            if matches!(self.state, State::Closed) {
-                if let Err(e) = self.backend.presence(&presence) {
-                    self.metrics
-                        .presence_dropped
-                        .fetch_add(presence.len() as u64, Relaxed);
-                    self.open_breaker(Some(&e));
-                }
-            } else {
-                self.metrics
-                    .presence_dropped
-                    .fetch_add(presence.len() as u64, Relaxed);
-            }
+        self.flush_presence(&mut presence);
+    }
+
+    fn flush_presence(&mut self, presence: &mut Vec<PresenceOp>) {
+        if presence.is_empty() {
+            return;
         }
+        let n = presence.len() as u64;
+        if matches!(self.state, State::Closed) {
+            if let Err(e) = self.backend.presence(presence) {
+                self.metrics.presence_dropped.fetch_add(n, Relaxed);
+                self.open_breaker(Some(&e));
+            }
+        } else {
+            self.metrics.presence_dropped.fetch_add(n, Relaxed);
+        }
+        presence.clear();
     }
 
     /// Writes what was collected and acks it.
