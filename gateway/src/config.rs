@@ -192,6 +192,7 @@ impl Config {
             max_body_bytes: self.max_body_bytes,
             presence_max_members: self.presence_max_members,
             presence_ttl: Duration::from_secs(self.presence_ttl_s),
+            history_meta_ttl: Duration::from_secs(self.history_meta_ttl_s),
             history_max_limit: self.history_size.clamp(1, MAX_HISTORY_LIMIT),
         }
     }

@@ -89,6 +89,8 @@ pub enum Request {
         conn: ConnRef,
         /// Resume point: last seq seen and its epoch.
         since: Option<(u64, Box<str>)>,
+        /// The connection's number for this join (see `Session`).
+        nonce: u32,
     },
     Leave {
         room: Arc<str>,
@@ -166,6 +168,7 @@ pub enum Delivery {
         members: u64,
         epoch: Arc<str>,
         resume: Resume,
+        nonce: u32,
     },
     /// A frame for every local member of the room (a message, a presence event).
     Room { room: Arc<str>, frame: Arc<[u8]> },
@@ -187,6 +190,9 @@ pub struct Settings {
     pub presence_max_members: usize,
     /// How long a presence entry in the store lives without a heartbeat.
     pub presence_ttl: Duration,
+    /// How long the store keeps an idle room's seq and epoch; a tombstone
+    /// older than that is not trusted.
+    pub history_meta_ttl: Duration,
     /// Most messages one `history` request returns.
     pub history_max_limit: usize,
 }
@@ -209,15 +215,17 @@ struct Home {
     seq: SeqState,
 }
 
-/// An emptied room's last seq and epoch.
-type Tombstone = (u64, Arc<str>);
-/// A resume answer: the `joined` frame and the missed messages' frames.
-type Recovered = (Box<[u8]>, Vec<u8>);
+/// An emptied room's last seq and epoch, and when it emptied.
+type Tombstone = (u64, Arc<str>, std::time::Instant);
+/// A resume answer: the join's nonce, the `joined` frame and the missed
+/// messages' frames.
+type Recovered = (u32, Box<[u8]>, Vec<u8>);
 
 /// A local member whose resume is being answered by the store: the room's
 /// live frames wait here so that they follow what it missed.
 struct Recovering {
     key: LocalConn,
+    nonce: u32,
     held: Vec<Arc<[u8]>>,
     bytes: usize,
 }
@@ -464,24 +472,27 @@ impl ChatShard {
     /// or ask the store where it stands.
     fn revive(&self, room: &Arc<str>, m: &crate::metrics::ShardMetrics) -> Home {
         m.rooms.inc();
+        let ttl = self.settings.history_meta_ttl;
         match self.tombstones.borrow_mut().remove(room) {
-            Some((last_seq, epoch)) => Home {
+            Some((last_seq, epoch, at)) if at.elapsed() < ttl => Home {
                 room: HomeRoom::new(self.shards, last_seq),
                 epoch,
                 seq: SeqState::Known,
             },
-            None => {
-                self.storage.send(
-                    self.me,
-                    Op::Load {
-                        room: room.clone(),
-                        home: self.me as u16,
-                    },
-                );
+            _ => {
+                let load = Op::Load {
+                    room: room.clone(),
+                    home: self.me as u16,
+                };
+                let seq = match self.storage.try_send_load(self.me, load) {
+                    Ok(()) => SeqState::Loading(VecDeque::new()),
+                    // Too many loads queued: publishes will ask again.
+                    Err(_) => SeqState::Unknown,
+                };
                 Home {
                     room: HomeRoom::new(self.shards, 0),
                     epoch: Arc::from(""),
-                    seq: SeqState::Loading(VecDeque::new()),
+                    seq,
                 }
             }
         }
@@ -500,7 +511,10 @@ impl ChatShard {
                 t.remove(&k);
             }
         }
-        t.insert(room, (home.room.last_seq(), home.epoch));
+        t.insert(
+            room,
+            (home.room.last_seq(), home.epoch, std::time::Instant::now()),
+        );
     }
 
     pub fn add_local_member(&self, shard: &Shard, room: &Arc<str>, key: (u32, u32)) {
@@ -721,15 +735,16 @@ fn handle_request(shard: &Shard, req: Request) {
                     return;
                 }
                 SeqState::Unknown if publish => {
-                    home.seq = SeqState::Loading(VecDeque::from([req]));
-                    drop(homes);
-                    chat.storage.send(
-                        chat.me,
-                        Op::Load {
-                            room,
-                            home: chat.me as u16,
-                        },
-                    );
+                    let load = Op::Load {
+                        room,
+                        home: chat.me as u16,
+                    };
+                    if chat.storage.try_send_load(chat.me, load).is_ok() {
+                        home.seq = SeqState::Loading(VecDeque::from([req]));
+                    } else {
+                        drop(homes);
+                        refuse_publish(shard, req, proto::ErrorCode::StorageBusy);
+                    }
                     return;
                 }
                 _ => {}
@@ -791,6 +806,7 @@ fn dispatch_request(shard: &Shard, req: Request) {
             user,
             conn,
             since,
+            nonce,
         } => {
             let mut homes = chat.homes.borrow_mut();
             let Some(home) = homes.get_mut(&room) else {
@@ -825,6 +841,7 @@ fn dispatch_request(shard: &Shard, req: Request) {
                         home_epoch: epoch.clone(),
                         members,
                         to: conn,
+                        nonce,
                     }));
                     match chat.storage.try_send(chat.me, op) {
                         Ok(()) => Resume::Pending,
@@ -843,6 +860,7 @@ fn dispatch_request(shard: &Shard, req: Request) {
                     members,
                     epoch,
                     resume,
+                    nonce,
                 },
             );
             if let Some((shards, frame)) = event {
@@ -891,7 +909,14 @@ fn dispatch_request(shard: &Shard, req: Request) {
             body,
             conn,
         } => {
-            if !chat.storage.has_room(chat.me) {
+            let refusal = if !chat.storage.has_room(chat.me) {
+                Some(proto::ErrorCode::StorageBusy)
+            } else if chat.storage.failing() {
+                Some(proto::ErrorCode::StorageUnavailable)
+            } else {
+                None
+            };
+            if let Some(code) = refusal {
                 let req = Request::Publish {
                     room,
                     user,
@@ -899,7 +924,7 @@ fn dispatch_request(shard: &Shard, req: Request) {
                     body,
                     conn,
                 };
-                refuse_publish(shard, req, proto::ErrorCode::StorageBusy);
+                refuse_publish(shard, req, code);
                 return;
             }
             let mut homes = chat.homes.borrow_mut();
@@ -1073,23 +1098,25 @@ fn handle_delivery(shard: &Shard, d: Delivery) {
             members,
             epoch,
             resume,
+            nonce,
         } => {
             let live = lookup(shard, conn);
             let wanted = live.as_ref().is_some_and(|c| {
                 c.chat
                     .borrow_mut()
                     .as_mut()
-                    .is_some_and(|s| s.mark_joined(&room))
+                    .is_some_and(|s| s.mark_joined(&room, nonce))
             });
             let key = (conn.key, conn.gen);
             let early = chat
                 .early_recoveries
                 .borrow_mut()
-                .remove(&(room.clone(), key));
+                .remove(&(room.clone(), key))
+                .filter(|(n, _, _)| *n == nonce);
             match live {
                 Some(c) if wanted => {
                     match (resume, early) {
-                        (Resume::Pending, Some((joined, missed))) => {
+                        (Resume::Pending, Some((_, joined, missed))) => {
                             c.enqueue(shard, &joined);
                             c.enqueue(shard, &missed);
                             chat.add_local_member(shard, &room, key);
@@ -1098,6 +1125,7 @@ fn handle_delivery(shard: &Shard, d: Delivery) {
                             chat.recovering.borrow_mut().entry(room).or_default().push(
                                 Recovering {
                                     key,
+                                    nonce,
                                     held: Vec::new(),
                                     bytes: 0,
                                 },
@@ -1125,6 +1153,9 @@ fn handle_delivery(shard: &Shard, d: Delivery) {
         Delivery::Room { room, frame } => {
             // Enqueueing touches only the connection's own queue and flags,
             // never the room table, so the borrow can stay.
+            // Members still resuming hold the frame, whether or not the
+            // shard has members that already receive the room.
+            hold_for_recovering(shard, &room, &frame);
             let rooms = chat.local_rooms.borrow();
             let Some(members) = rooms.get(&room) else {
                 return;
@@ -1137,8 +1168,6 @@ fn handle_delivery(shard: &Shard, d: Delivery) {
                 }
             }
             shard.metrics().deliveries.add(n);
-            drop(rooms);
-            hold_for_recovering(shard, &room, &frame);
         }
         Delivery::ToConn { conn, frame } => {
             if let Some(c) = lookup(shard, conn) {
@@ -1193,6 +1222,7 @@ fn handle_reply(shard: &Shard, reply: Reply) {
         Reply::Recovered {
             conn,
             room,
+            nonce,
             joined,
             missed,
         } => {
@@ -1200,7 +1230,7 @@ fn handle_reply(shard: &Shard, reply: Reply) {
             let entry = {
                 let mut rec = chat.recovering.borrow_mut();
                 let entry = rec.get_mut(&room).and_then(|list| {
-                    let i = list.iter().position(|r| r.key == key)?;
+                    let i = list.iter().position(|r| r.key == key && r.nonce == nonce)?;
                     Some(list.swap_remove(i))
                 });
                 if rec.get(&room).is_some_and(Vec::is_empty) {
@@ -1229,11 +1259,11 @@ fn handle_reply(shard: &Shard, reply: Reply) {
                         .chat
                         .borrow()
                         .as_ref()
-                        .is_some_and(|s| s.awaits_join(&room));
+                        .is_some_and(|s| s.awaits_join(&room, nonce));
                     if waiting {
                         chat.early_recoveries
                             .borrow_mut()
-                            .insert((room, key), (joined, missed));
+                            .insert((room, key), (nonce, joined, missed));
                     }
                 }
             }

@@ -28,6 +28,9 @@ struct RoomEntry {
     room: Arc<str>,
     /// The home confirmed the join (until then deliveries are not ours).
     joined: bool,
+    /// Which join of the room this is (a client may leave and join again
+    /// before the first join's answers arrive).
+    nonce: u32,
 }
 
 /// A chat connection's state.
@@ -36,6 +39,7 @@ pub struct Session {
     user: Option<Arc<str>>,
     claims: Option<Box<Claims>>,
     rooms: Vec<RoomEntry>,
+    joins: u32,
     bucket: TokenBucket,
     /// Until an authenticated user is known: when to give up (4001).
     pub auth_deadline: Option<Instant>,
@@ -55,6 +59,7 @@ impl Session {
             user: None,
             claims: None,
             rooms: Vec::new(),
+            joins: 0,
             bucket: TokenBucket::new(s.rate_limit_per_s, s.rate_limit_burst, now),
             auth_deadline: None,
         }
@@ -64,18 +69,20 @@ impl Session {
         self.user.as_ref()
     }
 
-    /// Has the client asked to join `room` without the home confirming yet?
-    pub fn awaits_join(&self, room: &str) -> bool {
-        self.rooms.iter().any(|e| &*e.room == room && !e.joined)
+    /// Is this join of `room` asked for and not yet confirmed by the home?
+    pub fn awaits_join(&self, room: &str, nonce: u32) -> bool {
+        self.rooms
+            .iter()
+            .any(|e| &*e.room == room && e.nonce == nonce && !e.joined)
     }
 
     /// The home confirmed a join; `false` if this connection no longer wants
-    /// the room (it left meanwhile).
-    pub fn mark_joined(&mut self, room: &str) -> bool {
+    /// it (it left meanwhile, perhaps joining again since).
+    pub fn mark_joined(&mut self, room: &str, nonce: u32) -> bool {
         match self
             .rooms
             .iter_mut()
-            .find(|e| &*e.room == room && !e.joined)
+            .find(|e| &*e.room == room && e.nonce == nonce && !e.joined)
         {
             Some(e) => {
                 e.joined = true;
@@ -246,9 +253,12 @@ pub fn on_text(shard: &Shard, conn: &ConnShared, me: ConnRef, text: &[u8]) -> Ou
                 return error(ErrorCode::TooManyRooms, None, Some(&room));
             }
             let room: Arc<str> = Arc::from(&*room);
+            session.joins = session.joins.wrapping_add(1);
+            let nonce = session.joins;
             session.rooms.push(RoomEntry {
                 room: room.clone(),
                 joined: false,
+                nonce,
             });
             chat.request(
                 shard,
@@ -258,6 +268,7 @@ pub fn on_text(shard: &Shard, conn: &ConnShared, me: ConnRef, text: &[u8]) -> Ou
                     user,
                     conn: me,
                     since: since.map(|(seq, epoch)| (seq, epoch.into())),
+                    nonce,
                 },
             );
             Outcome::Continue

@@ -135,6 +135,12 @@ impl Backend for MemoryStore {
         Ok(Vec::new())
     }
 
+    fn advance_seq(&mut self, room: &str, seq: u64) -> Result<(), StoreError> {
+        let r = self.room(room);
+        r.last_seq = r.last_seq.max(seq);
+        Ok(())
+    }
+
     fn maintain(&mut self) {
         let now = Instant::now();
         if now.duration_since(self.last_sweep) < Duration::from_secs(1) {

@@ -26,7 +26,7 @@ use std::{
     fmt,
     path::PathBuf,
     sync::{
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex,
     },
     task::{Context, Poll, Waker},
@@ -119,6 +119,8 @@ pub trait Backend: Send {
     fn presence_list(&mut self, room: &str) -> Result<Vec<String>, StoreError>;
     /// Periodic housekeeping (expiry of a memory store).
     fn maintain(&mut self) {}
+    /// Seqs up to `seq` were given out (and lost): never give them again.
+    fn advance_seq(&mut self, room: &str, seq: u64) -> Result<(), StoreError>;
 }
 
 /// Work for the storage worker.
@@ -176,6 +178,8 @@ pub struct Recover {
     pub home_epoch: Arc<str>,
     pub members: u64,
     pub to: ConnRef,
+    /// Tells this join from an earlier one of the same room.
+    pub nonce: u32,
 }
 
 /// What the worker sends back to a shard.
@@ -192,6 +196,7 @@ pub enum Reply {
     Recovered {
         conn: ConnRef,
         room: Arc<str>,
+        nonce: u32,
         joined: Box<[u8]>,
         missed: Vec<u8>,
     },
@@ -311,6 +316,9 @@ pub struct Storage {
     inboxes: Arc<[Inbox]>,
     cap: usize,
     keeps_presence: bool,
+    /// Set by the worker while neither the store nor the spill file takes
+    /// writes: shards refuse publishes instead of sequencing them.
+    failing: Arc<AtomicBool>,
     pub metrics: Arc<StorageMetrics>,
 }
 
@@ -337,13 +345,35 @@ impl Storage {
         Ok(())
     }
 
-    /// Hands `op` over whatever the queue holds: for small ops that must not
-    /// be lost (loads, acks of retries), bounded by the channel's slack.
+    /// Hands over a room-sequence load: allowed up to twice the queue
+    /// bound, so that loads cannot starve writes of the channel, nor fill it.
+    pub fn try_send_load(&self, from: usize, op: Op) -> Result<(), Op> {
+        if self.pending[from].load(Ordering::Acquire) >= self.cap * 2 {
+            return Err(op);
+        }
+        self.send(from, op);
+        Ok(())
+    }
+
+    /// Hands `op` over after the caller checked [`Storage::has_room`] (or,
+    /// for loads, the doubled bound). Every op is gated so, which keeps the
+    /// channel (room for twice the bound per shard, and more) from filling:
+    /// this never blocks.
     pub fn send(&self, from: usize, op: Op) {
         self.pending[from].fetch_add(1, Ordering::AcqRel);
-        if self.tx.send((from as u16, op)).is_err() {
+        if let Err(e) = self.tx.try_send((from as u16, op)) {
             self.pending[from].fetch_sub(1, Ordering::AcqRel);
+            if e.is_full() {
+                log::error!(
+                    "storage: channel full, an operation was dropped (a bound was not checked)"
+                );
+            }
         }
+    }
+
+    /// Neither the store nor the spill file takes writes.
+    pub fn failing(&self) -> bool {
+        self.failing.load(Ordering::Acquire)
     }
 
     pub fn queued(&self, from: usize) -> usize {
@@ -401,6 +431,7 @@ pub fn start_with(
     let inboxes: Arc<[Inbox]> = (0..shards).map(|_| Inbox::new()).collect();
     let metrics = Arc::new(StorageMetrics::default());
     let keeps_presence = backend.keeps_presence();
+    let failing = Arc::new(AtomicBool::new(false));
     let spill = match &config.kind {
         StoreKind::Memory => None,
         StoreKind::Redis { .. } => Some(
@@ -412,15 +443,14 @@ pub fn start_with(
             })?,
         ),
     };
-    let w = worker::Worker::new(
-        backend,
+    let shared = worker::Shared {
         rx,
-        pending.clone(),
-        inboxes.clone(),
-        metrics.clone(),
-        spill,
-        config.clone(),
-    );
+        pending: pending.clone(),
+        inboxes: inboxes.clone(),
+        metrics: metrics.clone(),
+        failing: failing.clone(),
+    };
+    let w = worker::Worker::new(backend, shared, spill, config.clone());
     let thread = std::thread::Builder::new()
         .name("storage".into())
         .spawn(move || w.run())
@@ -432,6 +462,7 @@ pub fn start_with(
             inboxes,
             cap,
             keeps_presence,
+            failing,
             metrics,
         },
         WorkerHandle { thread },

@@ -73,8 +73,17 @@ if not s then
   s = '0'
   local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
   if #top > 0 then s = string.match(top[1][1], '^(%d+)') end
+  -- Keep it: the stream may expire before the next message.
+  redis.call('HSET', KEYS[2], 'seq', s)
 end
 return {s, e}
+"#;
+
+const ADVANCE: &str = r#"
+local s = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+if tonumber(ARGV[1]) > s then redis.call('HSET', KEYS[1], 'seq', ARGV[1]) end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
 "#;
 
 struct Live {
@@ -372,6 +381,19 @@ impl Backend for RedisStore {
 
     fn keeps_presence(&self) -> bool {
         true
+    }
+
+    fn advance_seq(&mut self, room: &str, seq: u64) -> Result<(), StoreError> {
+        let meta_ttl = self.meta_ttl_ms;
+        self.with("advance seq", |live| {
+            redis::cmd("EVAL")
+                .arg(ADVANCE)
+                .arg(1)
+                .arg(meta_key(room))
+                .arg(seq)
+                .arg(meta_ttl)
+                .query::<()>(&mut live.conn)
+        })
     }
 
     fn presence(&mut self, ops: &[PresenceOp]) -> Result<(), StoreError> {

@@ -14,8 +14,9 @@
 //!   the store or synced to the spill file.
 
 use std::{
+    collections::{HashMap, HashSet, VecDeque},
     sync::{
-        atomic::{AtomicUsize, Ordering::Relaxed},
+        atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed, Ordering::Release},
         Arc,
     },
     time::{Duration, Instant},
@@ -38,6 +39,8 @@ const FIRST_PROBE: Duration = Duration::from_millis(250);
 const MAX_PROBE: Duration = Duration::from_secs(2);
 /// Records replayed per store call.
 const REPLAY_CHUNK: usize = 1024;
+/// Lost messages remembered, so a retry is not acked as stored.
+const LOST_REMEMBERED: usize = 100_000;
 
 enum State {
     Closed,
@@ -74,21 +77,40 @@ pub(super) struct Worker {
     out: Vec<Vec<Reply>>,
     /// Loads waiting for the replay to finish: (home shard, room).
     held_loads: Vec<(u16, Arc<str>)>,
-    /// The last write was stored or spilled.
-    last_write_ok: bool,
+    /// Shared with the shards: set while nothing takes writes.
+    failing: Arc<AtomicBool>,
+    /// Messages neither stored nor spilled (recent ones), for duplicate acks.
+    lost: HashSet<(Arc<str>, u64)>,
+    lost_order: VecDeque<(Arc<str>, u64)>,
+    /// Highest lost seq per room: written to the store when it is back, so
+    /// those seqs are never given out again.
+    lost_max: HashMap<Arc<str>, u64>,
     stopping: bool,
+}
+
+/// What the worker shares with the shards' [`super::Storage`] handle.
+pub(super) struct Shared {
+    pub rx: Receiver<(u16, Op)>,
+    pub pending: Arc<[AtomicUsize]>,
+    pub inboxes: Arc<[Inbox]>,
+    pub metrics: Arc<StorageMetrics>,
+    pub failing: Arc<AtomicBool>,
 }
 
 impl Worker {
     pub(super) fn new(
         backend: Box<dyn Backend>,
-        rx: Receiver<(u16, Op)>,
-        pending: Arc<[AtomicUsize]>,
-        inboxes: Arc<[Inbox]>,
-        metrics: Arc<StorageMetrics>,
+        shared: Shared,
         spill: Option<Spill>,
         config: StorageConfig,
     ) -> Worker {
+        let Shared {
+            rx,
+            pending,
+            inboxes,
+            metrics,
+            failing,
+        } = shared;
         let shards = inboxes.len();
         Worker {
             backend,
@@ -101,7 +123,10 @@ impl Worker {
             state: State::Closed,
             out: (0..shards).map(|_| Vec::new()).collect(),
             held_loads: Vec::new(),
-            last_write_ok: true,
+            failing,
+            lost: HashSet::new(),
+            lost_order: VecDeque::new(),
+            lost_max: HashMap::new(),
             stopping: false,
         }
     }
@@ -282,10 +307,7 @@ impl Worker {
 
     /// Writes what was collected and acks it.
     fn flush(&mut self, appends: &mut Vec<Record>, acks: &mut Vec<PendingAck>) {
-        if !appends.is_empty() {
-            self.last_write_ok = self.write(appends);
-        }
-        let stored = self.last_write_ok;
+        let stored = appends.is_empty() || self.write(appends);
         for ack in acks.drain(..) {
             let (to, frame) = match ack {
                 PendingAck::New { to, index } => {
@@ -293,6 +315,7 @@ impl Worker {
                     (to, proto::ack(&r.id, &r.room, r.seq, false, stored))
                 }
                 PendingAck::Duplicate { to, room, id, seq } => {
+                    let stored = !self.lost.contains(&(room.clone(), seq));
                     (to, proto::ack(&id, &room, seq, true, stored))
                 }
             };
@@ -310,6 +333,7 @@ impl Worker {
                     self.metrics
                         .persisted
                         .fetch_add(records.len() as u64, Relaxed);
+                    self.failing.store(false, Release);
                     return true;
                 }
                 Err(e) => self.open_breaker(Some(&e)),
@@ -320,25 +344,64 @@ impl Worker {
 
     fn spill_write(&mut self, records: &[Record]) -> bool {
         let n = records.len() as u64;
-        let Some(spill) = &mut self.spill else {
-            self.metrics.lost.fetch_add(n, Relaxed);
-            return false;
+        let written = match &mut self.spill {
+            None => Err("no spill file".to_string()),
+            Some(spill) => match spill.append(records) {
+                Ok(()) => {
+                    self.metrics.spill_bytes.store(spill.bytes(), Relaxed);
+                    Ok(())
+                }
+                Err(e) => Err(format!(
+                    "cannot write the spill file {}: {e}",
+                    spill.path().display()
+                )),
+            },
         };
-        match spill.append(records) {
+        match written {
             Ok(()) => {
                 self.metrics.spilled.fetch_add(n, Relaxed);
-                self.metrics.spill_bytes.store(spill.bytes(), Relaxed);
+                self.failing.store(false, Release);
                 true
             }
             Err(e) => {
                 log::error!(
-                    "storage: cannot write the spill file {}: {e}; {n} messages are not stored (acked stored:false)",
-                    spill.path().display()
+                    "storage: {e}; {n} messages are not stored (acked stored:false); publishes are refused until the store or the spill file takes writes"
                 );
                 self.metrics.lost.fetch_add(n, Relaxed);
+                self.failing.store(true, Release);
+                for r in records {
+                    self.remember_lost(r);
+                }
                 false
             }
         }
+    }
+
+    fn remember_lost(&mut self, r: &Record) {
+        let max = self.lost_max.entry(r.room.clone()).or_insert(0);
+        *max = (*max).max(r.seq);
+        if self.lost_order.len() == LOST_REMEMBERED {
+            if let Some(old) = self.lost_order.pop_front() {
+                self.lost.remove(&old);
+            }
+        }
+        self.lost.insert((r.room.clone(), r.seq));
+        self.lost_order.push_back((r.room.clone(), r.seq));
+    }
+
+    /// Tells the store the seqs of lost messages were used. False if it
+    /// failed (the breaker is open again).
+    fn advance_lost_seqs(&mut self) -> bool {
+        let rooms: Vec<(Arc<str>, u64)> =
+            self.lost_max.iter().map(|(r, s)| (r.clone(), *s)).collect();
+        for (room, seq) in rooms {
+            if let Err(e) = self.backend.advance_seq(&room, seq) {
+                self.open_breaker(Some(&e));
+                return false;
+            }
+            self.lost_max.remove(&room);
+        }
+        true
     }
 
     fn read(&mut self, op: Op) {
@@ -435,6 +498,7 @@ impl Worker {
                 self.out[r.to.shard as usize].push(Reply::Recovered {
                     conn: r.to,
                     room: r.room,
+                    nonce: r.nonce,
                     joined: joined.into(),
                     missed: Vec::new(),
                 });
@@ -496,6 +560,7 @@ impl Worker {
         self.out[r.to.shard as usize].push(Reply::Recovered {
             conn: r.to,
             room: r.room,
+            nonce: r.nonce,
             joined: joined.into(),
             missed,
         });
@@ -552,6 +617,12 @@ impl Worker {
             }
         };
         if records.is_empty() && bytes == 0 {
+            if !self.advance_lost_seqs() {
+                return;
+            }
+            let Some(spill) = &mut self.spill else {
+                return;
+            };
             let replayed = self.metrics.replayed.load(Relaxed);
             if let Err(e) = spill.clear() {
                 log::error!(
@@ -583,12 +654,12 @@ impl Worker {
 fn history_complete(q: Query, last_seq: u64, records: &[Record]) -> bool {
     let first_wanted = match q {
         Query::Last(n) => last_seq.saturating_sub(n as u64) + 1,
-        Query::After { after, .. } => after + 1,
+        Query::After { after, .. } => after.saturating_add(1),
     };
     let contiguous = records
         .iter()
         .enumerate()
-        .all(|(i, m)| m.seq == first_wanted + i as u64);
+        .all(|(i, m)| m.seq == first_wanted.saturating_add(i as u64));
     match records.first() {
         Some(_) => contiguous,
         // Nothing to return is complete only if nothing was there to return.

@@ -52,6 +52,8 @@ impl RedisServer {
             .args(["--dir", &self.dir.display().to_string()])
             .args(["--appendonly", "yes", "--appendfsync", "always"])
             .args(["--save", ""])
+            // The tests stall Redis with DEBUG SLEEP.
+            .args(["--enable-debug-command", "local"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -69,6 +71,18 @@ impl RedisServer {
             assert!(Instant::now() < deadline, "redis-server did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Makes Redis answer nothing for `secs` (in the background).
+    pub fn stall(&self, secs: f64) -> std::thread::JoinHandle<()> {
+        let mut c = self.client().unwrap();
+        std::thread::spawn(move || {
+            let _: () = redis::cmd("DEBUG")
+                .arg("SLEEP")
+                .arg(secs)
+                .query(&mut c)
+                .unwrap();
+        })
     }
 
     /// SIGKILL by pid, as a crash would.
