@@ -14,6 +14,14 @@ use std::{
 use common::{chat::*, redis::RedisServer, *};
 use serde_json::{json, Value};
 
+/// A chat gateway storing into `redis`, its spill dir beside Redis's data.
+fn redis_chat_server(redis: &RedisServer, extra: &[&str]) -> TestServer {
+    let (url, spill) = (redis.url(), redis.scratch("spill"));
+    let mut args = vec!["--redis", url.as_str(), "--spill-dir", spill.as_str()];
+    args.extend_from_slice(extra);
+    chat_server(&args)
+}
+
 /// Publishes and waits for the ack; returns its seq.
 fn publish(c: &mut Chat, room: &str, id: &str) -> u64 {
     c.send(json!({"type":"publish","room":room,"id":id,"body":{"n":id}}));
@@ -149,17 +157,7 @@ fn history_and_resume_with_the_memory_store() {
 #[test]
 fn history_and_resume_with_redis() {
     let redis = RedisServer::start();
-    let spill = redis.scratch("spill");
-    let server = chat_server(&[
-        "--shards",
-        "4",
-        "--history-size",
-        "8",
-        "--redis",
-        &redis.url(),
-        "--spill-dir",
-        &spill,
-    ]);
+    let server = redis_chat_server(&redis, &["--shards", "4", "--history-size", "8"]);
     history_and_resume(&server);
     drop(server);
     // Redis trims streams approximately (whole nodes): at least the last 8.
@@ -235,17 +233,7 @@ fn sequences_and_resume_survive_a_restart_with_redis_but_not_in_memory() {
 #[test]
 fn presence_is_kept_in_redis() {
     let redis = RedisServer::start();
-    let spill = redis.scratch("spill");
-    let server = chat_server(&[
-        "--shards",
-        "2",
-        "--redis",
-        &redis.url(),
-        "--spill-dir",
-        &spill,
-        "--node-id",
-        "n7",
-    ]);
+    let server = redis_chat_server(&redis, &["--shards", "2", "--node-id", "n7"]);
     let mut a = Chat::connect(&server, "alice");
     let mut b = Chat::connect(&server, "bob");
     join(&mut a, "room");
@@ -339,23 +327,21 @@ fn bad_storage_flags_are_refused_with_a_reason() {
 #[test]
 fn every_acked_message_survives_a_redis_crash_exactly_once_in_order() {
     let mut redis = RedisServer::start();
-    let spill = redis.scratch("spill");
-    let server = chat_server(&[
-        "--shards",
-        "2",
-        "--redis",
-        &redis.url(),
-        "--spill-dir",
-        &spill,
-        "--redis-timeout-ms",
-        "300",
-        "--history-size",
-        "100000",
-        "--rate-limit-per-s",
-        "100000",
-        "--rate-limit-burst",
-        "100000",
-    ]);
+    let server = redis_chat_server(
+        &redis,
+        &[
+            "--shards",
+            "2",
+            "--redis-timeout-ms",
+            "300",
+            "--history-size",
+            "100000",
+            "--rate-limit-per-s",
+            "100000",
+            "--rate-limit-burst",
+            "100000",
+        ],
+    );
     let mut listener = Chat::connect(&server, "listener");
     join(&mut listener, "ledger");
     let mut publisher = Chat::connect(&server, "publisher");
@@ -483,19 +469,17 @@ fn every_acked_message_survives_a_redis_crash_exactly_once_in_order() {
 #[test]
 fn a_full_storage_queue_refuses_publishes_before_sequencing_them() {
     let redis = RedisServer::start();
-    let spill = redis.scratch("spill");
-    let server = chat_server(&[
-        "--shards",
-        "1",
-        "--redis",
-        &redis.url(),
-        "--spill-dir",
-        &spill,
-        "--storage-queue",
-        "4",
-        "--redis-timeout-ms",
-        "5000",
-    ]);
+    let server = redis_chat_server(
+        &redis,
+        &[
+            "--shards",
+            "1",
+            "--storage-queue",
+            "4",
+            "--redis-timeout-ms",
+            "5000",
+        ],
+    );
     let mut listener = Chat::connect(&server, "listener");
     join(&mut listener, "q");
     let mut p = Chat::connect(&server, "publisher");
@@ -557,17 +541,7 @@ fn a_full_storage_queue_refuses_publishes_before_sequencing_them() {
 #[test]
 fn messages_published_during_a_resume_follow_the_missed_ones() {
     let redis = RedisServer::start();
-    let spill = redis.scratch("spill");
-    let server = chat_server(&[
-        "--shards",
-        "2",
-        "--redis",
-        &redis.url(),
-        "--spill-dir",
-        &spill,
-        "--redis-timeout-ms",
-        "5000",
-    ]);
+    let server = redis_chat_server(&redis, &["--shards", "2", "--redis-timeout-ms", "5000"]);
     let shard_of_next = |server: &TestServer, before: &[u64]| -> usize {
         let after = server.metric_per_shard("corecast_websockets");
         (0..after.len()).find(|&i| after[i] > before[i]).unwrap()
