@@ -459,7 +459,7 @@ fn render_storage(out: &mut String, st: &crate::storage::Storage, shards: usize)
         (
             "corecast_storage_presence_dropped_total",
             "counter",
-            "Presence updates dropped while the store was unreachable.",
+            "Presence updates dropped (store unreachable, or queue full); heartbeats repair them.",
             &m.presence_dropped,
         ),
         (

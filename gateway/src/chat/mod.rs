@@ -668,6 +668,17 @@ fn spawn_forwarder<T: Send + 'static>(
     .detach();
 }
 
+/// Hands a presence update to the store; presence is soft state, so a full
+/// queue drops it (counted) and the next heartbeat repairs it.
+fn send_presence(chat: &ChatShard, op: Op) {
+    if chat.storage.try_send(chat.me, op).is_err() {
+        chat.storage
+            .metrics
+            .presence_dropped
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Refreshes the store's presence entries of the rooms homed here, three
 /// times per presence TTL, so they outlive no node by more than the TTL.
 fn spawn_presence_heartbeat(shard: &Rc<Shard>) {
@@ -828,7 +839,7 @@ fn dispatch_request(shard: &Shard, req: Request) {
                     room: room.clone(),
                     user: user.clone(),
                 });
-                let _ = chat.storage.try_send(chat.me, op);
+                send_presence(chat, op);
             }
             let resume = match since {
                 None => Resume::No,
@@ -896,7 +907,7 @@ fn dispatch_request(shard: &Shard, req: Request) {
                     room: room.clone(),
                     user,
                 });
-                let _ = chat.storage.try_send(chat.me, op);
+                send_presence(chat, op);
             }
             if let Some((shards, frame)) = event {
                 broadcast(shard, &room, shards, frame);

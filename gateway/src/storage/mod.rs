@@ -260,6 +260,7 @@ pub struct StorageMetrics {
     /// 0 closed, 1 open, 2 replaying the spill file.
     pub breaker: AtomicU64,
     pub breaker_opened: AtomicU64,
+    /// Presence updates dropped: store unreachable, or a shard's queue full.
     pub presence_dropped: AtomicU64,
     pub reads: AtomicU64,
     pub reads_refused: AtomicU64,
