@@ -135,6 +135,9 @@ pub struct ShardMetrics {
     pub chat_errors: Counter,
     /// Publishes refused because the store could not take them.
     pub storage_refusals: Counter,
+    /// Rooms started in a new epoch because the store could not say where
+    /// their sequence stood.
+    pub provisional_epochs: Counter,
     pub auth_failures: [Counter; AUTH_ERRORS.len()],
     pub handshake_failures: [Counter; Refusal::ALL.len()],
     pub closes: [[Counter; CLOSE_CODES.len()]; 2],
@@ -170,7 +173,7 @@ pub fn render(
         &'static str,
         fn(&ShardMetrics) -> &Counter,
     );
-    let simple: [Series; 26] = [
+    let simple: [Series; 27] = [
         (
             "corecast_connections",
             "gauge",
@@ -324,8 +327,14 @@ pub fn render(
         (
             "corecast_storage_refusals_total",
             "counter",
-            "Publishes refused (storage_busy, room_unavailable) and not sequenced.",
+            "Publishes refused (storage_busy, storage_unavailable) and not sequenced.",
             |m| &m.storage_refusals,
+        ),
+        (
+            "corecast_provisional_epochs_total",
+            "counter",
+            "Rooms started in a new epoch, far above any stored seq, because the store was unreachable.",
+            |m| &m.provisional_epochs,
         ),
     ];
     for (name, kind, help, get) in simple {

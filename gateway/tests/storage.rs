@@ -266,32 +266,66 @@ fn presence_is_kept_in_redis() {
     }
 }
 
+/// Redis is down when the gateway starts: live traffic goes on, in a new
+/// epoch whose seqs start far above any Redis holds; the messages are
+/// spilled, acked as stored, and land in the room's stream (which adopts
+/// the epoch) once Redis is back.
 #[test]
-fn an_unreachable_redis_at_start_keeps_live_traffic_and_refuses_unsequenced_publishes() {
-    let spill =
-        std::env::temp_dir().join(format!("corecast-test-unreachable-{}", std::process::id()));
-    let spill = spill.display().to_string();
-    // Nothing listens on port 1.
-    let server = chat_server(&["--redis", "redis://127.0.0.1:1/", "--spill-dir", &spill]);
+fn redis_down_at_start_keeps_live_traffic_in_a_new_epoch() {
+    let mut redis = RedisServer::start();
+    let old_epoch = {
+        let server = redis_chat_server(&redis, &["--shards", "2"]);
+        let mut a = Chat::connect(&server, "alice");
+        let epoch = join(&mut a, "r")["epoch"].as_str().unwrap().to_string();
+        for i in 1..=3 {
+            assert_eq!(publish(&mut a, "r", &format!("old{i}")), i);
+        }
+        epoch
+    };
+    redis.kill();
+    let server = redis_chat_server(&redis, &["--shards", "2"]);
     let mut a = Chat::connect(&server, "alice");
+    let mut b = Chat::connect(&server, "bob");
     let j = join(&mut a, "r");
-    assert_eq!(j["epoch"], "", "{j}");
-    a.send(json!({"type":"publish","room":"r","id":"p1","body":1}));
-    let e = a.recv_type("error");
-    assert_eq!(
-        (e["code"].as_str(), e["id"].as_str()),
-        (Some("room_unavailable"), Some("p1")),
-        "{e}"
-    );
+    let epoch = j["epoch"].as_str().unwrap().to_string();
+    let base = j["seq"].as_u64().unwrap();
+    assert!(!epoch.is_empty() && epoch != old_epoch, "{j}");
+    assert!(base > 1 << 40, "far above any stored seq: {j}");
+    assert_eq!(join(&mut b, "r")["epoch"], epoch.as_str());
+    for i in 1..=3 {
+        assert_eq!(publish(&mut a, "r", &format!("new{i}")), base + i);
+    }
+    assert_eq!(next_msgs(&mut b, 3), vec![base + 1, base + 2, base + 3]);
+    // What needs the store says so.
     a.send(json!({"type":"history","room":"r"}));
     assert_eq!(a.recv_type("error")["code"], "storage_unavailable");
+    let mut c = Chat::connect(&server, "carol");
+    assert_resumed(&resume(&mut c, "r", 3, &old_epoch), false, 0);
     // Direct messages do not need the store.
-    let mut b = Chat::connect(&server, "bob");
     a.send(json!({"type":"dm","to":"bob","id":"d","body":"hi"}));
     assert_eq!(b.recv_type("dm")["body"], "hi");
     assert_eq!(server.metric("corecast_storage_breaker", ""), 1);
+    assert_eq!(server.metric("corecast_provisional_epochs_total", ""), 1);
+
+    redis.restart();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while server.metric("corecast_storage_breaker", "") != 0 {
+        assert!(Instant::now() < deadline, "the breaker never closed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (seqs, h) = history(&mut a, json!({"type":"history","room":"r","limit":10}));
+    assert_eq!(seqs, vec![1, 2, 3, base + 1, base + 2, base + 3]);
+    assert_eq!(
+        (h["epoch"].as_str(), h["seq"].as_u64()),
+        (Some(epoch.as_str()), Some(base + 3))
+    );
+    let mut d = Chat::connect(&server, "dave");
+    assert_resumed(&resume(&mut d, "r", base + 1, &epoch), true, 2);
     drop(server);
-    let _ = std::fs::remove_dir_all(&spill);
+    assert_eq!(
+        redis.stream_seqs("r"),
+        vec![1, 2, 3, base + 1, base + 2, base + 3]
+    );
 }
 
 #[test]

@@ -108,6 +108,7 @@ fn run(args: &Args, batch: usize) -> (f64, u64) {
         .map(|i| Arc::from(format!("bench-{}-{batch}-{i}", std::process::id())))
         .collect();
     let user: Arc<str> = Arc::from("bench");
+    let epoch: Arc<str> = Arc::from(storage::new_epoch());
     let body = format!("\"{}\"", "x".repeat(args.body_bytes.saturating_sub(2)));
     let to = ConnRef {
         shard: 0,
@@ -127,6 +128,7 @@ fn run(args: &Args, batch: usize) -> (f64, u64) {
                 id: "".into(),
                 ts: 0,
                 body: body.as_str().into(),
+                epoch: epoch.clone(),
             };
             st.send(0, Op::Append { record, ack_to: to });
             sent += 1;

@@ -50,7 +50,7 @@ use crate::{
     auth::Verifier,
     conn::ConnShared,
     shard::Shard,
-    storage::{Op, PresenceOp, Query, Record, Recover, Reply, RoomMeta, Storage},
+    storage::{self, Op, PresenceOp, Query, Record, Recover, Reply, RoomMeta, Storage},
 };
 pub use session::Session;
 
@@ -785,25 +785,26 @@ fn on_loaded(shard: &Shard, room: Arc<str>, meta: Option<RoomMeta>) {
     if !matches!(home.seq, SeqState::Loading(_)) {
         return;
     }
-    let known = meta.is_some();
-    let next = match meta {
+    match meta {
         Some(m) => {
             home.room.resume_from(m.last_seq);
             home.epoch = m.epoch;
-            SeqState::Known
         }
-        None => SeqState::Unknown,
-    };
-    let SeqState::Loading(waiting) = std::mem::replace(&mut home.seq, next) else {
+        // The store cannot say (unreachable): live traffic goes on in a new
+        // epoch whose seqs start far above any the store can hold. The
+        // store adopts the epoch when the spilled messages reach it.
+        None => {
+            home.room.resume_from(storage::provisional_seq_base());
+            home.epoch = Arc::from(storage::new_epoch());
+            shard.metrics().provisional_epochs.inc();
+        }
+    }
+    let SeqState::Loading(waiting) = std::mem::replace(&mut home.seq, SeqState::Known) else {
         return;
     };
     drop(homes);
     for req in waiting {
-        if !known && matches!(req, Request::Publish { .. }) {
-            refuse_publish(shard, req, proto::ErrorCode::RoomUnavailable);
-        } else {
-            handle_request(shard, req);
-        }
+        handle_request(shard, req);
     }
 }
 
@@ -949,6 +950,7 @@ fn dispatch_request(shard: &Shard, req: Request) {
                     let frame = proto::message(&room, seq, &user, &id, ts, &body);
                     // Delivering only queues: the room table may stay borrowed.
                     broadcast(shard, &room, home.room.shards(), frame);
+                    let epoch = home.epoch.clone();
                     drop(homes);
                     let record = Record {
                         room,
@@ -957,6 +959,7 @@ fn dispatch_request(shard: &Shard, req: Request) {
                         id,
                         ts,
                         body,
+                        epoch,
                     };
                     // The ack comes from the worker once the message is stored.
                     chat.storage.send(

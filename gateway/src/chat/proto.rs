@@ -161,11 +161,10 @@ pub enum ErrorCode {
     AlreadyAuthenticated,
     StorageBusy,
     StorageUnavailable,
-    RoomUnavailable,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 13] = [
+    pub const ALL: [ErrorCode; 12] = [
         ErrorCode::BadRequest,
         ErrorCode::InvalidRoom,
         ErrorCode::InvalidId,
@@ -178,7 +177,6 @@ impl ErrorCode {
         ErrorCode::AlreadyAuthenticated,
         ErrorCode::StorageBusy,
         ErrorCode::StorageUnavailable,
-        ErrorCode::RoomUnavailable,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -195,7 +193,6 @@ impl ErrorCode {
             ErrorCode::AlreadyAuthenticated => "already_authenticated",
             ErrorCode::StorageBusy => "storage_busy",
             ErrorCode::StorageUnavailable => "storage_unavailable",
-            ErrorCode::RoomUnavailable => "room_unavailable",
         }
     }
 
@@ -213,13 +210,8 @@ impl ErrorCode {
             ErrorCode::RateLimited => "too many frames per second: slow down",
             ErrorCode::BodyTooLarge => "body larger than the server allows",
             ErrorCode::AlreadyAuthenticated => "already authenticated",
-            ErrorCode::StorageBusy => {
-                "the store is behind: not published; retry with the same id"
-            }
+            ErrorCode::StorageBusy => "the store is behind: not published; retry with the same id",
             ErrorCode::StorageUnavailable => "the store is unreachable: retry later",
-            ErrorCode::RoomUnavailable => {
-                "the room's sequence cannot be read from the store: not published; retry with the same id"
-            }
         }
     }
 }

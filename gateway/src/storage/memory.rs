@@ -82,6 +82,9 @@ impl Backend for MemoryStore {
             }
             room.last_seq = r.seq;
             room.touched = now;
+            if !r.epoch.is_empty() && r.epoch != room.epoch {
+                room.epoch = r.epoch.clone();
+            }
             if history_size == 0 {
                 continue;
             }
@@ -170,6 +173,7 @@ mod tests {
             id: format!("m{seq}").into(),
             ts: seq,
             body: "null".into(),
+            epoch: Arc::from(""),
         }
     }
 

@@ -50,6 +50,9 @@ pub struct Record {
     pub ts: u64,
     /// The body as JSON text, exactly as published.
     pub body: Box<str>,
+    /// The epoch the home numbered it in; the store adopts it with the
+    /// record ("" from spill files of older versions: keep the store's).
+    pub epoch: Arc<str>,
 }
 
 /// Where a room's sequence stands in the store.
@@ -468,6 +471,16 @@ pub fn start_with(
         },
         WorkerHandle { thread },
     ))
+}
+
+/// Where a room's sequence starts when the store cannot say where it
+/// stands: far above any count of messages (the clock in µs), so it cannot
+/// meet a seq the store already gave, and in a new epoch.
+pub fn provisional_seq_base() -> u64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(1 << 50, |d| d.as_micros() as u64)
 }
 
 /// A fresh epoch: unique per process start and per call.

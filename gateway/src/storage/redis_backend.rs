@@ -40,11 +40,13 @@ else
   local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
   if #top > 0 then last = tonumber(string.match(top[1][1], '^(%d+)')) end
 end
-redis.call('HSETNX', KEYS[2], 'epoch', ARGV[4])
+-- ARGV[4]: the epoch the home numbered these records in ('' = keep).
+local epoch = ARGV[4]
+if epoch == '' then epoch = ARGV[5] end
 local trim = '~'
 if ARGV[1] == '0' then trim = '=' end
 local added = 0
-for i = 5, #ARGV, 5 do
+for i = 6, #ARGV, 5 do
   local seq = tonumber(ARGV[i])
   if seq > last then
     redis.call('XADD', KEYS[1], 'MAXLEN', trim, ARGV[1], ARGV[i] .. '-0',
@@ -56,7 +58,9 @@ end
 if added > 0 then
   redis.call('HSET', KEYS[2], 'seq', last)
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  if ARGV[4] ~= '' then redis.call('HSET', KEYS[2], 'epoch', ARGV[4]) end
 end
+redis.call('HSETNX', KEYS[2], 'epoch', epoch)
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
 return added
 "#;
@@ -140,8 +144,12 @@ fn bad_reply(what: &str, v: &Value) -> StoreError {
     StoreError(format!("unexpected reply to {what}: {v:?}"))
 }
 
-/// Parses XRANGE/XREVRANGE entries into records.
-fn parse_entries(room: &std::sync::Arc<str>, v: &Value) -> Result<Vec<Record>, StoreError> {
+/// Parses XRANGE/XREVRANGE entries into records (of the room's epoch).
+fn parse_entries(
+    room: &std::sync::Arc<str>,
+    epoch: &std::sync::Arc<str>,
+    v: &Value,
+) -> Result<Vec<Record>, StoreError> {
     let Value::Array(entries) = v else {
         return Err(bad_reply("XRANGE", v));
     };
@@ -166,6 +174,7 @@ fn parse_entries(room: &std::sync::Arc<str>, v: &Value) -> Result<Vec<Record>, S
             id: "".into(),
             ts: 0,
             body: "null".into(),
+            epoch: epoch.clone(),
         };
         for kv in fields.chunks(2) {
             let (Some(k), Some(v)) = (kv.first().and_then(text), kv.get(1).and_then(text)) else {
@@ -303,21 +312,22 @@ impl Backend for RedisStore {
         if records.is_empty() {
             return Ok(());
         }
-        // One script call per run of one room's records, in order.
+        // One script call per room and epoch, each room's records in order.
         let (maxlen, ttl, meta_ttl) = (self.history_size, self.history_ttl_ms, self.meta_ttl_ms);
-        let epoch = new_epoch();
-        let mut groups: Vec<(&str, Vec<&Record>)> = Vec::new();
-        let mut index: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+        let fresh = new_epoch();
+        let mut groups: Vec<(&str, &str, Vec<&Record>)> = Vec::new();
+        let mut index: std::collections::HashMap<(&str, &str), usize> =
+            std::collections::HashMap::new();
         for r in records {
-            let i = *index.entry(&r.room).or_insert_with(|| {
-                groups.push((&r.room, Vec::new()));
+            let i = *index.entry((&r.room, &r.epoch)).or_insert_with(|| {
+                groups.push((&r.room, &r.epoch, Vec::new()));
                 groups.len() - 1
             });
-            groups[i].1.push(r);
+            groups[i].2.push(r);
         }
         self.with("append", |live| {
             let mut pipe = redis::pipe();
-            for (room, recs) in &groups {
+            for (room, epoch, recs) in &groups {
                 let c = pipe
                     .cmd("EVALSHA")
                     .arg(&live.append_sha)
@@ -327,7 +337,8 @@ impl Backend for RedisStore {
                     .arg(maxlen)
                     .arg(ttl)
                     .arg(meta_ttl)
-                    .arg(&epoch);
+                    .arg(*epoch)
+                    .arg(&fresh);
                 for r in recs {
                     c.arg(r.seq)
                         .arg(&*r.from)
@@ -372,7 +383,7 @@ impl Backend for RedisStore {
         let v: Vec<Value> = self.with("fetch", |live| pipe.query(&mut live.conn))?;
         let meta = self.meta_from(v.first().unwrap_or(&Value::Nil))?;
         let room_arc: std::sync::Arc<str> = std::sync::Arc::from(room);
-        let mut records = parse_entries(&room_arc, v.get(1).unwrap_or(&Value::Nil))?;
+        let mut records = parse_entries(&room_arc, &meta.epoch, v.get(1).unwrap_or(&Value::Nil))?;
         if matches!(q, Query::Last(_)) {
             records.reverse();
         }

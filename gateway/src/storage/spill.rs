@@ -44,6 +44,8 @@ struct Line<'a> {
     ts: u64,
     #[serde(borrow)]
     body: &'a RawValue,
+    #[serde(borrow, default)]
+    epoch: std::borrow::Cow<'a, str>,
 }
 
 impl Spill {
@@ -219,6 +221,8 @@ fn encode(buf: &mut Vec<u8>, r: &Record) {
     let _ = serde_json::to_writer(&mut *buf, &*r.from);
     buf.extend_from_slice(b",\"id\":");
     let _ = serde_json::to_writer(&mut *buf, &*r.id);
+    buf.extend_from_slice(b",\"epoch\":");
+    let _ = serde_json::to_writer(&mut *buf, &*r.epoch);
     let _ = write!(buf, ",\"ts\":{},\"body\":", r.ts);
     // One record per line: a raw line break in valid JSON can only be
     // whitespace between tokens (strings escape theirs), so a space keeps
@@ -240,6 +244,7 @@ fn decode(line: &[u8]) -> Option<Record> {
         id: l.id.into(),
         ts: l.ts,
         body: l.body.get().into(),
+        epoch: Arc::from(&*l.epoch),
     })
 }
 
@@ -255,6 +260,7 @@ mod tests {
             id: format!("id-{seq}").into(),
             ts: 1000 + seq,
             body: "{\n  \"text\": \"hi\\nthere\",\r\n  \"n\": [1, 2]\n}".into(),
+            epoch: Arc::from("e1"),
         }
     }
 
@@ -287,8 +293,8 @@ mod tests {
         assert_eq!(got.len(), all.len());
         for (g, a) in got.iter().zip(&all) {
             assert_eq!(
-                (&g.room, g.seq, &g.from, &g.id, g.ts),
-                (&a.room, a.seq, &a.from, &a.id, a.ts)
+                (&g.room, g.seq, &g.from, &g.id, g.ts, &g.epoch),
+                (&a.room, a.seq, &a.from, &a.id, a.ts, &a.epoch)
             );
             let (gv, av): (serde_json::Value, serde_json::Value) = (
                 serde_json::from_str(&g.body).unwrap(),

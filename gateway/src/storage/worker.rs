@@ -679,6 +679,7 @@ mod tests {
             id: "".into(),
             ts: 0,
             body: "1".into(),
+            epoch: Arc::from(""),
         }
     }
 
