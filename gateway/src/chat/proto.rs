@@ -263,6 +263,20 @@ impl FrameWriter {
         self
     }
 
+    /// What every message shows of its sender, closing the object:
+    /// `"from":…,"id":…,"ts":…,"body":…}`.
+    fn origin(&mut self, from: &str, id: &str, ts_ms: u64, body: &str) -> &mut Self {
+        self.raw(r#""from":"#)
+            .string(from)
+            .raw(r#","id":"#)
+            .string(id)
+            .raw(r#","ts":"#)
+            .number(ts_ms)
+            .raw(r#","body":"#)
+            .raw(body)
+            .raw("}")
+    }
+
     /// The finished WebSocket frame.
     pub fn finish(mut self) -> Vec<u8> {
         let len = self.buf.len() - HEADER_RESERVE;
@@ -349,15 +363,8 @@ pub fn history(
         }
         w.raw(r#"{"seq":"#)
             .number(r.seq)
-            .raw(r#","from":"#)
-            .string(&r.from)
-            .raw(r#","id":"#)
-            .string(&r.id)
-            .raw(r#","ts":"#)
-            .number(r.ts)
-            .raw(r#","body":"#)
-            .raw(&r.body)
-            .raw("}");
+            .raw(",")
+            .origin(&r.from, &r.id, r.ts, &r.body);
     }
     w.raw("]}");
     w.finish()
@@ -375,15 +382,8 @@ pub fn message(room: &str, seq: u64, from: &str, id: &str, ts_ms: u64, body: &st
         .string(room)
         .raw(r#","seq":"#)
         .number(seq)
-        .raw(r#","from":"#)
-        .string(from)
-        .raw(r#","id":"#)
-        .string(id)
-        .raw(r#","ts":"#)
-        .number(ts_ms)
-        .raw(r#","body":"#)
-        .raw(body)
-        .raw("}");
+        .raw(",")
+        .origin(from, id, ts_ms, body);
     w.finish()
 }
 
@@ -410,15 +410,7 @@ pub fn ack(id: &str, room: &str, seq: u64, duplicate: bool, stored: bool) -> Vec
 
 pub fn dm(from: &str, id: &str, ts_ms: u64, body: &str) -> Vec<u8> {
     let mut w = FrameWriter::new(64 + from.len() + id.len() + body.len());
-    w.raw(r#"{"type":"dm","from":"#)
-        .string(from)
-        .raw(r#","id":"#)
-        .string(id)
-        .raw(r#","ts":"#)
-        .number(ts_ms)
-        .raw(r#","body":"#)
-        .raw(body)
-        .raw("}");
+    w.raw(r#"{"type":"dm","#).origin(from, id, ts_ms, body);
     w.finish()
 }
 

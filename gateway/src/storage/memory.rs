@@ -166,15 +166,7 @@ mod tests {
     use super::*;
 
     fn rec(room: &str, seq: u64) -> Record {
-        Record {
-            room: Arc::from(room),
-            seq,
-            from: Arc::from("u"),
-            id: format!("m{seq}").into(),
-            ts: seq,
-            body: "null".into(),
-            epoch: Arc::from(""),
-        }
+        crate::storage::test_record(room, seq)
     }
 
     #[test]

@@ -27,13 +27,14 @@ use std::{
     path::PathBuf,
     sync::{
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
-        Arc, Mutex,
+        Arc,
     },
-    task::{Context, Poll, Waker},
+    task::{Context, Poll},
     thread::JoinHandle,
     time::Duration,
 };
 
+use atomic_waker::AtomicWaker;
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 
 use crate::chat::ConnRef;
@@ -53,6 +54,20 @@ pub struct Record {
     /// The epoch the home numbered it in; the store adopts it with the
     /// record ("" from spill files of older versions: keep the store's).
     pub epoch: Arc<str>,
+}
+
+/// A plain record for the storage unit tests.
+#[cfg(test)]
+pub(crate) fn test_record(room: &str, seq: u64) -> Record {
+    Record {
+        room: Arc::from(room),
+        seq,
+        from: Arc::from("u"),
+        id: format!("m{seq}").into(),
+        ts: seq,
+        body: "null".into(),
+        epoch: Arc::from(""),
+    }
 }
 
 /// Where a room's sequence stands in the store.
@@ -206,11 +221,11 @@ pub enum Reply {
 }
 
 /// A shard's mailbox from the worker: a channel plus the waker of the task
-/// that drains it (woken from the worker thread).
+/// that drains it (woken from the worker thread; no lock on either side).
 pub struct Inbox {
     tx: Sender<Vec<Reply>>,
     rx: Receiver<Vec<Reply>>,
-    waker: Mutex<Option<Waker>>,
+    waker: AtomicWaker,
 }
 
 impl Inbox {
@@ -219,16 +234,13 @@ impl Inbox {
         Inbox {
             tx,
             rx,
-            waker: Mutex::new(None),
+            waker: AtomicWaker::new(),
         }
     }
 
     fn send(&self, replies: Vec<Reply>) {
         if self.tx.send(replies).is_ok() {
-            let w = self.waker.lock().ok().and_then(|mut w| w.take());
-            if let Some(w) = w {
-                w.wake();
-            }
+            self.waker.wake();
         }
     }
 
@@ -239,9 +251,7 @@ impl Inbox {
             Err(TryRecvError::Disconnected) => return Poll::Pending,
             Err(TryRecvError::Empty) => {}
         }
-        if let Ok(mut w) = self.waker.lock() {
-            *w = Some(cx.waker().clone());
-        }
+        self.waker.register(cx.waker());
         // A reply sent between the first look and the registration.
         match self.rx.try_recv() {
             Ok(r) => Poll::Ready(r),

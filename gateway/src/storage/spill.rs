@@ -254,13 +254,12 @@ mod tests {
 
     fn rec(room: &str, seq: u64) -> Record {
         Record {
-            room: Arc::from(room),
-            seq,
             from: Arc::from("al\"ice"),
             id: format!("id-{seq}").into(),
             ts: 1000 + seq,
             body: "{\n  \"text\": \"hi\\nthere\",\r\n  \"n\": [1, 2]\n}".into(),
             epoch: Arc::from("e1"),
+            ..crate::storage::test_record(room, seq)
         }
     }
 

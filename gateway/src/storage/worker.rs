@@ -672,15 +672,7 @@ mod tests {
     use super::*;
 
     fn rec(seq: u64) -> Record {
-        Record {
-            room: Arc::from("r"),
-            seq,
-            from: Arc::from("u"),
-            id: "".into(),
-            ts: 0,
-            body: "1".into(),
-            epoch: Arc::from(""),
-        }
+        crate::storage::test_record("r", seq)
     }
 
     #[test]
