@@ -521,7 +521,6 @@ fn a_full_storage_queue_refuses_publishes_before_sequencing_them() {
     assert_eq!(publish(&mut p, "q", "warm"), 1);
     // Redis stops answering; the worker waits in its write.
     let stall = redis.stall(1.0);
-    std::thread::sleep(Duration::from_millis(100));
     for i in 0..20 {
         p.send(json!({"type":"publish","room":"q","id":format!("b{i}"),"body":i}));
     }
@@ -600,9 +599,14 @@ fn messages_published_during_a_resume_follow_the_missed_ones() {
     // Redis stops answering: the resume waits in the worker while live
     // messages go on.
     let stall = redis.stall(0.6);
-    std::thread::sleep(Duration::from_millis(50));
     r.send(json!({"type":"join","room":"live","since":2,"epoch":epoch}));
-    std::thread::sleep(Duration::from_millis(100));
+    // The home registered the join (at seq 5) once it announces it.
+    loop {
+        let e = p.recv_type("presence_event");
+        if e["user"] == "resumer" && e["event"] == "join" {
+            break;
+        }
+    }
     for i in 6..=8 {
         p.send(json!({"type":"publish","room":"live","id":format!("m{i}"),"body":i}));
     }

@@ -73,15 +73,35 @@ impl RedisServer {
         }
     }
 
-    /// Makes Redis answer nothing for `secs` (in the background).
+    /// Makes Redis answer nothing for `secs`; returns once Redis has
+    /// stopped answering, with a handle that ends when it answers again.
+    /// Raw RESP over TCP: a client library would wait for the answer.
     pub fn stall(&self, secs: f64) -> std::thread::JoinHandle<()> {
-        let mut c = self.client().unwrap();
+        use std::io::{Read, Write};
+        let addr = ("127.0.0.1", self.port);
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        let arg = secs.to_string();
+        write!(
+            s,
+            "*3\r\n$5\r\nDEBUG\r\n$5\r\nSLEEP\r\n${}\r\n{arg}\r\n",
+            arg.len()
+        )
+        .unwrap();
+        // Asleep once a PING goes unanswered.
+        loop {
+            let mut p = std::net::TcpStream::connect(addr).unwrap();
+            p.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+            p.write_all(b"PING\r\n").unwrap();
+            let mut buf = [0u8; 16];
+            match p.read(&mut buf) {
+                Ok(n) if n > 0 => std::thread::sleep(Duration::from_millis(2)),
+                _ => break,
+            }
+        }
         std::thread::spawn(move || {
-            let _: () = redis::cmd("DEBUG")
-                .arg("SLEEP")
-                .arg(secs)
-                .query(&mut c)
-                .unwrap();
+            let mut buf = [0u8; 16];
+            let n = s.read(&mut buf).unwrap();
+            assert!(buf[..n].starts_with(b"+OK"), "DEBUG SLEEP: {:?}", &buf[..n]);
         })
     }
 
