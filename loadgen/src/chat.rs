@@ -17,12 +17,47 @@
 //! A room's publishers and members must live in one process: `t` is read
 //! against this process's clock.
 //!
+//! # Reconnecting (`--reconnect`)
+//! Without it a dropped connection is a failure (`unexpected_closes`) and
+//! its member stops. With it a member survives its gateway node going away.
+//! When its connection drops after it joined because the server went away
+//! ([`reconnectable`]: a close 1001 or 1011-1014, EOF, a reset), it
+//! tries the next `--url` round-robin
+//! ([`next_target`](crate::config::ConnPlan::next_target)), first at
+//! once, then backing off from 100 ms to 1 s, until `--reconnect-timeout-s`
+//! after the drop (then it is an unexpected close). Each try connects, waits
+//! for `welcome` and joins with `since` = [`SeqCheck::resume_point`] (the
+//! highest seq it holds without a hole) and the `epoch` of its last `joined`.
+//! - `recovered:true`: the same [`SeqCheck`] goes on. The missed `msg`
+//!   frames are checked like live ones, so a duplicate or reorder in the
+//!   replay counts; seqs the replay brings again because the resume started
+//!   below a hole are expected ([`SeqVerdict::Replayed`]). So a member that
+//!   resumed still holds every acked seq of its room from its first base on,
+//!   or the shortfall is `lost`.
+//! - Anything else (`recovered:false`, or no epoch to resume in) is a resume
+//!   failure, which fails the run. The check so far is closed at what it
+//!   received, and a fresh one starts at the new `joined.seq`; the `missed`
+//!   frames a `recovered:false` still brings are passed over. The range in
+//!   between is the resume failure's, not counted again as lost. Acked seqs
+//!   carry no epoch: if the room's numbering restarted, `lost` compares
+//!   numbers of two epochs and means little, but the run failed already.
+//!
+//! Publishes in flight at the drop are never retried: they count as
+//! `unacked` (and `unacked_on_drop`), not as lost, and do not fail the run
+//! (their acks died with the connection). Publishes due while away go out
+//! after the resume, their latencies still running from their intended time,
+//! as do those of the missed messages. The report adds `reconnects`,
+//! `resume_failures` and the longest outage (drop to the next `joined`).
+//!
 //! # Invariants
 //! - One task per connection, on the thread that opened it. Per-thread
 //!   counters, histograms and acked seqs live in an `Rc<Ctx>`; no `RefCell`
 //!   borrow lives across an `.await`.
 //! - Threads share only [`Shared`] (atomics: per-room highest acked seq and
 //!   publishers still running, members not caught up) and the gate.
+//! - A member that reconnects keeps its task and its `State`; only the
+//!   socket is replaced, so its checks, publish numbers and its share of
+//!   `Shared` carry over. Nothing is retried.
 //! - Unacked publishes per publisher are bounded by the plan's window, so
 //!   the send buffer holds at most that many frames plus control replies.
 //! - No allocation per message once buffers reached their steady size:
@@ -33,7 +68,7 @@ use std::{
     cell::{Cell, RefCell},
     collections::VecDeque,
     fmt,
-    future::{poll_fn, Future as _},
+    future::{poll_fn, Future},
     io::Write as _,
     ops::Range,
     pin::Pin,
@@ -96,6 +131,16 @@ const MAX_WARNINGS: u32 = 5;
 /// checks them at the upgrade only, but a run may start slowly.
 const TOKEN_SLACK_S: u64 = 3600;
 
+/// `--reconnect`: the wait after a failed try, doubling up to the maximum.
+/// The first try goes out at once: the next URL is likely a live node.
+const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(100);
+const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// How long a dropped connection that got a close frame may take to finish
+/// the closing handshake before the reconnect: the outage should not wait
+/// on a dying node.
+const CLOSE_BEFORE_RECONNECT: Duration = Duration::from_millis(250);
+
 // ---------------------------------------------------------------------------
 // Ordering
 
@@ -110,10 +155,15 @@ pub enum SeqVerdict {
     Reordered,
     /// Already received (or at or below the join base).
     Duplicate,
+    /// Already received, brought again in order by a resume that started
+    /// below a hole ([`SeqCheck::on_resume`]): expected, not a duplicate.
+    Replayed,
 }
 
 /// One member's view of its room's sequence: every `msg` seq must be exactly
-/// the previous + 1, starting at `joined.seq + 1`.
+/// the previous + 1, starting at `joined.seq + 1`. A resume with
+/// `recovered:true` continues it; a failed one closes it ([`SeqCheck::close`])
+/// and the member starts a new one.
 #[derive(Debug, Clone)]
 pub struct SeqCheck {
     /// `joined.seq`: everything after it must arrive.
@@ -125,6 +175,16 @@ pub struct SeqCheck {
     missing: Vec<Range<u64>>,
     /// Skipped seqs no longer tracked (see [`MAX_MISSING_RANGES`]).
     untracked: u64,
+    /// Lowest seq of those untracked ranges (meaningful while `untracked` >
+    /// 0): a resume must start below it, since nothing says which are held.
+    untracked_from: u64,
+    /// After a resume from below `next`: the seq the replay should bring
+    /// next. Seqs it brings in order that are held already are
+    /// [`SeqVerdict::Replayed`]; without it they would read as duplicates.
+    replay: Option<u64>,
+    /// A failed resume ended this check: acked seqs past what it received
+    /// are the resume failure's, not lost by this check.
+    closed: bool,
     /// Distinct seqs received.
     pub received: u64,
     pub duplicates: u64,
@@ -138,6 +198,9 @@ impl SeqCheck {
             next: base + 1,
             missing: Vec::new(),
             untracked: 0,
+            untracked_from: u64::MAX,
+            replay: None,
+            closed: false,
             received: 0,
             duplicates: 0,
             reorders: 0,
@@ -145,6 +208,19 @@ impl SeqCheck {
     }
 
     pub fn on_seq(&mut self, seq: u64) -> SeqVerdict {
+        if let Some(r) = self.replay {
+            if seq == r {
+                self.replay = (r + 1 < self.next).then_some(r + 1);
+                return match self.missing_index(seq) {
+                    Some(i) => self.fill(i, seq),
+                    None => SeqVerdict::Replayed,
+                };
+            }
+            if seq >= self.next {
+                // The replay stopped short: what it skipped stays missing.
+                self.replay = None;
+            }
+        }
         if seq == self.next {
             self.next += 1;
             self.received += 1;
@@ -155,20 +231,30 @@ impl SeqCheck {
             if self.missing.len() == MAX_MISSING_RANGES {
                 let dropped = self.missing.remove(0);
                 self.untracked += dropped.end - dropped.start;
+                self.untracked_from = self.untracked_from.min(dropped.start);
             }
             self.missing.push(self.next..seq);
             self.next = seq + 1;
             self.received += 1;
             return SeqVerdict::Gap(skipped);
         }
-        // Recent gaps are the likely ones to fill: search from the end.
-        let found = (seq > self.base)
-            .then(|| self.missing.iter().rposition(|r| r.contains(&seq)))
-            .flatten();
-        let Some(i) = found else {
+        let Some(i) = self.missing_index(seq) else {
             self.duplicates += 1;
             return SeqVerdict::Duplicate;
         };
+        self.fill(i, seq)
+    }
+
+    /// The missing range holding `seq`, if it is one of the tracked skipped seqs.
+    fn missing_index(&self, seq: u64) -> Option<usize> {
+        // Recent gaps are the likely ones to fill: search from the end.
+        (seq > self.base)
+            .then(|| self.missing.iter().rposition(|r| r.contains(&seq)))
+            .flatten()
+    }
+
+    /// `seq`, skipped before and found in `missing[i]`, arrived late.
+    fn fill(&mut self, i: usize, seq: u64) -> SeqVerdict {
         let r = self.missing[i].clone();
         match (seq == r.start, seq + 1 == r.end) {
             (true, true) => {
@@ -191,18 +277,50 @@ impl SeqCheck {
         self.untracked + self.missing.iter().map(|r| r.end - r.start).sum::<u64>()
     }
 
+    /// The highest seq such that every seq from the base up to it was
+    /// received: where a resume starts (`since`), so that its replay also
+    /// brings what the live stream skipped. The base if nothing came.
+    pub fn resume_point(&self) -> u64 {
+        let mut upto = self.next - 1;
+        if let Some(r) = self.missing.first() {
+            upto = upto.min(r.start - 1);
+        }
+        if self.untracked > 0 {
+            upto = upto.min(self.untracked_from - 1);
+        }
+        upto
+    }
+
+    /// A resume from `since` (a [`SeqCheck::resume_point`]) was answered
+    /// `recovered:true`: the replay brings every seq after `since` in order,
+    /// the ones held already included.
+    pub fn on_resume(&mut self, since: u64) {
+        debug_assert!(since >= self.base && since < self.next);
+        self.replay = (since + 1 < self.next).then_some(since + 1);
+    }
+
+    /// A resume failed: this check answers only for what it received; the
+    /// member goes on in a new one.
+    pub fn close(&mut self) {
+        self.closed = true;
+        self.replay = None;
+    }
+
     /// Holds every seq from the base up to and including `seq`.
     pub fn has_all_up_to(&self, seq: u64) -> bool {
         self.next > seq && self.untracked == 0 && self.missing.first().is_none_or(|r| r.start > seq)
     }
 
     /// Of `acked` (ascending, no repeats), the seqs after the base that this
-    /// member never received.
+    /// member never received (a closed check: up to the highest it received).
     pub fn lost_of(&self, acked: &[u64]) -> u64 {
         let count_in = |lo: u64, hi: u64| {
             (acked.partition_point(|&s| s < hi) - acked.partition_point(|&s| s < lo)) as u64
         };
-        let tail = count_in(self.next.max(self.base + 1), u64::MAX);
+        let tail = match self.closed {
+            true => 0,
+            false => count_in(self.next.max(self.base + 1), u64::MAX),
+        };
         let holes: u64 = self.missing.iter().map(|r| count_in(r.start, r.end)).sum();
         tail + holes
     }
@@ -231,6 +349,12 @@ struct Incoming<'a> {
     message: Option<String>,
     #[serde(default)]
     duplicate: bool,
+    /// `joined`: the numbering its seq belongs to, kept for a resume.
+    #[serde(borrow)]
+    epoch: Option<&'a str>,
+    /// `joined` after a join with a resume point.
+    recovered: Option<bool>,
+    missed: Option<u64>,
 }
 
 /// The fields of a publish body this client reads; `pad` is skipped.
@@ -316,6 +440,19 @@ pub struct Counts {
     pub unexpected_closes: u64,
     /// Closing handshakes the server did not complete in time.
     pub unclean_closes: u64,
+    /// `--reconnect`: connections that dropped and joined again.
+    pub reconnects: u64,
+    /// Resumes answered `recovered:false` (or that had no epoch to resume
+    /// in): what the member missed meanwhile went unchecked.
+    pub resume_failures: u64,
+    /// Of `unacked`: publishes in flight when their connection dropped.
+    /// Their acks died with it and they are never retried, so they do not
+    /// fail the run; what they became is checked by the members like any
+    /// other message.
+    pub unacked_on_drop: u64,
+    /// The longest time one member was away, from its drop to its next
+    /// `joined` (or to giving up), in ms. Merged by max, not added up.
+    pub longest_outage_ms: u64,
 }
 
 impl Counts {
@@ -338,9 +475,14 @@ impl Counts {
         self.other_frames += o.other_frames;
         self.unexpected_closes += o.unexpected_closes;
         self.unclean_closes += o.unclean_closes;
+        self.reconnects += o.reconnects;
+        self.resume_failures += o.resume_failures;
+        self.unacked_on_drop += o.unacked_on_drop;
+        self.longest_outage_ms = self.longest_outage_ms.max(o.longest_outage_ms);
     }
 
-    /// Everything that makes the run fail. Unanswered closes do not.
+    /// Everything that makes the run fail. Unanswered closes, reconnects
+    /// and publishes in flight at a drop do not.
     pub fn failures(&self) -> u64 {
         self.connect_failures
             + self.gaps
@@ -349,7 +491,8 @@ impl Counts {
             + self.publisher_reorders
             + self.foreign
             + self.lost
-            + self.unacked
+            + (self.unacked - self.unacked_on_drop)
+            + self.resume_failures
             + self.duplicate_acks
             + self.errors
             + self.bad_frames
@@ -397,7 +540,8 @@ struct Shared {
 /// What one member hands back at the end, for the loss count.
 struct MemberEnd {
     room: usize,
-    seqs: SeqCheck,
+    /// Its checks: one, or one more per failed resume.
+    seqs: Vec<SeqCheck>,
 }
 
 /// One thread's state.
@@ -479,9 +623,12 @@ struct Publisher {
 
 /// One connection's run: publishing (if a publisher) and receiving.
 struct ChatConn {
+    /// Replaced when the member reconnects.
     conn: Conn,
+    /// Index of the `--url` `conn` went to; a reconnect tries the next one.
+    slot: usize,
     st: State,
-    /// Frames buffered before the run were handled.
+    /// Frames buffered before the run (or with a resume's `joined`) were handled.
     primed: bool,
 }
 
@@ -495,6 +642,16 @@ struct State {
     /// The gate opened: `t` is the run's, publishing may start.
     started: bool,
     seqs: SeqCheck,
+    /// Checks closed by failed resumes, oldest first.
+    closed: Vec<SeqCheck>,
+    /// `epoch` of the last `joined`, for the next resume; empty when the
+    /// server had none (then there is no resume point).
+    epoch: String,
+    /// After a failed resume: `missed` frames (seqs up to `skip_upto`) the
+    /// server still sends. They belong to the closed check, not the new one,
+    /// and are passed over.
+    skip: u64,
+    skip_upto: u64,
     /// Per publisher of the room: one past the last `n` received, 0 = none yet.
     next_n: Vec<u64>,
     publisher: Option<Publisher>,
@@ -509,7 +666,7 @@ struct State {
 impl ChatConn {
     /// A joined connection, not started yet: it only reads until
     /// [`State::begin`].
-    fn new(conn: Conn, ctx: Rc<Ctx>, index: usize, base: u64) -> ChatConn {
+    fn new(conn: Conn, ctx: Rc<Ctx>, index: usize, slot: usize, joined: Joined) -> ChatConn {
         let plan = &ctx.plan;
         let publisher = ctx.publisher_of(index).map(|p| {
             let total = (plan.rooms * plan.publishers) as f64;
@@ -530,11 +687,16 @@ impl ChatConn {
         });
         ChatConn {
             conn,
+            slot,
             primed: false,
             st: State {
                 room: ctx.room_of(index),
                 next_n: vec![0; plan.publishers],
-                seqs: SeqCheck::new(base),
+                seqs: SeqCheck::new(joined.seq),
+                closed: Vec::new(),
+                epoch: joined.epoch,
+                skip: 0,
+                skip_upto: 0,
                 publisher,
                 caught_up: false,
                 frag: Vec::new(),
@@ -547,6 +709,48 @@ impl ChatConn {
                 ctx,
             },
         }
+    }
+
+    /// The member is back on `conn` after an outage of `away`: the resume
+    /// from `since` either continues its check or closes it.
+    fn resumed(&mut self, conn: Conn, joined: Joined, since: u64, away: Duration) {
+        self.conn = conn;
+        self.primed = false;
+        let st = &mut self.st;
+        st.frag.clear();
+        st.armed = None;
+        let ctx = &st.ctx;
+        ctx.count(|c| {
+            c.reconnects += 1;
+            c.longest_outage_ms = c.longest_outage_ms.max(away.as_millis() as u64);
+        });
+        let why = match joined.resumed {
+            Some((true, _)) => {
+                st.seqs.on_resume(since);
+                st.epoch = joined.epoch;
+                return;
+            }
+            Some((false, missed)) => {
+                st.skip = missed;
+                st.skip_upto = joined.seq;
+                "recovered:false"
+            }
+            None if st.epoch.is_empty() => "no epoch to resume in (the first joined had none)",
+            None => "the joined has no recovered field (does the server resume?)",
+        };
+        ctx.count(|c| c.resume_failures += 1);
+        ctx.note(
+            st.index,
+            &format_args!(
+                "{}: resume from seq {since} failed: {why}; going on from seq {} unchecked \
+                 in between",
+                ctx.rooms[st.room], joined.seq
+            ),
+        );
+        let mut old = std::mem::replace(&mut st.seqs, SeqCheck::new(joined.seq));
+        old.close();
+        st.closed.push(old);
+        st.epoch = joined.epoch;
     }
 
     /// Drives the connection until it fails; the run's end is raced against it.
@@ -677,6 +881,19 @@ impl ChatConn {
 }
 
 impl State {
+    /// The connection dropped and the member will try to come back: its
+    /// publishes in flight will never be acked, and are not retried.
+    fn on_drop(&mut self) {
+        if let Some(p) = self.publisher.as_mut() {
+            let n = p.inflight.len() as u64;
+            p.inflight.clear();
+            self.ctx.count(|c| {
+                c.unacked += n;
+                c.unacked_on_drop += n;
+            });
+        }
+    }
+
     /// The gate opened.
     fn begin(&mut self, t: Timeline) {
         self.t = t;
@@ -744,6 +961,10 @@ impl State {
                 m.room
             ));
         }
+        if self.skip > 0 && seq <= self.skip_upto {
+            self.skip -= 1;
+            return;
+        }
         match self.seqs.on_seq(seq) {
             SeqVerdict::InOrder => {}
             SeqVerdict::Gap(n) => ctx.note(
@@ -757,6 +978,7 @@ impl State {
                 ctx.note(self.index, &format_args!("{room}: seq {seq} again"));
                 return;
             }
+            SeqVerdict::Replayed => return,
         }
         if !self.started {
             ctx.count(|c| c.foreign += 1);
@@ -946,9 +1168,40 @@ fn close_hint(code: Option<u16>) -> &'static str {
     }
 }
 
-/// After the upgrade: waits for `welcome`, joins `room`, waits for
-/// `joined`; returns its `seq`.
-async fn join(conn: &mut Conn, room: &str, welcomed: &Cell<bool>) -> Result<u64, String> {
+/// What a `joined` said.
+#[derive(Debug)]
+struct Joined {
+    seq: u64,
+    /// Empty when the server had no epoch for the room.
+    epoch: String,
+    /// `(recovered, missed)`, when the join carried a resume point.
+    resumed: Option<(bool, u64)>,
+}
+
+/// Whether `--reconnect` may bring a member back after `failure`: the
+/// server went away (a close without code, 1001 going away, 1011-1014
+/// server error, restart, try again later, bad gateway; EOF; a socket
+/// error). Not after a framing error or a close that blames this client
+/// (1002, 1003, 1007, 1008 slow consumer, 1009, 4xxx): a reconnect would
+/// hide it.
+pub fn reconnectable(failure: ConnFailure) -> bool {
+    match failure {
+        ConnFailure::Protocol(_) => false,
+        ConnFailure::ServerClosed(None) => true,
+        ConnFailure::ServerClosed(Some(code)) => matches!(code, 1001 | 1011..=1014),
+        ConnFailure::Eof | ConnFailure::Io(_) => true,
+    }
+}
+
+/// After the upgrade: waits for `welcome`, joins `room` (resuming from
+/// `(since, epoch)` if given), waits for `joined` and consumes it; frames
+/// after it (a resume's missed messages) stay buffered.
+async fn join(
+    conn: &mut Conn,
+    room: &str,
+    resume: Option<(u64, &str)>,
+    welcomed: &Cell<bool>,
+) -> Result<Joined, String> {
     loop {
         // Frames that came with the upgrade response (the welcome often
         // does) are already buffered: handle them before reading more.
@@ -979,13 +1232,25 @@ async fn join(conn: &mut Conn, room: &str, welcomed: &Cell<bool>) -> Result<u64,
                 match m.kind {
                     "welcome" if !welcomed.get() => {
                         welcomed.set(true);
-                        let mut frame = Vec::with_capacity(64);
-                        let _ = write!(frame, r#"{{"type":"join","room":"{room}"}}"#);
+                        let mut join = Vec::with_capacity(96);
+                        let _ = write!(join, r#"{{"type":"join","room":"{room}""#);
+                        if let Some((since, epoch)) = resume {
+                            let _ = write!(join, r#","since":{since},"epoch":"#);
+                            let _ = serde_json::to_writer(&mut join, epoch);
+                        }
+                        join.push(b'}');
                         let mask = conn.mask();
-                        encode_frame(conn.tx_mut(), true, OpCode::Text, &frame, Some(mask));
+                        encode_frame(conn.tx_mut(), true, OpCode::Text, &join, Some(mask));
                     }
                     "joined" if welcomed.get() && m.room == Some(room) => {
-                        return m.seq.ok_or_else(|| "joined without a seq".to_string());
+                        let seq = m.seq.ok_or_else(|| "joined without a seq".to_string())?;
+                        let joined = Joined {
+                            seq,
+                            epoch: m.epoch.unwrap_or("").to_string(),
+                            resumed: m.recovered.map(|r| (r, m.missed.unwrap_or(0))),
+                        };
+                        conn.consume(&frame);
+                        return Ok(joined);
                     }
                     "error" => {
                         return Err(format!(
@@ -1011,9 +1276,16 @@ async fn join(conn: &mut Conn, room: &str, welcomed: &Cell<bool>) -> Result<u64,
     }
 }
 
-/// Opens connection `index`, with a token for its user if there is a
-/// secret, and joins its room. Returns the connection and `joined.seq`.
-async fn open(ctx: &Ctx, index: usize, exp: u64) -> Result<(Conn, u64), String> {
+/// Opens connection `index` to `--url` number `slot`, with a token for its
+/// user if there is a secret, and joins its room (resuming from `resume`,
+/// if given).
+async fn open(
+    ctx: &Ctx,
+    index: usize,
+    slot: usize,
+    exp: u64,
+    resume: Option<(u64, &str)>,
+) -> Result<(Conn, Joined), String> {
     let plan = &ctx.plan;
     let c = &plan.conn;
     let target: Target = match &plan.jwt_secret {
@@ -1023,10 +1295,10 @@ async fn open(ctx: &Ctx, index: usize, exp: u64) -> Result<(Conn, u64), String> 
                 exp: Some(exp),
                 ..Default::default()
             };
-            c.target(index)
+            c.target(slot)
                 .with_query("token", &auth::mint(secret, &claims))
         }
-        None => c.target(index).clone(),
+        None => c.target(slot).clone(),
     };
     let opts = ConnOptions {
         max_frame_bytes: (plan.size + 4096).max(MIN_FRAME_LIMIT),
@@ -1044,13 +1316,13 @@ async fn open(ctx: &Ctx, index: usize, exp: u64) -> Result<(Conn, u64), String> 
     .map_err(|e| e.to_string())?;
     let room = &ctx.rooms[ctx.room_of(index)];
     let welcomed = Cell::new(false);
-    let joined = async { Some(join(&mut conn, room, &welcomed).await) };
+    let joined = async { Some(join(&mut conn, room, resume, &welcomed).await) };
     let timer = async {
         Timer::new(c.connect_timeout).await;
         None
     };
     match or(joined, timer).await {
-        Some(Ok(base)) => Ok((conn, base)),
+        Some(Ok(joined)) => Ok((conn, joined)),
         Some(Err(e)) => Err(format!("{}: {e}", target.url)),
         None if welcomed.get() => Err(format!(
             "{}: no joined within {} ms of the join (server overloaded? raise \
@@ -1075,11 +1347,27 @@ async fn open(ctx: &Ctx, index: usize, exp: u64) -> Result<(Conn, u64), String> 
 // ---------------------------------------------------------------------------
 // Threads
 
+/// How a member's connection ended.
+enum Ending {
+    /// The run ended (or the gate was aborted) while it was connected.
+    RunEnded,
+    /// It failed and was not brought back (no `--reconnect`, or a failure
+    /// that blames this client).
+    Failed(ConnFailure),
+    /// It dropped and no try joined within `--reconnect-timeout-s`; the
+    /// last try's error.
+    GaveUp(ConnFailure, String),
+    /// It dropped and the run ended (or was interrupted) before it was back.
+    EndedAway(ConnFailure),
+}
+
 /// One connection's whole life: open and join; read while the other
 /// members join (presence events of later joins, pings); publish and
-/// receive; close.
+/// receive; with `--reconnect`, come back after a drop as often as needed;
+/// close.
 async fn member(ctx: Rc<Ctx>, index: usize, exp: u64) {
-    let (conn, base) = match open(&ctx, index, exp).await {
+    let slot = index % ctx.plan.conn.targets.len();
+    let (conn, joined) = match open(&ctx, index, slot, exp, None).await {
         Ok(c) => c,
         Err(e) => {
             ctx.count(|k| k.connect_failures += 1);
@@ -1094,33 +1382,24 @@ async fn member(ctx: Rc<Ctx>, index: usize, exp: u64) {
         ctx.shared.pubs_left[ctx.room_of(index)].fetch_add(1, Ordering::AcqRel);
     }
     ctx.attempted.signal(1);
-    let mut c = ChatConn::new(conn, ctx.clone(), index, base);
-    let waited = {
-        let idle = async { Some(poll_fn(|cx| c.poll_run(cx)).await) };
-        let started = async {
-            let _ = ctx.started.acquire(1).await;
-            None
+    let mut c = ChatConn::new(conn, ctx.clone(), index, slot, joined);
+    let ending = loop {
+        let Some(failure) = drive(&ctx, &mut c).await else {
+            break Ending::RunEnded;
         };
-        // The gate first: once it is open, no more reading in idle mode.
-        or(started, idle).await
-    };
-    let result = match (waited, ctx.timeline.get()) {
-        (Some(failure), _) => Some(failure),
-        // The gate was aborted: nothing to run.
-        (None, None) => None,
-        (None, Some(t)) => {
-            c.st.begin(t);
-            let run = async { Some(poll_fn(|cx| c.poll_run(cx)).await) };
-            let end = async {
-                let _ = ctx.end.acquire(1).await;
-                None
-            };
-            or(run, end).await
+        let Some(timeout) = ctx.plan.reconnect_timeout else {
+            break Ending::Failed(failure);
+        };
+        if !reconnectable(failure) {
+            break Ending::Failed(failure);
+        }
+        if let Err(ending) = reconnect(&ctx, &mut c, failure, timeout, exp).await {
+            break ending;
         }
     };
     let close_timeout = ctx.plan.conn.close_timeout;
-    match result {
-        Some(failure) => {
+    match ending {
+        Ending::Failed(failure) => {
             ctx.count(|k| k.unexpected_closes += 1);
             ctx.note(index, &failure);
             c.st.retire(true);
@@ -1131,7 +1410,30 @@ async fn member(ctx: Rc<Ctx>, index: usize, exp: u64) {
                 c.conn.close("", Instant::now() + close_timeout).await;
             }
         }
-        None => {
+        Ending::GaveUp(failure, last) => {
+            ctx.count(|k| k.unexpected_closes += 1);
+            ctx.note(
+                index,
+                &format_args!(
+                    "{failure}; not back within --reconnect-timeout-s (is any --url alive?); \
+                     last try: {last}"
+                ),
+            );
+            c.st.retire(true);
+        }
+        Ending::EndedAway(failure) => {
+            let interrupted = ctx.gate.is_interrupted();
+            // Caught up before it dropped, it missed nothing the run checks.
+            if !interrupted && !c.st.caught_up {
+                ctx.count(|k| k.unexpected_closes += 1);
+                ctx.note(
+                    index,
+                    &format_args!("{failure}; the run ended before it was back"),
+                );
+            }
+            c.st.retire(!interrupted);
+        }
+        Ending::RunEnded => {
             // Interrupted: what is in flight is not unacked, the run just ended.
             c.st.retire(!ctx.gate.is_interrupted());
             let until = ctx
@@ -1144,10 +1446,107 @@ async fn member(ctx: Rc<Ctx>, index: usize, exp: u64) {
         }
     }
     let st = c.st;
+    let mut seqs = st.closed;
+    seqs.push(st.seqs);
     ctx.members.borrow_mut().push(MemberEnd {
         room: st.room,
-        seqs: st.seqs,
+        seqs,
     });
+}
+
+/// Runs a joined connection: reads while the gate is closed, then publishes
+/// and receives until the run ends (`None`) or the connection fails. Called
+/// again after a reconnect, at whatever stage the run is then.
+async fn drive(ctx: &Ctx, c: &mut ChatConn) -> Option<ConnFailure> {
+    if !c.st.started {
+        let idle = async { Some(poll_fn(|cx| c.poll_run(cx)).await) };
+        let started = async {
+            let _ = ctx.started.acquire(1).await;
+            None
+        };
+        // The gate first: once it is open, no more reading in idle mode.
+        let waited = or(started, idle).await;
+        if waited.is_some() {
+            return waited;
+        }
+        // `None`: the gate was aborted, nothing to run.
+        c.st.begin(ctx.timeline.get()?);
+    }
+    let run = async { Some(poll_fn(|cx| c.poll_run(cx)).await) };
+    let end = async {
+        let _ = ctx.end.acquire(1).await;
+        None
+    };
+    or(run, end).await
+}
+
+/// Brings a member whose connection dropped with `failure` back: finishes
+/// the closing handshake briefly if the server started one, then tries the
+/// next `--url`s round-robin, at once and then with a doubling backoff,
+/// until one joins (resuming from [`SeqCheck::resume_point`] in the last
+/// `joined`'s epoch), `timeout` after the drop passes, or the run ends.
+async fn reconnect(
+    ctx: &Ctx,
+    c: &mut ChatConn,
+    failure: ConnFailure,
+    timeout: Duration,
+    exp: u64,
+) -> Result<(), Ending> {
+    let dropped = Instant::now();
+    let deadline = dropped + timeout;
+    log::debug!("connection {}: {failure}; reconnecting", c.st.index);
+    c.st.on_drop();
+    if let ConnFailure::ServerClosed(_) = failure {
+        // The reply to its close is queued.
+        let until = dropped + CLOSE_BEFORE_RECONNECT.min(ctx.plan.conn.close_timeout);
+        c.conn.close("", until).await;
+    }
+    let since = c.st.seqs.resume_point();
+    let epoch = c.st.epoch.clone();
+    let resume = (!epoch.is_empty()).then_some((since, epoch.as_str()));
+    let mut backoff = RECONNECT_BACKOFF_MIN;
+    let mut last = String::from("none finished");
+    let given_up = loop {
+        if ctx.gate.is_interrupted() {
+            break Ending::EndedAway(failure);
+        }
+        c.slot = ctx.plan.conn.next_target(c.slot);
+        let attempt = open(ctx, c.st.index, c.slot, exp, resume);
+        match within(ctx, deadline, attempt).await {
+            Some(Ok((conn, joined))) => {
+                c.resumed(conn, joined, since, dropped.elapsed());
+                return Ok(());
+            }
+            Some(Err(e)) => {
+                log::debug!("connection {}: reconnect: {e}", c.st.index);
+                last = e;
+            }
+            None if Instant::now() >= deadline => break Ending::GaveUp(failure, last),
+            None => break Ending::EndedAway(failure),
+        }
+        match within(ctx, deadline, Timer::new(backoff)).await {
+            Some(_) => backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX),
+            None if Instant::now() >= deadline => break Ending::GaveUp(failure, last),
+            None => break Ending::EndedAway(failure),
+        }
+    };
+    let away = dropped.elapsed().as_millis() as u64;
+    ctx.count(|k| k.longest_outage_ms = k.longest_outage_ms.max(away));
+    Err(given_up)
+}
+
+/// `fut`'s output, unless the run ends or `deadline` passes first (`None`).
+async fn within<T>(ctx: &Ctx, deadline: Instant, fut: impl Future<Output = T>) -> Option<T> {
+    let work = async { Some(fut.await) };
+    let end = async {
+        let _ = ctx.end.acquire(1).await;
+        None
+    };
+    let timer = async {
+        Timer::new(deadline.saturating_duration_since(Instant::now())).await;
+        None
+    };
+    or(work, or(end, timer)).await
 }
 
 /// Ends the thread's run: on Ctrl-C, or once publishing ended and every
@@ -1382,14 +1781,16 @@ pub fn execute(plan: Arc<ChatPlan>, interrupted: Arc<AtomicBool>) -> anyhow::Res
     let interrupted = gate.interrupted_at();
     let mut expected_deliveries = 0;
     for m in &members {
-        counts.received += m.seqs.received;
-        counts.gaps += m.seqs.gaps();
-        counts.duplicates += m.seqs.duplicates;
-        counts.reorders += m.seqs.reorders;
         expected_deliveries += acked[m.room].len() as u64;
-        // An interrupted run stops mid-flight: shortfalls are not losses.
-        if interrupted.is_none() {
-            counts.lost += m.seqs.lost_of(&acked[m.room]);
+        for seqs in &m.seqs {
+            counts.received += seqs.received;
+            counts.gaps += seqs.gaps();
+            counts.duplicates += seqs.duplicates;
+            counts.reorders += seqs.reorders;
+            // An interrupted run stops mid-flight: shortfalls are not losses.
+            if interrupted.is_none() {
+                counts.lost += seqs.lost_of(&acked[m.room]);
+            }
         }
     }
     let timeline = gate.released().map(|s| Timeline::new(s, &plan));
@@ -1427,7 +1828,7 @@ fn describe(plan: &ChatPlan) -> String {
     };
     format!(
         "chat {}: {} rooms × {} members ({} connections), {} publisher(s) per room, {mode}, \
-         {} B bodies, {} thread(s), {}; {:.1} s measured after {:.1} s warm-up",
+         {} B bodies, {} thread(s), {}{}; {:.1} s measured after {:.1} s warm-up",
         plan.conn.urls(),
         plan.rooms,
         plan.members,
@@ -1439,6 +1840,10 @@ fn describe(plan: &ChatPlan) -> String {
             "with tokens"
         } else {
             "anonymous"
+        },
+        match plan.reconnect_timeout {
+            Some(t) => format!(", reconnecting for up to {:.1} s", t.as_secs_f64()),
+            None => String::new(),
         },
         plan.duration.as_secs_f64(),
         plan.warmup.as_secs_f64()
@@ -1487,6 +1892,13 @@ fn human(plan: &ChatPlan, r: &ChatReport) -> String {
         c.connect_failures,
         c.unclean_closes,
     );
+    if plan.reconnect_timeout.is_some() {
+        s.push_str(&format!(
+            "reconnects  {} back after a drop, {} resume failures, longest outage {} ms, \
+             {} publishes unacked at drops (not retried)\n",
+            c.reconnects, c.resume_failures, c.longest_outage_ms, c.unacked_on_drop
+        ));
+    }
     if r.interrupted {
         s.push_str("interrupted: the run ended early; shortfalls are not counted as lost\n");
     }
@@ -1534,6 +1946,11 @@ fn json(plan: &ChatPlan, r: &ChatReport) -> String {
         .u64("joined", c.joined)
         .u64("connect_failures", c.connect_failures)
         .u64("unclean_closes", c.unclean_closes)
+        .bool("reconnect", plan.reconnect_timeout.is_some())
+        .u64("reconnects", c.reconnects)
+        .u64("resume_failures", c.resume_failures)
+        .u64("unacked_on_drop", c.unacked_on_drop)
+        .u64("longest_outage_ms", c.longest_outage_ms)
         .bool("interrupted", r.interrupted)
         .finish()
 }
@@ -1616,6 +2033,150 @@ mod tests {
     }
 
     #[test]
+    fn resume_points() {
+        // name, base, seqs in, resume point
+        let cases: &[(&str, u64, &[u64], u64)] = &[
+            ("nothing received", 41, &[], 41),
+            ("in order", 41, &[42, 43, 44], 44),
+            ("below the first hole", 0, &[1, 2, 5, 6], 2),
+            ("first seq skipped", 10, &[12, 13], 10),
+            ("hole filled", 0, &[1, 3, 2, 4], 4),
+            ("two holes", 0, &[1, 3, 5], 1),
+        ];
+        for (name, base, seqs, want) in cases {
+            let mut c = SeqCheck::new(*base);
+            for &s in *seqs {
+                c.on_seq(s);
+            }
+            assert_eq!(c.resume_point(), *want, "{name}");
+        }
+        // Untracked holes: the resume starts below the oldest of them.
+        let mut c = SeqCheck::new(0);
+        for i in 0..(MAX_MISSING_RANGES as u64 + 3) {
+            c.on_seq(10 * i + 10);
+        }
+        assert_eq!(c.resume_point(), 0);
+    }
+
+    #[test]
+    fn resume_replay() {
+        use SeqVerdict::*;
+        // name, base, seqs before the drop, seqs after the resume, verdicts
+        // after, [received, gaps, duplicates, reorders] in the end
+        type Case = (
+            &'static str,
+            u64,
+            &'static [u64],
+            &'static [u64],
+            &'static [SeqVerdict],
+            [u64; 4],
+        );
+        #[rustfmt::skip]
+        let cases: &[Case] = &[
+            ("up to date", 10, &[11, 12], &[13, 14], &[InOrder, InOrder], [4, 0, 0, 0]),
+            ("nothing missed, then live", 10, &[11], &[12], &[InOrder], [2, 0, 0, 0]),
+            ("the replay fills a hole", 0, &[1, 3, 4], &[2, 3, 4, 5],
+             &[Reordered, Replayed, Replayed, InOrder], [5, 0, 0, 1]),
+            ("a duplicate in the replay", 0, &[1, 3], &[2, 2, 3, 4],
+             &[Reordered, Duplicate, Replayed, InOrder], [4, 0, 1, 1]),
+            ("a duplicate of the live stream", 0, &[1, 2], &[3, 3], &[InOrder, Duplicate],
+             [3, 0, 1, 0]),
+            ("the replay stops short", 0, &[1, 3, 4], &[5], &[InOrder], [4, 1, 0, 0]),
+            ("the replay skips", 0, &[1, 2, 3], &[5], &[Gap(1)], [4, 1, 0, 0]),
+        ];
+        for (name, base, before, after, verdicts, [received, gaps, dups, reorders]) in cases {
+            let mut c = SeqCheck::new(*base);
+            for &s in *before {
+                c.on_seq(s);
+            }
+            let since = c.resume_point();
+            c.on_resume(since);
+            let got: Vec<_> = after.iter().map(|&s| c.on_seq(s)).collect();
+            assert_eq!(&got, verdicts, "{name}");
+            assert_eq!(c.received, *received, "{name}: received");
+            assert_eq!(c.gaps(), *gaps, "{name}: gaps");
+            assert_eq!(c.duplicates, *dups, "{name}: duplicates");
+            assert_eq!(c.reorders, *reorders, "{name}: reorders");
+        }
+    }
+
+    #[test]
+    fn resumed_member_holds_every_acked_seq() {
+        let acked: Vec<u64> = (11..=20).collect();
+        let mut c = SeqCheck::new(10);
+        for s in 11..=14 {
+            c.on_seq(s);
+        }
+        // Dropped; 15..=17 were sequenced meanwhile and come with the resume.
+        c.on_resume(c.resume_point());
+        for s in 15..=20 {
+            assert_eq!(c.on_seq(s), SeqVerdict::InOrder);
+        }
+        assert!(c.has_all_up_to(20));
+        assert_eq!(c.lost_of(&acked), 0);
+    }
+
+    #[test]
+    fn closed_check_counts_only_what_it_covered() {
+        let acked: Vec<u64> = (1..=10).collect();
+        let mut old = SeqCheck::new(0);
+        for s in [1, 2, 4] {
+            old.on_seq(s);
+        }
+        old.close();
+        // 3 is a hole it saw; 5..=10 belong to the failed resume.
+        assert_eq!(old.lost_of(&acked), 1);
+        let mut fresh = SeqCheck::new(8);
+        fresh.on_seq(9);
+        assert!(fresh.has_all_up_to(8) && !fresh.has_all_up_to(10));
+        assert_eq!(fresh.lost_of(&acked), 1, "10 never came");
+    }
+
+    #[test]
+    fn reconnectable_failures() {
+        use corecast_gateway::ws::ProtocolError;
+        use std::io::ErrorKind;
+        let cases = [
+            ("going away", ConnFailure::ServerClosed(Some(1001)), true),
+            ("server error", ConnFailure::ServerClosed(Some(1011)), true),
+            ("restart", ConnFailure::ServerClosed(Some(1012)), true),
+            (
+                "try again later",
+                ConnFailure::ServerClosed(Some(1013)),
+                true,
+            ),
+            ("no code", ConnFailure::ServerClosed(None), true),
+            ("eof", ConnFailure::Eof, true),
+            ("reset", ConnFailure::Io(ErrorKind::ConnectionReset), true),
+            ("normal close", ConnFailure::ServerClosed(Some(1000)), false),
+            (
+                "protocol error",
+                ConnFailure::ServerClosed(Some(1002)),
+                false,
+            ),
+            (
+                "slow consumer",
+                ConnFailure::ServerClosed(Some(1008)),
+                false,
+            ),
+            ("too big", ConnFailure::ServerClosed(Some(1009)), false),
+            (
+                "token expired",
+                ConnFailure::ServerClosed(Some(4003)),
+                false,
+            ),
+            (
+                "framing",
+                ConnFailure::Protocol(ProtocolError::ReservedBitsSet),
+                false,
+            ),
+        ];
+        for (name, failure, want) in cases {
+            assert_eq!(reconnectable(failure), want, "{name}");
+        }
+    }
+
+    #[test]
     fn publish_frames() {
         for size in [0, 10, 60, 128, 5000] {
             let (mut out, mut scratch) = (Vec::new(), Vec::new());
@@ -1677,5 +2238,9 @@ mod tests {
             br#"{"type":"presence","room":"lg-0","count":2,"users":["a","b"],"body":null}"#;
         let m: Incoming = serde_json::from_slice(presence).unwrap();
         assert_eq!(m.kind, "presence");
+        let joined = br#"{"type":"joined","room":"lg-0","seq":47,"members":12,"epoch":"18c2f4a9e03b","recovered":true,"missed":6}"#;
+        let m: Incoming = serde_json::from_slice(joined).unwrap();
+        assert_eq!(m.epoch, Some("18c2f4a9e03b"));
+        assert_eq!((m.recovered, m.missed), (Some(true), Some(6)));
     }
 }

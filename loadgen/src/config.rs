@@ -48,6 +48,7 @@ pub enum Command {
     Hold(HoldArgs),
     /// Drive the gateway's chat protocol (corecast.v1): rooms of members, some of
     /// them publishing; check ordering and delivery, report delivery latency.
+    /// With --reconnect, ride out a gateway node going away (resume and check).
     Chat(ChatArgs),
 }
 
@@ -272,6 +273,27 @@ pub struct ChatArgs {
     /// deliveries before counting the missing ones as unacked or lost.
     #[arg(long, env = "LOADGEN_DRAIN_TIMEOUT_MS", default_value_t = 5000)]
     pub drain_timeout_ms: u64,
+
+    /// Survive a gateway node going away (failover tests): a member whose
+    /// connection drops after it joined (close 1001/1011-1014, EOF, reset)
+    /// reconnects to the next --url, round-robin, and resumes its room from
+    /// the last seq it holds (join with since + epoch). Publishes in flight
+    /// at the drop are counted as unacked (not retried), but do not fail the
+    /// run; a resume answered `recovered:false` does. Off: a drop fails the
+    /// run (unexpected_closes).
+    #[arg(long, env = "LOADGEN_RECONNECT")]
+    pub reconnect: bool,
+
+    /// With --reconnect: how long after its drop a member keeps trying
+    /// (backoff 100 ms doubling to 1 s, each try on the next --url) before it
+    /// counts as an unexpected close.
+    #[arg(
+        long,
+        env = "LOADGEN_RECONNECT_TIMEOUT_S",
+        default_value_t = 10.0,
+        requires = "reconnect"
+    )]
+    pub reconnect_timeout_s: f64,
 }
 
 /// Where to connect: a parsed `ws://` URL with its address resolved once.
@@ -317,6 +339,13 @@ impl ConnPlan {
     /// Server of connection `index`, round-robin.
     pub fn target(&self, index: usize) -> &Target {
         &self.targets[index % self.targets.len()]
+    }
+
+    /// The server to try after a connection to `targets[slot]` failed: the
+    /// next one, round-robin, so that a dead node is left behind (with one
+    /// URL, the same one: a node coming back).
+    pub fn next_target(&self, slot: usize) -> usize {
+        (slot + 1) % self.targets.len()
     }
 
     /// The URLs, comma separated, for reports.
@@ -375,6 +404,9 @@ pub struct ChatPlan {
     pub drain_timeout: Duration,
     pub jwt_secret: Option<Vec<u8>>,
     pub room_prefix: String,
+    /// `--reconnect`: how long a member that dropped after joining keeps
+    /// trying to come back and resume; `None`: a drop fails the member.
+    pub reconnect_timeout: Option<Duration>,
 }
 
 impl ChatPlan {
@@ -512,6 +544,16 @@ impl ChatArgs {
             Some("") => bail!("--jwt-secret is empty; leave it out to connect without tokens"),
             s => s.map(|s| s.as_bytes().to_vec()),
         };
+        let reconnect_timeout = match self.reconnect {
+            false => None,
+            true => {
+                let t = seconds("--reconnect-timeout-s", self.reconnect_timeout_s)?;
+                if t.is_zero() {
+                    bail!("--reconnect-timeout-s must be more than 0");
+                }
+                Some(t)
+            }
+        };
         Ok(ChatPlan {
             conn,
             rooms: self.rooms,
@@ -525,6 +567,7 @@ impl ChatArgs {
             drain_timeout: Duration::from_millis(self.drain_timeout_ms),
             jwt_secret,
             room_prefix: self.room_prefix.clone(),
+            reconnect_timeout,
         })
     }
 }
@@ -830,6 +873,40 @@ mod tests {
     }
 
     #[test]
+    fn reconnects_rotate_over_the_urls() {
+        let plan = |urls: &str| {
+            let cli = Cli::try_parse_from(["loadgen", "chat", "--url", urls]).unwrap();
+            let Command::Chat(c) = cli.command else {
+                panic!("not chat")
+            };
+            c.validate().unwrap().conn
+        };
+        let three = plan("ws://127.0.0.1:1/ws,ws://127.0.0.1:2/ws,ws://127.0.0.1:3/ws");
+        // name, slot used, next slot
+        let cases = [("first", 0, 1), ("middle", 1, 2), ("wraps", 2, 0)];
+        for (name, slot, next) in cases {
+            assert_eq!(three.next_target(slot), next, "{name}");
+        }
+        // Connection 4 starts on port 2, then tries 3, 1, 2, ...
+        let mut slot = 4 % three.targets.len();
+        let ports: Vec<u16> = (0..4)
+            .map(|_| {
+                slot = three.next_target(slot);
+                three.target(slot).addr.port()
+            })
+            .collect();
+        assert_eq!(ports, [3, 1, 2, 3]);
+        let one = plan("ws://127.0.0.1:1/ws");
+        assert_eq!(one.next_target(0), 0, "one URL: the same node again");
+    }
+
+    #[test]
+    fn reconnect_timeout_needs_reconnect() {
+        let e = Cli::try_parse_from(["loadgen", "chat", "--reconnect-timeout-s", "3"]).unwrap_err();
+        assert!(e.to_string().contains("--reconnect"), "{e}");
+    }
+
+    #[test]
     fn chat_cli() {
         let chat = |args: &[&str]| {
             let mut argv = vec!["loadgen", "chat"];
@@ -865,12 +942,23 @@ mod tests {
         let t = plan.conn.target(0).with_query("token", "a.b.c");
         assert_eq!(t.path, "/ws?token=a.b.c");
         assert_eq!(t.with_query("x", "1").path, "/ws?token=a.b.c&x=1");
+        assert_eq!(plan.reconnect_timeout, None, "off by default");
+        let plan = chat(&["--reconnect", "--reconnect-timeout-s", "2.5"]).unwrap();
+        assert_eq!(plan.reconnect_timeout, Some(Duration::from_millis(2500)));
+        assert_eq!(
+            chat(&["--reconnect"]).unwrap().reconnect_timeout,
+            Some(Duration::from_secs(10))
+        );
         for (args, want) in [
             (&["--publishers", "101"][..], "publishers are members"),
             (&["--publishers", "0"][..], "between 1"),
             (&["--room-prefix", "a b"][..], "--room-prefix"),
             (&["--jwt-secret", ""][..], "empty"),
             (&["--rooms", "0"][..], "at least 1"),
+            (
+                &["--reconnect", "--reconnect-timeout-s", "0"][..],
+                "--reconnect-timeout-s",
+            ),
         ] {
             let e = format!("{:#}", chat(args).unwrap_err());
             assert!(e.contains(want), "{args:?}: {e}");

@@ -12,7 +12,8 @@
 //! - `echo`: `loadgen echo`, round-trip throughput and latency.
 //! - `hold`: `loadgen hold`, many idle connections held open.
 //! - `chat`: `loadgen chat`, the gateway's chat protocol: rooms, publishers,
-//!   ordering and delivery checks, delivery and ack latency.
+//!   ordering and delivery checks, delivery and ack latency, reconnect and
+//!   resume after a node goes away.
 //! - `report`: percentiles, the human lines and the one-line JSON record.
 //! - `sys`: the crate's only `unsafe`: fd hand-off to glommio, socket and
 //!   rlimit knobs.

@@ -1,9 +1,10 @@
 //! Black-box runs of `loadgen chat` against an independent chat server:
 //! tungstenite, a thread per connection, one lock over the rooms, speaking
-//! the part of `corecast.v1` the load generator uses (welcome, join/joined,
-//! publish/ack/msg). Faults injected on purpose must show up in the report;
-//! a clean server must give a clean run. Short and bounded; they check
-//! counts, never timings.
+//! the part of `corecast.v1` the load generator uses (welcome, join/joined
+//! with resume, publish/ack/msg). It may listen as two "nodes" sharing the
+//! rooms, like a cluster sharing a store, and kill one mid-run. Faults
+//! injected on purpose must show up in the report; a clean server must give
+//! a clean run. Short and bounded; they check counts, never timings.
 
 use std::{
     collections::HashMap,
@@ -35,12 +36,25 @@ enum Fault {
     DropEvery(u64),
     /// Sends every nth delivery twice.
     DupEvery(u64),
+    /// After this many publishes in all, node 1 closes its connections with
+    /// 1001 and accepts no more. With `resumable` false every resume is
+    /// answered `recovered:false`, followed by the messages it asked for
+    /// (as a store answers when part of them is gone).
+    KillNode {
+        after: u64,
+        resumable: bool,
+    },
 }
+
+/// The fake's only epoch: its store never loses a room.
+const EPOCH: &str = "e1";
 
 #[derive(Default)]
 struct Room {
     seq: u64,
     members: Vec<mpsc::Sender<String>>,
+    /// `msg` frames, seq `i + 1` at `i`: what resumes replay.
+    history: Vec<String>,
 }
 
 struct Fake {
@@ -49,31 +63,64 @@ struct Fake {
     fault: Fault,
     secret: Option<Vec<u8>>,
     users: AtomicU64,
+    publishes: AtomicU64,
+    /// Node 1 is dead (`Fault::KillNode`).
+    killed: AtomicBool,
 }
 
 /// Starts the fake chat server on loopback; it lives as long as the test process.
 fn fake_chat(fault: Fault, secret: Option<&[u8]>) -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
+    fake_cluster(fault, secret, 1)[0]
+}
+
+/// Starts `nodes` listeners sharing one set of rooms; returns their ports.
+fn fake_cluster(fault: Fault, secret: Option<&[u8]>, nodes: usize) -> Vec<u16> {
     let fake = Arc::new(Fake {
         rooms: Mutex::default(),
         deliveries: AtomicU64::new(0),
         fault,
         secret: secret.map(<[u8]>::to_vec),
         users: AtomicU64::new(0),
+        publishes: AtomicU64::new(0),
+        killed: AtomicBool::new(false),
     });
-    thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
+    (0..nodes)
+        .map(|node| {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = listener.local_addr().unwrap().port();
+            listener.set_nonblocking(true).unwrap();
             let fake = fake.clone();
-            thread::spawn(move || serve(&fake, stream));
-        }
-    });
-    port
+            thread::spawn(move || loop {
+                if fake.is_dead(node) {
+                    // Dropping the listener: connects are refused from now on.
+                    return;
+                }
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        stream.set_nonblocking(false).unwrap();
+                        let fake = fake.clone();
+                        thread::spawn(move || serve(&fake, stream, node));
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        thread::sleep(Duration::from_millis(1));
+                    }
+                    Err(_) => return,
+                }
+            });
+            port
+        })
+        .collect()
+}
+
+impl Fake {
+    fn is_dead(&self, node: usize) -> bool {
+        node == 1 && self.killed.load(Ordering::Acquire)
+    }
 }
 
 // tungstenite's handshake callback returns its (large) `ErrorResponse`.
 #[allow(clippy::result_large_err)]
-fn serve(fake: &Fake, stream: std::net::TcpStream) {
+fn serve(fake: &Fake, stream: std::net::TcpStream, node: usize) {
     let mut token = None;
     let callback = |req: &Request, mut resp: Response| {
         token = req
@@ -117,6 +164,9 @@ fn serve(fake: &Fake, stream: std::net::TcpStream) {
         json!({"type": "welcome", "user": user, "conn": "0.1"}).to_string(),
     ));
     loop {
+        if fake.is_dead(node) {
+            return close(ws, 1001);
+        }
         match ws.read() {
             Ok(Message::Text(t)) => {
                 let m: Value = serde_json::from_str(t.as_str()).unwrap();
@@ -160,8 +210,31 @@ fn on_frame(fake: &Fake, m: &Value, me: &mpsc::Sender<String>) -> Value {
     match m["type"].as_str() {
         Some("join") => {
             let r = rooms.entry(room.clone()).or_default();
+            // Missed messages go out before any live one: both through the
+            // member's channel, which it joins only after them.
+            let resumed = m["since"].as_u64().map(|since| {
+                assert_eq!(m["epoch"], EPOCH, "a resume names the epoch of its joined");
+                let missed = &r.history[(since as usize).min(r.history.len())..];
+                for msg in missed {
+                    let _ = me.send(msg.clone());
+                }
+                let recovered = !matches!(
+                    fake.fault,
+                    Fault::KillNode {
+                        resumable: false,
+                        ..
+                    }
+                );
+                (recovered, missed.len())
+            });
             r.members.push(me.clone());
-            json!({"type": "joined", "room": room, "seq": r.seq, "members": r.members.len()})
+            let mut joined = json!({"type": "joined", "room": room, "seq": r.seq,
+                                    "members": r.members.len(), "epoch": EPOCH});
+            if let Some((recovered, missed)) = resumed {
+                joined["recovered"] = recovered.into();
+                joined["missed"] = missed.into();
+            }
+            joined
         }
         Some("publish") => {
             let r = rooms.entry(room.clone()).or_default();
@@ -169,6 +242,13 @@ fn on_frame(fake: &Fake, m: &Value, me: &mpsc::Sender<String>) -> Value {
             let msg = json!({"type": "msg", "room": room, "seq": r.seq, "from": "x",
                              "id": m["id"], "ts": 1, "body": m["body"]})
             .to_string();
+            r.history.push(msg.clone());
+            let published = fake.publishes.fetch_add(1, Ordering::Relaxed) + 1;
+            if let Fault::KillNode { after, .. } = fake.fault {
+                if published == after {
+                    fake.killed.store(true, Ordering::Release);
+                }
+            }
             for member in &r.members {
                 let n = fake.deliveries.fetch_add(1, Ordering::Relaxed) + 1;
                 match fake.fault {
@@ -288,4 +368,75 @@ fn duplicated_deliveries_are_counted() {
     assert!(!r.is_clean());
     assert!(c.duplicates > 0, "{c:?}");
     assert_eq!((c.gaps, c.lost, c.reorders), (0, 0, 0), "{c:?}");
+}
+
+/// Two nodes; node 1 dies a fifth into the run. Its members (connections
+/// 1, 3, 5, 7) are dropped with 1001.
+fn kill_run(resumable: bool, reconnect: bool) -> chat::ChatReport {
+    let ports = fake_cluster(
+        Fault::KillNode {
+            after: 25,
+            resumable,
+        },
+        None,
+        2,
+    );
+    let urls = format!(
+        "ws://127.0.0.1:{}/ws,ws://127.0.0.1:{}/ws",
+        ports[0], ports[1]
+    );
+    let mut args = vec!["--url", &urls, "--rooms", "2", "--members", "4"];
+    args.extend_from_slice(&["--publishers", "2", "--rate", "200", "--duration-s", "0.6"]);
+    args.extend_from_slice(&["--drain-timeout-ms", "1000"]);
+    if reconnect {
+        args.extend_from_slice(&["--reconnect", "--reconnect-timeout-s", "3"]);
+    }
+    run_chat(&args)
+}
+
+#[test]
+fn members_of_a_killed_node_resume_elsewhere() {
+    let r = kill_run(true, true);
+    let c = &r.counts;
+    assert!(r.is_clean(), "{c:?} {:?}", r.first_error);
+    assert_eq!(
+        (c.joined, c.reconnects, c.resume_failures),
+        (8, 4, 0),
+        "{c:?}"
+    );
+    assert_eq!(
+        (c.gaps, c.lost, c.duplicates, c.reorders),
+        (0, 0, 0, 0),
+        "{c:?}"
+    );
+    assert_eq!(c.unexpected_closes, 0, "{c:?}");
+    assert!(c.acked > 25, "publishers went on after the resume: {c:?}");
+    // Every member holds every acked seq; publishes in flight at the kill
+    // may have been sequenced too.
+    assert!(c.received >= r.expected_deliveries, "{c:?}");
+    assert!(c.unacked_on_drop <= c.unacked, "{c:?}");
+
+    // Without --reconnect the same kill fails the run.
+    let r = kill_run(true, false);
+    let c = &r.counts;
+    assert!(!r.is_clean());
+    assert_eq!((c.unexpected_closes, c.reconnects), (4, 0), "{c:?}");
+}
+
+#[test]
+fn failed_resumes_fail_the_run_without_counting_twice() {
+    let r = kill_run(false, true);
+    let c = &r.counts;
+    assert!(!r.is_clean());
+    assert_eq!((c.reconnects, c.resume_failures), (4, 4), "{c:?}");
+    // The replay a recovered:false still brings is passed over, and what
+    // the members missed is the resume failures', not lost.
+    assert_eq!(
+        (c.gaps, c.lost, c.duplicates, c.reorders),
+        (0, 0, 0, 0),
+        "{c:?}"
+    );
+    assert_eq!(c.unexpected_closes, 0, "{c:?}");
+    let e = r.first_error.unwrap();
+    assert!(e.contains("recovered:false"), "{e}");
 }
