@@ -175,6 +175,53 @@ pub struct Config {
     /// heartbeat (heartbeats run three times per TTL).
     #[arg(long, env = "CORECAST_PRESENCE_TTL_S", default_value_t = 30)]
     pub presence_ttl_s: u64,
+
+    /// Runs the node in a cluster: the ZeroMQ endpoint its mesh PUB socket
+    /// binds, e.g. tcp://127.0.0.1:7001 (HOST:PORT is accepted too). Every
+    /// node needs its own --node-id. See docs/cluster.md.
+    #[arg(long, env = "CORECAST_MESH_BIND")]
+    pub mesh_bind: Option<String>,
+
+    /// The endpoint other nodes connect to (default: --mesh-bind; required
+    /// when that binds 0.0.0.0).
+    #[arg(long, env = "CORECAST_MESH_ADVERTISE")]
+    pub mesh_advertise: Option<String>,
+
+    /// Other nodes' mesh endpoints, comma-separated (this node's own is
+    /// skipped, so every node may get the same list). With --redis, nodes
+    /// also find each other in the registry.
+    #[arg(long, env = "CORECAST_PEERS", value_delimiter = ',')]
+    pub peers: Vec<String>,
+
+    /// How often a node tells the others it is alive.
+    #[arg(long, env = "CORECAST_HEARTBEAT_MS", default_value_t = 250)]
+    pub heartbeat_ms: u64,
+
+    /// A node not heard for this long is dead: its rooms move.
+    #[arg(long, env = "CORECAST_NODE_TIMEOUT_MS", default_value_t = 2000)]
+    pub node_timeout_ms: u64,
+
+    /// ZeroMQ high-water mark per mesh socket, in messages; past it
+    /// messages are dropped (and repaired from history by the receiver).
+    #[arg(long, env = "CORECAST_MESH_HWM", default_value_t = 100_000)]
+    pub mesh_hwm: i32,
+
+    /// Fault injection for tests: drop every Nth room message this node
+    /// publishes to the mesh, as a PUB socket at its high-water mark
+    /// would (0: never).
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub mesh_drop_every: u64,
+}
+
+/// A ZeroMQ TCP endpoint from `tcp://HOST:PORT` or `HOST:PORT`.
+fn mesh_endpoint(flag: &str, v: &str) -> Result<String, ConfigError> {
+    let addr = v.trim().strip_prefix("tcp://").unwrap_or(v.trim());
+    match addr.parse::<std::net::SocketAddr>() {
+        Ok(a) => Ok(format!("tcp://{a}")),
+        Err(_) => Err(ConfigError(format!(
+            "{flag} {v:?}: expected tcp://IP:PORT or IP:PORT, e.g. tcp://127.0.0.1:7001"
+        ))),
+    }
 }
 
 impl Config {
@@ -195,6 +242,57 @@ impl Config {
             history_meta_ttl: Duration::from_secs(self.history_meta_ttl_s),
             history_max_limit: self.history_size.clamp(1, MAX_HISTORY_LIMIT),
         }
+    }
+
+    /// The mesh settings; `None` when the node runs alone.
+    pub fn mesh(&self) -> Result<Option<crate::mesh::MeshConfig>, ConfigError> {
+        let Some(bind) = &self.mesh_bind else {
+            if self.mesh_advertise.is_some() || !self.peers.is_empty() {
+                return Err(ConfigError(
+                    "--peers and --mesh-advertise need --mesh-bind (the node's own mesh endpoint)"
+                        .into(),
+                ));
+            }
+            return Ok(None);
+        };
+        let bind = mesh_endpoint("--mesh-bind", bind)?;
+        let advertise = match &self.mesh_advertise {
+            Some(a) => mesh_endpoint("--mesh-advertise", a)?,
+            None if bind.contains("0.0.0.0") || bind.contains("[::]") => {
+                return Err(ConfigError(format!(
+                    "--mesh-bind {bind} listens on every address: give --mesh-advertise, the endpoint other nodes reach this one at"
+                )))
+            }
+            None => bind.clone(),
+        };
+        let peers = self
+            .peers
+            .iter()
+            .filter(|p| !p.trim().is_empty())
+            .map(|p| mesh_endpoint("--peers", p))
+            .collect::<Result<Vec<_>, _>>()?;
+        if self.heartbeat_ms == 0 || self.node_timeout_ms < 2 * self.heartbeat_ms {
+            return Err(ConfigError(
+                "--heartbeat-ms must be at least 1 and --node-timeout-ms at least twice it".into(),
+            ));
+        }
+        if self.mesh_hwm < 1 {
+            return Err(ConfigError("--mesh-hwm must be at least 1".into()));
+        }
+        // Validated with the storage settings.
+        let node_id = self.storage()?.node_id;
+        Ok(Some(crate::mesh::MeshConfig {
+            node_id: node_id.into(),
+            bind,
+            advertise,
+            peers,
+            registry: self.redis.clone(),
+            heartbeat: Duration::from_millis(self.heartbeat_ms),
+            node_timeout: Duration::from_millis(self.node_timeout_ms),
+            hwm: self.mesh_hwm,
+            queue: 65_536,
+            drop_every: self.mesh_drop_every,
+        }))
     }
 
     /// The storage worker's settings.

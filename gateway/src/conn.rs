@@ -349,6 +349,7 @@ impl Conn {
 
     fn conn_ref(&self) -> ConnRef {
         ConnRef {
+            node: self.shard.chat.node,
             shard: self.shard.chat.me as u16,
             key: self.key as u32,
             gen: self.shared.gen,
@@ -519,6 +520,12 @@ impl Conn {
             "/readyz" => {
                 if self.shard.draining.get() {
                     self.reply(503, "text/plain; charset=utf-8", b"draining\n")
+                } else if !self.shard.chat.cluster_ready() {
+                    self.reply(
+                        503,
+                        "text/plain; charset=utf-8",
+                        b"joining the cluster: the live nodes are not known yet\n",
+                    )
                 } else {
                     self.reply(200, "text/plain; charset=utf-8", b"ready\n")
                 }
@@ -527,6 +534,7 @@ impl Conn {
                 let body = metrics::render(
                     &self.shard.all_metrics,
                     Some(&self.shard.chat.storage),
+                    self.shard.chat.mesh(),
                     self.shard.draining.get(),
                 );
                 self.reply(

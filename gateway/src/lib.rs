@@ -13,6 +13,9 @@
 //!   messages, presence.
 //! - [`storage`]: the storage worker thread: history, resume, sequences
 //!   and presence in memory or Redis, circuit breaker and spill file.
+//! - [`mesh`]: the cross-node ZeroMQ PUB/SUB mesh thread, node liveness
+//!   and the Redis node registry.
+//! - `inbox`: a shard's mailbox from a helper thread.
 //! - `buf`: per-shard buffer pools, so idle connections hold no buffers.
 //! - [`ws`]: the sans-IO RFC 6455 codec (handshake, frames, masking, UTF-8).
 //! - [`metrics`]: per-shard counters and the Prometheus rendering.
@@ -25,6 +28,8 @@ mod buf;
 pub mod chat;
 pub mod config;
 mod conn;
+mod inbox;
+pub mod mesh;
 pub mod metrics;
 pub mod server;
 mod shard;
@@ -51,6 +56,8 @@ pub enum Error {
     },
     #[error("storage: {0}")]
     Storage(#[from] storage::StartError),
+    #[error("{0}")]
+    Mesh(#[from] mesh::MeshError),
     #[error("starting shard {shard}: {message}")]
     Executor { shard: usize, message: String },
     #[error("shard {shard} failed: {message}")]

@@ -164,6 +164,7 @@ impl ShardMetrics {
 pub fn render(
     shards: &[ShardMetrics],
     storage: Option<&crate::storage::Storage>,
+    mesh: Option<&crate::mesh::Mesh>,
     draining: bool,
 ) -> String {
     let mut out = String::with_capacity(8192);
@@ -398,6 +399,9 @@ pub fn render(
     if let Some(st) = storage {
         render_storage(&mut out, st, shards.len());
     }
+    if let Some(mesh) = mesh {
+        render_mesh(&mut out, mesh);
+    }
     let _ = writeln!(out, "# HELP corecast_draining 1 while the gateway is shutting down.\n# TYPE corecast_draining gauge\ncorecast_draining {}", draining as u8);
     if let Some(rss) = resident_bytes() {
         let _ = writeln!(out, "# HELP process_resident_memory_bytes Resident memory size in bytes.\n# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {rss}");
@@ -493,6 +497,109 @@ fn render_storage(out: &mut String, st: &crate::storage::Storage, shards: usize)
     }
 }
 
+fn render_mesh(out: &mut String, mesh: &crate::mesh::Mesh) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let m = &mesh.metrics;
+    let series: [(&str, &str, &str, &AtomicU64); 14] = [
+        (
+            "corecast_mesh_sent_total",
+            "counter",
+            "Messages published to other nodes.",
+            &m.sent,
+        ),
+        (
+            "corecast_mesh_received_total",
+            "counter",
+            "Messages received from other nodes (heartbeats included).",
+            &m.received,
+        ),
+        (
+            "corecast_mesh_dropped_queue_total",
+            "counter",
+            "Messages dropped because the shards' queue to the mesh thread was full.",
+            &m.dropped_queue,
+        ),
+        (
+            "corecast_mesh_dropped_hwm_total",
+            "counter",
+            "Messages the PUB socket refused (high-water mark).",
+            &m.dropped_hwm,
+        ),
+        (
+            "corecast_mesh_dropped_injected_total",
+            "counter",
+            "Room messages dropped on purpose (--mesh-drop-every, tests only).",
+            &m.dropped_injected,
+        ),
+        (
+            "corecast_mesh_bad_messages_total",
+            "counter",
+            "Mesh payloads that did not parse (dropped).",
+            &m.bad_messages,
+        ),
+        (
+            "corecast_mesh_live_nodes",
+            "gauge",
+            "Nodes this node counts as live, itself included.",
+            &m.live_nodes,
+        ),
+        (
+            "corecast_mesh_membership_changes_total",
+            "counter",
+            "Times the set of live nodes changed.",
+            &m.membership_changes,
+        ),
+        (
+            "corecast_mesh_forwarded_total",
+            "counter",
+            "Publishes forwarded to the room's home on another node.",
+            &m.forwarded,
+        ),
+        (
+            "corecast_mesh_gaps_total",
+            "counter",
+            "Gaps seen in a room's seqs from another node.",
+            &m.gaps,
+        ),
+        (
+            "corecast_mesh_repaired_total",
+            "counter",
+            "Messages fetched from history to fill gaps.",
+            &m.repaired,
+        ),
+        (
+            "corecast_mesh_unrepaired_total",
+            "counter",
+            "Seqs of gaps history could not fill (skipped).",
+            &m.unrepaired,
+        ),
+        (
+            "corecast_mesh_rehomed_total",
+            "counter",
+            "Rooms whose home moved to or away from this node.",
+            &m.rehomed,
+        ),
+        (
+            "corecast_mesh_misrouted_total",
+            "counter",
+            "Publishes refused with room_moving (nodes disagreed on the home).",
+            &m.misrouted,
+        ),
+    ];
+    let _ = writeln!(
+        out,
+        "# HELP corecast_mesh_node_info This node's id.\n# TYPE corecast_mesh_node_info gauge\ncorecast_mesh_node_info{{node=\"{}\"}} 1",
+        mesh.node_id
+    );
+    for (name, kind, help, v) in series {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
+            v.load(Relaxed)
+        );
+    }
+}
+
 /// Resident set size from /proc/self/statm.
 pub fn resident_bytes() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
@@ -511,7 +618,7 @@ mod tests {
         shards[0].handshake_failed(Refusal::UnsupportedWsVersion);
         shards[1].closed(1009, Initiator::Server);
         shards[1].closed(4321, Initiator::Client);
-        let text = render(&shards, None, false);
+        let text = render(&shards, None, None, false);
         assert!(
             text.contains("corecast_frames_in_total{shard=\"1\"} 5\n"),
             "{text}"

@@ -40,6 +40,7 @@ pub struct Server {
     limits: Limits,
     plan: ShardPlan,
     storage: crate::storage::StorageConfig,
+    mesh: Option<crate::mesh::MeshConfig>,
     listeners: Vec<OwnedFd>,
     local_addr: SocketAddr,
 }
@@ -50,6 +51,7 @@ impl Server {
         let limits = config.limits()?;
         let plan = config.placement()?;
         let storage = config.storage()?;
+        let mesh = config.mesh()?;
         let addr = config.listen;
         let bind_err = |source: io::Error| {
             let hint = match source.kind() {
@@ -86,6 +88,7 @@ impl Server {
             limits,
             plan,
             storage,
+            mesh,
             listeners,
             local_addr,
         })
@@ -105,6 +108,7 @@ impl Server {
             limits,
             plan,
             storage,
+            mesh,
             listeners,
             local_addr,
         } = self;
@@ -138,6 +142,17 @@ impl Server {
             log::warn!("no --jwt-secret and no --allow-anonymous: /ws will refuse every client");
         }
         let (store, worker) = crate::storage::start(&storage, plan.shards)?;
+        let node = crate::mesh::node_tag(&storage.node_id);
+        let (mesh, mesh_thread) = match mesh {
+            Some(m) => match crate::mesh::start(m, plan.shards) {
+                Ok((mesh, t)) => (Some(mesh), Some(t)),
+                Err(e) => {
+                    worker.stop(&store);
+                    return Err(e.into());
+                }
+            },
+            None => (None, None),
+        };
         let requests = MeshBuilder::full(plan.shards, chat::RING_SLOTS);
         let deliveries = MeshBuilder::full(plan.shards, chat::RING_SLOTS);
         let stop = Arc::new(AtomicBool::new(false));
@@ -159,6 +174,8 @@ impl Server {
                 requests: requests.clone(),
                 deliveries: deliveries.clone(),
                 storage: store.clone(),
+                node,
+                mesh: mesh.clone(),
             };
             let spawned = LocalExecutorBuilder::new(placement)
                 .name(&format!("shard-{id}"))
@@ -173,6 +190,9 @@ impl Server {
                     stop.store(true, Ordering::Release);
                     for h in handles {
                         let _ = h.join();
+                    }
+                    if let Some(t) = mesh_thread {
+                        t.stop();
                     }
                     worker.stop(&store);
                     return Err(Error::Executor {
@@ -213,7 +233,12 @@ impl Server {
             }
         }
         // The shards are gone: the worker writes what it holds, then stops.
+        // The store first: the other nodes take this node's rooms over once
+        // the mesh stops, and must find every message it sequenced stored.
         worker.stop(&store);
+        if let Some(t) = mesh_thread {
+            t.stop();
+        }
         if early_exit && result.is_ok() {
             result = Err(Error::ShardFailed {
                 shard: usize::MAX,

@@ -87,6 +87,9 @@ pub struct ShardSetup {
     pub requests: FullMesh<Request>,
     pub deliveries: FullMesh<Delivery>,
     pub storage: crate::storage::Storage,
+    /// This node's tag, and the mesh when the node runs in a cluster.
+    pub node: crate::mesh::NodeTag,
+    pub mesh: Option<crate::mesh::Mesh>,
 }
 
 /// Runs a shard until `stop` is set and its connections have drained.
@@ -101,6 +104,8 @@ pub async fn run(setup: ShardSetup) {
         requests,
         deliveries,
         storage,
+        node,
+        mesh,
     } = setup;
     // Every shard joins both meshes before any accepts: a join completes
     // once all peers have joined.
@@ -119,7 +124,7 @@ pub async fn run(setup: ShardSetup) {
         clock: Cell::new(Instant::now()),
         draining: Cell::new(false),
         next_gen: Cell::new(0),
-        chat: ChatShard::new(settings, req_tx, del_tx, storage),
+        chat: ChatShard::new(settings, req_tx, del_tx, storage, node, mesh),
     });
     chat::spawn_tasks(&shard, req_rx, del_rx);
     let listener = sys::adopt_listener(listener);

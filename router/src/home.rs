@@ -34,6 +34,20 @@ pub fn home_node<'a>(room: &str, nodes: &[&'a str]) -> Option<&'a str> {
         .map(|(_, n)| n)
 }
 
+/// [`home_node`] over nodes that carry a value besides their id (a tag, an
+/// index): returns the winner's value.
+pub fn home_node_by<'a, T: Copy + Ord>(
+    room: &str,
+    nodes: impl IntoIterator<Item = (T, &'a str)>,
+) -> Option<T> {
+    let r = room_hash(room);
+    nodes
+        .into_iter()
+        .map(|(v, n)| (mix(fnv1a(n.as_bytes(), r)), v))
+        .max()
+        .map(|(_, v)| v)
+}
+
 fn fnv1a(bytes: &[u8], seed: u64) -> u64 {
     let mut h = seed;
     for &b in bytes {
@@ -95,6 +109,11 @@ mod tests {
             assert!((9_000..11_000).contains(&c), "{owned:?}");
         }
         assert_eq!(home_node("x", &[]), None);
+        for i in 0..100 {
+            let room = format!("r{i}");
+            let by = home_node_by(&room, all.iter().enumerate().map(|(i, n)| (i, *n)));
+            assert_eq!(by.map(|i| all[i]), home_node(&room, &all));
+        }
     }
 
     #[test]

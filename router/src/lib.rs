@@ -17,4 +17,4 @@ pub mod home;
 pub mod ratelimit;
 pub mod room;
 
-pub use home::{home_node, home_shard, room_hash};
+pub use home::{home_node, home_node_by, home_shard, room_hash};

@@ -111,6 +111,7 @@ fn run(args: &Args, batch: usize) -> (f64, u64) {
     let epoch: Arc<str> = Arc::from(storage::new_epoch());
     let body = format!("\"{}\"", "x".repeat(args.body_bytes.saturating_sub(2)));
     let to = ConnRef {
+        node: corecast_gateway::mesh::node_tag(&config.node_id),
         shard: 0,
         key: 0,
         gen: 0,
@@ -130,7 +131,14 @@ fn run(args: &Args, batch: usize) -> (f64, u64) {
                 body: body.as_str().into(),
                 epoch: epoch.clone(),
             };
-            st.send(0, Op::Append { record, ack_to: to });
+            st.send(
+                0,
+                Op::Append {
+                    record,
+                    ack_to: to,
+                    fanout: None,
+                },
+            );
             sent += 1;
         }
         let replies = match st.inbox(0).poll_recv(&mut noop) {

@@ -24,6 +24,7 @@
 //!   delivery handlers that never wait: no two shards can wait on each other.
 //! - Handlers never block and hold no `RefCell` borrow across an `.await`.
 
+mod cluster;
 pub mod proto;
 pub mod session;
 
@@ -49,6 +50,7 @@ use glommio::{
 use crate::{
     auth::Verifier,
     conn::ConnShared,
+    mesh::{Mesh, NodeTag},
     shard::Shard,
     storage::{self, Op, PresenceOp, Query, Record, Recover, Reply, RoomMeta, Storage},
 };
@@ -71,10 +73,12 @@ pub const MAX_QUEUED_WHILE_LOADING: usize = 1024;
 /// Slots in each cross-shard ring (per ordered pair of shards).
 pub const RING_SLOTS: usize = 1024;
 
-/// A connection anywhere on the node: its shard, slab key and generation
+/// A connection anywhere in the cluster: its node, shard, slab key and generation
 /// (slab keys are reused; the generation tells a new connection from an old).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ConnRef {
+    /// The node's tag ([`crate::mesh::node_tag`] of its `--node-id`).
+    pub node: NodeTag,
     pub shard: u16,
     pub key: u32,
     pub gen: u32,
@@ -103,6 +107,19 @@ pub enum Request {
         id: Box<str>,
         body: Box<str>,
         conn: ConnRef,
+        /// Times another node forwarded it (see `Wire::Publish`).
+        hops: u8,
+    },
+    /// Another node has members of a homed room and wants its messages.
+    Sync {
+        room: Arc<str>,
+        node: NodeTag,
+        nonce: u64,
+    },
+    /// Another node has no members of a homed room any more.
+    Unsync {
+        room: Arc<str>,
+        node: NodeTag,
     },
     Presence {
         room: Arc<str>,
@@ -138,7 +155,9 @@ impl Request {
             | Request::Leave { room, .. }
             | Request::Publish { room, .. }
             | Request::Presence { room, .. }
-            | Request::History { room, .. } => Some(room),
+            | Request::History { room, .. }
+            | Request::Sync { room, .. }
+            | Request::Unsync { room, .. } => Some(room),
             _ => None,
         }
     }
@@ -207,12 +226,38 @@ enum SeqState {
     Unknown,
 }
 
-/// A room homed on this shard.
+/// A room on its home shard: sequenced here, or (in a cluster) relayed
+/// here from the room's home node to this node's members.
 struct Home {
+    /// This node's members (per shard, per user); the sequence and the
+    /// duplicate window when this node is the room's home.
     room: HomeRoom,
     /// The store's epoch for the room's seqs ("" while unknown).
     epoch: Arc<str>,
     seq: SeqState,
+    /// The last seq this node's members were sent: every later message
+    /// reaches them live, so joins and resumes are answered up to it.
+    delivered: u64,
+    /// Some when another node is the room's home.
+    relay: Option<cluster::Relay>,
+    /// When this node is the home: the other nodes that asked for the room.
+    remote: Vec<NodeTag>,
+    /// A gap being filled from history: later messages wait here.
+    repair: Option<cluster::Repair>,
+}
+
+impl Home {
+    fn new(shards: usize, last_seq: u64, epoch: Arc<str>, seq: SeqState) -> Home {
+        Home {
+            room: HomeRoom::new(shards, last_seq),
+            epoch,
+            seq,
+            delivered: last_seq,
+            relay: None,
+            remote: Vec::new(),
+            repair: None,
+        }
+    }
 }
 
 /// An emptied room's last seq and epoch, and when it emptied.
@@ -330,6 +375,10 @@ type LocalTable = HashMap<Arc<str>, Vec<LocalConn>>;
 pub struct ChatShard {
     /// This shard's index in the meshes (the index homes are computed in).
     pub me: usize,
+    /// This node's tag.
+    pub node: NodeTag,
+    /// The cross-node side, when the node runs in a cluster.
+    cluster: Option<cluster::Cluster>,
     pub shards: usize,
     pub settings: Settings,
     requests: Outbox<Request>,
@@ -361,6 +410,13 @@ pub struct ChatShard {
     anonymous: Cell<u64>,
 }
 
+/// The shard (of `shards`) that tracks `user`'s connections on a node.
+pub fn user_home_shard(user: &str, shards: usize) -> usize {
+    // A different key space from rooms, so a user and a room of the same
+    // name need not share a home.
+    home_shard(&format!("user:{user}"), shards)
+}
+
 /// Milliseconds since the Unix epoch, for message timestamps.
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -375,11 +431,15 @@ impl ChatShard {
         requests: Senders<Request>,
         deliveries: Senders<Delivery>,
         storage: Storage,
+        node: NodeTag,
+        mesh: Option<Mesh>,
     ) -> ChatShard {
         let me = requests.peer_id();
         let shards = requests.nr_consumers();
         ChatShard {
             me,
+            node,
+            cluster: mesh.map(cluster::Cluster::new),
             shards,
             settings,
             requests: Outbox::new(requests),
@@ -404,9 +464,7 @@ impl ChatShard {
     }
 
     pub fn user_home(&self, user: &str) -> usize {
-        // A different key space from rooms, so a user and a room of the
-        // same name need not share a home.
-        home_shard(&format!("user:{user}"), self.shards)
+        user_home_shard(user, self.shards)
     }
 
     pub fn next_anonymous(&self) -> u64 {
@@ -423,9 +481,24 @@ impl ChatShard {
         self.deliveries.send(to, d, shard.metrics());
     }
 
-    /// Sends one frame to one connection, through its shard.
+    /// Sends one frame to one connection, through its shard (and node).
     fn to_conn(&self, shard: &Shard, conn: ConnRef, frame: Vec<u8>) {
-        let frame = frame.into();
+        self.to_conn_frame(shard, conn, frame.into());
+    }
+
+    fn to_conn_frame(&self, shard: &Shard, conn: ConnRef, frame: Box<[u8]>) {
+        if conn.node != self.node {
+            if let Some(c) = &self.cluster {
+                c.mesh.wire(crate::mesh::Wire::ToConn { conn, frame });
+            }
+            return;
+        }
+        if conn.shard as usize == self.me {
+            if let Some(c) = lookup(shard, conn) {
+                c.enqueue(shard, &frame);
+            }
+            return;
+        }
         self.deliver(shard, conn.shard as usize, Delivery::ToConn { conn, frame });
     }
 
@@ -472,13 +545,12 @@ impl ChatShard {
     /// or ask the store where it stands.
     fn revive(&self, room: &Arc<str>, m: &crate::metrics::ShardMetrics) -> Home {
         m.rooms.inc();
+        self.subscribe(crate::mesh::wire::room_topic(room), true);
         let ttl = self.settings.history_meta_ttl;
         match self.tombstones.borrow_mut().remove(room) {
-            Some((last_seq, epoch, at)) if at.elapsed() < ttl => Home {
-                room: HomeRoom::new(self.shards, last_seq),
-                epoch,
-                seq: SeqState::Known,
-            },
+            Some((last_seq, epoch, at)) if at.elapsed() < ttl => {
+                Home::new(self.shards, last_seq, epoch, SeqState::Known)
+            }
             _ => {
                 let load = Op::Load {
                     room: room.clone(),
@@ -489,11 +561,7 @@ impl ChatShard {
                     // Too many loads queued: publishes will ask again.
                     Err(_) => SeqState::Unknown,
                 };
-                Home {
-                    room: HomeRoom::new(self.shards, 0),
-                    epoch: Arc::from(""),
-                    seq,
-                }
+                Home::new(self.shards, 0, Arc::from(""), seq)
             }
         }
     }
@@ -502,6 +570,15 @@ impl ChatShard {
     /// last seq and epoch (if the store told them).
     fn bury(&self, room: Arc<str>, home: Home, m: &crate::metrics::ShardMetrics) {
         m.rooms.sub(1);
+        self.subscribe(crate::mesh::wire::room_topic(&room), false);
+        if let Some(relay) = &home.relay {
+            self.tell_home(relay.home, |to| crate::mesh::Wire::Unsync {
+                to,
+                room: room.clone(),
+                node: self.node,
+            });
+            return;
+        }
         if !matches!(home.seq, SeqState::Known) {
             return;
         }
@@ -633,6 +710,7 @@ pub fn spawn_tasks(
     if chat.storage.keeps_presence() {
         spawn_presence_heartbeat(shard);
     }
+    cluster::spawn_tasks(shard);
     let s = shard.clone();
     glommio::spawn_local(async move {
         loop {
@@ -726,9 +804,26 @@ async fn pause_while_congested(shard: &Rc<Shard>) {
 fn handle_request(shard: &Shard, req: Request) {
     let chat = &shard.chat;
     if let Some(room) = req.room().cloned() {
+        if let Some(c) = &chat.cluster {
+            match c.home_of(&room) {
+                // The live nodes are not known yet.
+                None => {
+                    c.waiting.borrow_mut().push_back(req);
+                    return;
+                }
+                Some(node) if node != chat.node => {
+                    cluster::relay_request(shard, req, node);
+                    return;
+                }
+                Some(_) => {}
+            }
+        }
         let mut homes = chat.homes.borrow_mut();
         if !homes.contains_key(&room)
-            && matches!(req, Request::Join { .. } | Request::Publish { .. })
+            && matches!(
+                req,
+                Request::Join { .. } | Request::Publish { .. } | Request::Sync { .. }
+            )
         {
             let home = chat.revive(&room, shard.metrics());
             homes.insert(room.clone(), home);
@@ -785,6 +880,7 @@ fn on_loaded(shard: &Shard, room: Arc<str>, meta: Option<RoomMeta>) {
     if !matches!(home.seq, SeqState::Loading(_)) {
         return;
     }
+    let (had_epoch, had_delivered) = (home.epoch.clone(), home.delivered);
     match meta {
         Some(m) => {
             home.room.resume_from(m.last_seq);
@@ -798,6 +894,14 @@ fn on_loaded(shard: &Shard, room: Arc<str>, meta: Option<RoomMeta>) {
             home.epoch = Arc::from(storage::new_epoch());
             shard.metrics().provisional_epochs.inc();
         }
+    }
+    let last = home.room.last_seq();
+    home.delivered = last;
+    // This node took the room over: its members may have missed what the
+    // old home stored last; they get it from history first.
+    if had_epoch == home.epoch && had_delivered > 0 && had_delivered < last {
+        home.delivered = had_delivered;
+        cluster::start_repair(shard, &room, home, last);
     }
     let SeqState::Loading(waiting) = std::mem::replace(&mut home.seq, SeqState::Known) else {
         return;
@@ -825,7 +929,7 @@ fn dispatch_request(shard: &Shard, req: Request) {
                 return;
             };
             let change = home.room.join(conn.shard as usize, &user);
-            let (seq, members) = (home.room.last_seq(), home.room.connections());
+            let (seq, members) = (home.delivered, home.room.connections());
             let epoch = home.epoch.clone();
             let event =
                 (change.user_changed && home.room.user_count() <= presence_max).then(|| {
@@ -876,7 +980,7 @@ fn dispatch_request(shard: &Shard, req: Request) {
                 },
             );
             if let Some((shards, frame)) = event {
-                broadcast(shard, &room, shards, frame);
+                broadcast_event(shard, &room, shards, frame);
             }
         }
         Request::Leave {
@@ -895,7 +999,7 @@ fn dispatch_request(shard: &Shard, req: Request) {
                     proto::presence_event(&room, false, &user),
                 )
             });
-            if home.room.is_empty() {
+            if home.room.is_empty() && home.remote.is_empty() {
                 if let Some(home) = homes.remove(&room) {
                     drop(homes);
                     chat.bury(room.clone(), home, m);
@@ -911,7 +1015,7 @@ fn dispatch_request(shard: &Shard, req: Request) {
                 send_presence(chat, op);
             }
             if let Some((shards, frame)) = event {
-                broadcast(shard, &room, shards, frame);
+                broadcast_event(shard, &room, shards, frame);
             }
         }
         Request::Publish {
@@ -920,6 +1024,7 @@ fn dispatch_request(shard: &Shard, req: Request) {
             id,
             body,
             conn,
+            hops,
         } => {
             let refusal = if !chat.storage.has_room(chat.me) {
                 Some(proto::ErrorCode::StorageBusy)
@@ -935,6 +1040,7 @@ fn dispatch_request(shard: &Shard, req: Request) {
                     id,
                     body,
                     conn,
+                    hops,
                 };
                 refuse_publish(shard, req, code);
                 return;
@@ -948,8 +1054,17 @@ fn dispatch_request(shard: &Shard, req: Request) {
                     m.publishes.inc();
                     let ts = now_ms();
                     let frame = proto::message(&room, seq, &user, &id, ts, &body);
-                    // Delivering only queues: the room table may stay borrowed.
-                    broadcast(shard, &room, home.room.shards(), frame);
+                    // In a cluster a message leaves its home only once it is
+                    // stored, so a node that takes the room over continues
+                    // after every seq anyone has seen.
+                    let fanout = if chat.cluster.is_some() {
+                        Some(Arc::from(frame))
+                    } else {
+                        // Delivering only queues: the room table may stay borrowed.
+                        broadcast(shard, &room, home.room.shards(), frame);
+                        home.delivered = seq;
+                        None
+                    };
                     let epoch = home.epoch.clone();
                     drop(homes);
                     let record = Record {
@@ -967,6 +1082,7 @@ fn dispatch_request(shard: &Shard, req: Request) {
                         Op::Append {
                             record,
                             ack_to: conn,
+                            fanout,
                         },
                     );
                 }
@@ -1011,13 +1127,15 @@ fn dispatch_request(shard: &Shard, req: Request) {
             drop(homes);
             chat.to_conn(shard, conn, frame);
         }
+        Request::Sync { room, node, nonce } => cluster::on_sync(shard, room, node, nonce),
+        Request::Unsync { room, node } => cluster::on_unsync(shard, room, node),
         Request::History { room, query, conn } => {
             let upto = chat
                 .homes
                 .borrow()
                 .get(&room)
                 .filter(|h| matches!(h.seq, SeqState::Known))
-                .map(|h| h.room.last_seq());
+                .map(|h| h.delivered);
             let op = Op::History {
                 room: room.clone(),
                 query,
@@ -1031,10 +1149,11 @@ fn dispatch_request(shard: &Shard, req: Request) {
         }
         Request::UserOnline { user, shard: at } => {
             let n = chat.shards;
-            chat.user_homes
-                .borrow_mut()
-                .entry(user)
-                .or_insert_with(|| vec![0; n])[at as usize] += 1;
+            let mut homes = chat.user_homes.borrow_mut();
+            if !homes.contains_key(&user) {
+                chat.subscribe(crate::mesh::wire::user_topic(&user), true);
+            }
+            homes.entry(user).or_insert_with(|| vec![0; n])[at as usize] += 1;
         }
         Request::UserOffline { user, shard: at } => {
             let mut homes = chat.user_homes.borrow_mut();
@@ -1042,6 +1161,7 @@ fn dispatch_request(shard: &Shard, req: Request) {
                 counts[at as usize] = counts[at as usize].saturating_sub(1);
                 if counts.iter().all(|&c| c == 0) {
                     homes.remove(&user);
+                    chat.subscribe(crate::mesh::wire::user_topic(&user), false);
                 }
             }
         }
@@ -1059,18 +1179,17 @@ fn dispatch_request(shard: &Shard, req: Request) {
                 .cloned()
                 .unwrap_or_default();
             let delivered: u64 = counts.iter().map(|&c| c as u64).sum();
-            if delivered > 0 {
+            let remote = chat.cluster.is_some();
+            if delivered > 0 || remote {
                 m.direct_messages.inc();
                 let frame: Arc<[u8]> = proto::dm(&from, &id, now_ms(), &body).into();
-                for (s, _) in counts.iter().enumerate().filter(|(_, &c)| c > 0) {
-                    chat.deliver(
-                        shard,
-                        s,
-                        Delivery::ToUser {
-                            user: to.clone(),
-                            frame: frame.clone(),
-                        },
-                    );
+                deliver_to_user(shard, &to, &counts, &frame);
+                if let Some(c) = &chat.cluster {
+                    // The nodes where the user has connections subscribe.
+                    c.mesh.wire(crate::mesh::Wire::Direct {
+                        user: to.clone(),
+                        frame,
+                    });
                 }
             }
             let ack = proto::dm_ack(&id, &to, delivered);
@@ -1079,12 +1198,44 @@ fn dispatch_request(shard: &Shard, req: Request) {
     }
 }
 
+/// Sends a direct message to this node's connections of `user`.
+fn deliver_to_user(shard: &Shard, user: &Arc<str>, counts: &[u32], frame: &Arc<[u8]>) {
+    for (s, _) in counts.iter().enumerate().filter(|(_, &c)| c > 0) {
+        shard.chat.deliver(
+            shard,
+            s,
+            Delivery::ToUser {
+                user: user.clone(),
+                frame: frame.clone(),
+            },
+        );
+    }
+}
+
+/// Sends a room event (presence) to every shard that has members of
+/// `room`, and to the other nodes with members.
+fn broadcast_event(
+    shard: &Shard,
+    room: &Arc<str>,
+    shards: impl IntoIterator<Item = usize>,
+    frame: Vec<u8>,
+) {
+    let frame: Arc<[u8]> = frame.into();
+    if let Some(c) = &shard.chat.cluster {
+        c.mesh.wire(crate::mesh::Wire::Event {
+            room: room.clone(),
+            frame: frame.clone(),
+        });
+    }
+    broadcast(shard, room, shards, frame);
+}
+
 /// Sends one frame to every shard that has members of `room`.
 fn broadcast(
     shard: &Shard,
     room: &Arc<str>,
     shards: impl IntoIterator<Item = usize>,
-    frame: Vec<u8>,
+    frame: impl Into<Arc<[u8]>>,
 ) {
     let frame: Arc<[u8]> = frame.into();
     for s in shards {
@@ -1227,12 +1378,16 @@ fn hold_for_recovering(shard: &Shard, room: &Arc<str>, frame: &Arc<[u8]>) {
 fn handle_reply(shard: &Shard, reply: Reply) {
     let chat = &shard.chat;
     match reply {
-        Reply::ToConn { conn, frame } => {
-            if let Some(c) = lookup(shard, conn) {
-                c.enqueue(shard, &frame);
-            }
-        }
+        Reply::ToConn { conn, frame } => chat.to_conn_frame(shard, conn, frame),
         Reply::Loaded { room, meta } => on_loaded(shard, room, meta),
+        Reply::Stored { room, seq, frame } => cluster::on_stored(shard, room, seq, frame),
+        Reply::Repaired {
+            room,
+            after,
+            upto,
+            frames,
+            got,
+        } => cluster::on_repaired(shard, room, after, upto, frames, got),
         Reply::Recovered {
             conn,
             room,

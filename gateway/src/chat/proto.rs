@@ -161,10 +161,11 @@ pub enum ErrorCode {
     AlreadyAuthenticated,
     StorageBusy,
     StorageUnavailable,
+    RoomMoving,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 12] = [
+    pub const ALL: [ErrorCode; 13] = [
         ErrorCode::BadRequest,
         ErrorCode::InvalidRoom,
         ErrorCode::InvalidId,
@@ -177,6 +178,7 @@ impl ErrorCode {
         ErrorCode::AlreadyAuthenticated,
         ErrorCode::StorageBusy,
         ErrorCode::StorageUnavailable,
+        ErrorCode::RoomMoving,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -193,6 +195,7 @@ impl ErrorCode {
             ErrorCode::AlreadyAuthenticated => "already_authenticated",
             ErrorCode::StorageBusy => "storage_busy",
             ErrorCode::StorageUnavailable => "storage_unavailable",
+            ErrorCode::RoomMoving => "room_moving",
         }
     }
 
@@ -212,6 +215,7 @@ impl ErrorCode {
             ErrorCode::AlreadyAuthenticated => "already authenticated",
             ErrorCode::StorageBusy => "the store is behind: not published; retry with the same id",
             ErrorCode::StorageUnavailable => "the store is unreachable: retry later",
+            ErrorCode::RoomMoving => "the room's home is moving between nodes: retry in a moment",
         }
     }
 }

@@ -313,6 +313,7 @@ pub fn on_text(shard: &Shard, conn: &ConnShared, me: ConnRef, text: &[u8]) -> Ou
                     id: id.into(),
                     body: body.get().into(),
                     conn: me,
+                    hops: 0,
                 },
             );
             Outcome::Continue

@@ -29,13 +29,11 @@ use std::{
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc,
     },
-    task::{Context, Poll},
     thread::JoinHandle,
     time::Duration,
 };
 
-use atomic_waker::AtomicWaker;
-use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use crossbeam_channel::Sender;
 
 use crate::chat::ConnRef;
 
@@ -148,6 +146,17 @@ pub enum Op {
     Append {
         record: Record,
         ack_to: ConnRef,
+        /// In a cluster: the message's frame, sent back as
+        /// [`Reply::Stored`] once it is stored, for the fan-out.
+        fanout: Option<Arc<[u8]>>,
+    },
+    /// A node missed seqs `after+1 ..= upto` of a room: fetch them for its
+    /// members ([`Reply::Repaired`]).
+    Repair {
+        room: Arc<str>,
+        after: u64,
+        upto: u64,
+        home: u16,
     },
     /// A retried publish: ack it with its original seq once everything
     /// before it is handled.
@@ -210,6 +219,21 @@ pub enum Reply {
         room: Arc<str>,
         meta: Option<RoomMeta>,
     },
+    /// A message of `Op::Append` with a fan-out frame is stored.
+    Stored {
+        room: Arc<str>,
+        seq: u64,
+        frame: Arc<[u8]>,
+    },
+    /// What history holds of a repair's seqs: `got` message frames, in
+    /// order, concatenated.
+    Repaired {
+        room: Arc<str>,
+        after: u64,
+        upto: u64,
+        frames: Vec<u8>,
+        got: u64,
+    },
     /// A resume answered: the `joined` frame, then the missed messages.
     Recovered {
         conn: ConnRef,
@@ -220,45 +244,8 @@ pub enum Reply {
     },
 }
 
-/// A shard's mailbox from the worker: a channel plus the waker of the task
-/// that drains it (woken from the worker thread; no lock on either side).
-pub struct Inbox {
-    tx: Sender<Vec<Reply>>,
-    rx: Receiver<Vec<Reply>>,
-    waker: AtomicWaker,
-}
-
-impl Inbox {
-    fn new() -> Inbox {
-        let (tx, rx) = crossbeam_channel::unbounded();
-        Inbox {
-            tx,
-            rx,
-            waker: AtomicWaker::new(),
-        }
-    }
-
-    fn send(&self, replies: Vec<Reply>) {
-        if self.tx.send(replies).is_ok() {
-            self.waker.wake();
-        }
-    }
-
-    /// Polls for the next batch of replies (shard side).
-    pub fn poll_recv(&self, cx: &mut Context<'_>) -> Poll<Vec<Reply>> {
-        match self.rx.try_recv() {
-            Ok(r) => return Poll::Ready(r),
-            Err(TryRecvError::Disconnected) => return Poll::Pending,
-            Err(TryRecvError::Empty) => {}
-        }
-        self.waker.register(cx.waker());
-        // A reply sent between the first look and the registration.
-        match self.rx.try_recv() {
-            Ok(r) => Poll::Ready(r),
-            Err(_) => Poll::Pending,
-        }
-    }
-}
+/// A shard's mailbox from the worker.
+pub type Inbox = crate::inbox::Inbox<Reply>;
 
 /// Storage counters, written by the worker (and the queue gauge by shards).
 #[derive(Debug, Default)]
@@ -350,7 +337,9 @@ impl Storage {
 
     /// Hands `op` over if shard `from` is under its queue bound; gives it
     /// back otherwise. Only shard `from` adds to its own count, so the check
-    /// cannot race.
+    /// cannot race. (The op comes back by value, as it went in: its size
+    /// costs a move, not an allocation.)
+    #[allow(clippy::result_large_err)]
     pub fn try_send(&self, from: usize, op: Op) -> Result<(), Op> {
         if !self.has_room(from) {
             return Err(op);
@@ -361,6 +350,7 @@ impl Storage {
 
     /// Hands over a room-sequence load: allowed up to twice the queue
     /// bound, so that loads cannot starve writes of the channel, nor fill it.
+    #[allow(clippy::result_large_err)]
     pub fn try_send_load(&self, from: usize, op: Op) -> Result<(), Op> {
         if self.pending[from].load(Ordering::Acquire) >= self.cap * 2 {
             return Err(op);

@@ -53,10 +53,13 @@ enum State {
 
 enum PendingAck {
     New {
+        from: u16,
         to: ConnRef,
         index: usize,
+        fanout: Option<Arc<[u8]>>,
     },
     Duplicate {
+        from: u16,
         to: ConnRef,
         room: Arc<str>,
         id: Box<str>,
@@ -86,6 +89,9 @@ pub(super) struct Worker {
     /// those seqs are never given out again.
     lost_max: HashMap<Arc<str>, u64>,
     stopping: bool,
+    /// This node's tag: acks for connections on other nodes go back to the
+    /// shard that sent the op, which forwards them.
+    node: crate::mesh::NodeTag,
 }
 
 /// What the worker shares with the shards' [`super::Storage`] handle.
@@ -112,6 +118,7 @@ impl Worker {
             failing,
         } = shared;
         let shards = inboxes.len();
+        let node = crate::mesh::node_tag(&config.node_id);
         Worker {
             backend,
             rx,
@@ -128,6 +135,7 @@ impl Worker {
             lost_order: VecDeque::new(),
             lost_max: HashMap::new(),
             stopping: false,
+            node,
         }
     }
 
@@ -236,7 +244,13 @@ impl Worker {
     }
 
     fn reply(&mut self, to: ConnRef, frame: Vec<u8>) {
-        self.out[to.shard as usize].push(Reply::ToConn {
+        self.reply_via(to.shard, to, frame);
+    }
+
+    /// Replies to `to`, through shard `from` when `to` is on another node.
+    fn reply_via(&mut self, from: u16, to: ConnRef, frame: Vec<u8>) {
+        let shard = if to.node == self.node { to.shard } else { from };
+        self.out[shard as usize].push(Reply::ToConn {
             conn: to,
             frame: frame.into(),
         });
@@ -257,10 +271,16 @@ impl Worker {
         for (from, op) in batch.drain(..) {
             self.pending[from as usize].fetch_sub(1, Relaxed);
             match op {
-                Op::Append { record, ack_to } => {
+                Op::Append {
+                    record,
+                    ack_to,
+                    fanout,
+                } => {
                     acks.push(PendingAck::New {
+                        from,
                         to: ack_to,
                         index: appends.len(),
+                        fanout,
                     });
                     appends.push(record);
                 }
@@ -270,6 +290,7 @@ impl Worker {
                     seq,
                     ack_to,
                 } => acks.push(PendingAck::Duplicate {
+                    from,
                     to: ack_to,
                     room,
                     id,
@@ -309,17 +330,35 @@ impl Worker {
     fn flush(&mut self, appends: &mut Vec<Record>, acks: &mut Vec<PendingAck>) {
         let stored = appends.is_empty() || self.write(appends);
         for ack in acks.drain(..) {
-            let (to, frame) = match ack {
-                PendingAck::New { to, index } => {
+            let (from, to, frame) = match ack {
+                PendingAck::New {
+                    from,
+                    to,
+                    index,
+                    fanout,
+                } => {
                     let r = &appends[index];
-                    (to, proto::ack(&r.id, &r.room, r.seq, false, stored))
+                    if let Some(frame) = fanout {
+                        self.out[from as usize].push(Reply::Stored {
+                            room: r.room.clone(),
+                            seq: r.seq,
+                            frame,
+                        });
+                    }
+                    (from, to, proto::ack(&r.id, &r.room, r.seq, false, stored))
                 }
-                PendingAck::Duplicate { to, room, id, seq } => {
+                PendingAck::Duplicate {
+                    from,
+                    to,
+                    room,
+                    id,
+                    seq,
+                } => {
                     let stored = !self.lost.contains(&(room.clone(), seq));
-                    (to, proto::ack(&id, &room, seq, true, stored))
+                    (from, to, proto::ack(&id, &room, seq, true, stored))
                 }
             };
-            self.reply(to, frame);
+            self.reply_via(from, to, frame);
         }
         appends.clear();
     }
@@ -456,6 +495,27 @@ impl Worker {
                 }
             },
             Op::Recover(r) => self.recover(*r),
+            Op::Repair {
+                room,
+                after,
+                upto,
+                home,
+            } => {
+                let n = (upto.saturating_sub(after)).min(self.config.history_size.max(1) as u64);
+                match self.backend.fetch(
+                    &room,
+                    Query::After {
+                        after,
+                        n: n as usize,
+                    },
+                ) {
+                    Ok((_, records)) => self.repaired(room, after, upto, home, &records),
+                    Err(e) => {
+                        self.open_breaker(Some(&e));
+                        self.repaired(room, after, upto, home, &[]);
+                    }
+                }
+            }
             Op::PresenceQuery {
                 room,
                 to,
@@ -506,8 +566,37 @@ impl Worker {
             Op::Load { room, home } => {
                 self.out[home as usize].push(Reply::Loaded { room, meta: None })
             }
+            Op::Repair {
+                room,
+                after,
+                upto,
+                home,
+            } => self.repaired(room, after, upto, home, &[]),
             Op::Append { .. } | Op::DuplicateAck { .. } | Op::Presence(_) | Op::Stop => {}
         }
+    }
+
+    /// Answers a repair with the records of its range that history has.
+    fn repaired(&mut self, room: Arc<str>, after: u64, upto: u64, home: u16, records: &[Record]) {
+        let mut frames = Vec::new();
+        // Only an unbroken run: a hole ends what can be delivered.
+        let run = (after + 1..=upto)
+            .zip(records)
+            .take_while(|(want, m)| m.seq == *want);
+        let mut got = 0;
+        for (_, m) in run {
+            frames.extend_from_slice(&proto::message(
+                &m.room, m.seq, &m.from, &m.id, m.ts, &m.body,
+            ));
+            got += 1;
+        }
+        self.out[home as usize].push(Reply::Repaired {
+            room,
+            after,
+            upto,
+            frames,
+            got,
+        });
     }
 
     fn recover(&mut self, r: Recover) {

@@ -1,7 +1,10 @@
 //! The chat client the integration tests share: tungstenite speaking
 //! `corecast.v1`, with tokens minted from the test secret.
 
-use std::{net::TcpStream, time::Duration};
+use std::{
+    net::{SocketAddr, TcpStream},
+    time::Duration,
+};
 
 use corecast_gateway::auth::{mint, Claims};
 use serde_json::{json, Value};
@@ -51,14 +54,29 @@ impl Chat {
     }
 
     pub fn connect_raw(server: &TestServer, token: Option<&str>) -> Chat {
+        Chat::connect_addr_raw(server.addr, token)
+    }
+
+    /// Connects to the gateway at `addr` (e.g. one node of a cluster).
+    pub fn connect_addr(addr: SocketAddr, user: &str) -> std::io::Result<Chat> {
+        // Refused connections are for the caller to handle (a dead node).
+        TcpStream::connect(addr)?;
+        let mut c = Chat::connect_addr_raw(addr, Some(&token(user)));
+        let w = c.recv();
+        assert_eq!(w["type"], "welcome", "{w}");
+        c.user = w["user"].as_str().unwrap().to_string();
+        Ok(c)
+    }
+
+    pub fn connect_addr_raw(addr: SocketAddr, token: Option<&str>) -> Chat {
         let url = match token {
-            Some(t) => server.url(&format!("/ws?token={t}")),
-            None => server.url("/ws"),
+            Some(t) => format!("ws://{addr}/ws?token={t}"),
+            None => format!("ws://{addr}/ws"),
         };
         let mut req = url.into_client_request().unwrap();
         req.headers_mut()
             .insert("Sec-WebSocket-Protocol", "corecast.v1".parse().unwrap());
-        let stream = TcpStream::connect(server.addr).unwrap();
+        let stream = TcpStream::connect(addr).unwrap();
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();

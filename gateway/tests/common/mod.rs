@@ -10,6 +10,7 @@ use std::{
 };
 
 pub mod chat;
+pub mod cluster;
 pub mod redis;
 
 use clap::Parser;
