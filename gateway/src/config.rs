@@ -168,8 +168,9 @@ pub struct Config {
     pub redis_timeout_ms: u64,
 
     /// This node's name: in presence entries and the spill file's name.
-    #[arg(long, env = "CORECAST_NODE_ID", default_value = "node-1")]
-    pub node_id: String,
+    /// (Default node-1; required with --mesh-bind, unique per node.)
+    #[arg(long, env = "CORECAST_NODE_ID")]
+    pub node_id: Option<String>,
 
     /// A presence entry in the store expires this long after the home's last
     /// heartbeat (heartbeats run three times per TTL).
@@ -280,13 +281,28 @@ impl Config {
             return Err(ConfigError("--mesh-hwm must be at least 1".into()));
         }
         // Validated with the storage settings.
-        let node_id = self.storage()?.node_id;
+        if self.node_id.is_none() {
+            return Err(ConfigError(
+                "--mesh-bind needs --node-id: every node of a cluster has its own name (e.g. --node-id gw-1)"
+                    .into(),
+            ));
+        }
+        let storage = self.storage()?;
+        if matches!(storage.kind, crate::storage::StoreKind::Memory) {
+            log::warn!(
+                "cluster without Redis: history, resume and gap repair work only on each room's home node, and a room that moves starts a new epoch (see docs/cluster.md)"
+            );
+        }
+        let node_id = storage.node_id;
         Ok(Some(crate::mesh::MeshConfig {
             node_id: node_id.into(),
             bind,
             advertise,
             peers,
-            registry: self.redis.clone(),
+            registry: match &storage.kind {
+                crate::storage::StoreKind::Redis { url } => Some(url.clone()),
+                crate::storage::StoreKind::Memory => None,
+            },
             heartbeat: Duration::from_millis(self.heartbeat_ms),
             node_timeout: Duration::from_millis(self.node_timeout_ms),
             hwm: self.mesh_hwm,
@@ -331,16 +347,16 @@ impl Config {
         if self.redis_timeout_ms == 0 || self.presence_ttl_s == 0 {
             return err("--redis-timeout-ms and --presence-ttl-s must be at least 1".into());
         }
-        if self.node_id.is_empty()
-            || self.node_id.len() > 64
-            || !self
-                .node_id
+        let node_id = self.node_id.as_deref().unwrap_or("node-1");
+        if node_id.is_empty()
+            || node_id.len() > 64
+            || !node_id
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
         {
             return err(format!(
                 "--node-id {:?}: use 1-64 letters, digits, '-', '_' or '.'",
-                self.node_id
+                node_id
             ));
         }
         Ok(StorageConfig {
@@ -352,7 +368,7 @@ impl Config {
             queue_per_shard: self.storage_queue,
             spill_dir: self.spill_dir.clone(),
             redis_timeout: Duration::from_millis(self.redis_timeout_ms),
-            node_id: self.node_id.clone(),
+            node_id: node_id.to_string(),
             presence_ttl: Duration::from_secs(self.presence_ttl_s),
         })
     }

@@ -1,6 +1,12 @@
 //! A shard's mailbox from a helper thread (the storage worker, the mesh
 //! thread): a channel plus the waker of the shard task that drains it,
 //! woken from the other thread with no lock on either side.
+//!
+//! # Invariants
+//! - The channel itself is unbounded; what bounds it is upstream: the
+//!   storage worker answers only the ops a shard's queue bound let in, and
+//!   the mesh thread hands over at most what its SUB sockets' high-water
+//!   marks let in per round.
 
 use std::task::{Context, Poll};
 

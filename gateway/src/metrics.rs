@@ -420,7 +420,7 @@ fn render_storage(out: &mut String, st: &crate::storage::Storage, shards: usize)
         let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", st.queued(i));
     }
     let m = &st.metrics;
-    let series: [(&str, &str, &str, &std::sync::atomic::AtomicU64); 11] = [
+    let series: [(&str, &str, &str, &std::sync::atomic::AtomicU64); 12] = [
         (
             "corecast_storage_batches_total",
             "counter",
@@ -487,6 +487,12 @@ fn render_storage(out: &mut String, st: &crate::storage::Storage, shards: usize)
             "Reads answered storage_unavailable (breaker open).",
             &m.reads_refused,
         ),
+        (
+            "corecast_storage_conflicts_total",
+            "counter",
+            "Messages refused (room_moving) because another home had stored their seq.",
+            &m.conflicts,
+        ),
     ];
     for (name, kind, help, v) in series {
         let _ = writeln!(
@@ -522,7 +528,7 @@ fn render_mesh(out: &mut String, mesh: &crate::mesh::Mesh) {
         (
             "corecast_mesh_dropped_hwm_total",
             "counter",
-            "Messages the PUB socket refused (high-water mark).",
+            "Messages the PUB socket refused to queue (at a subscriber's high-water mark PUB drops silently: those show as gaps on the receiver).",
             &m.dropped_hwm,
         ),
         (

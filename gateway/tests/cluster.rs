@@ -209,12 +209,26 @@ fn a_node_repairs_gaps_from_history_before_delivering_later_messages() {
     let ends = mesh_endpoints(2);
     let peers = ends.join(",");
     let url = redis.url();
+    let (spill1, spill2) = (redis.scratch("spill-g1"), redis.scratch("spill-g2"));
     let home = Node::start(
         "g1",
         &ends[0],
-        &["--peers", &peers, "--redis", &url, "--mesh-drop-every", "4"],
+        &[
+            "--peers",
+            &peers,
+            "--redis",
+            &url,
+            "--spill-dir",
+            &spill1,
+            "--mesh-drop-every",
+            "4",
+        ],
     );
-    let relay = Node::start("g2", &ends[1], &["--peers", &peers, "--redis", &url]);
+    let relay = Node::start(
+        "g2",
+        &ends[1],
+        &["--peers", &peers, "--redis", &url, "--spill-dir", &spill2],
+    );
     wait_for_cluster(&[&home, &relay]);
     let room = room_homed_on("g1", &["g1", "g2"], "gaps");
     let mut far = Chat::connect_addr(relay.addr, "far").unwrap();

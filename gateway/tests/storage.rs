@@ -619,3 +619,60 @@ fn messages_published_during_a_resume_follow_the_missed_ones() {
         assert_eq!(p.recv_type("ack")["stored"], true);
     }
 }
+
+/// The store fences a room's numbering: a record whose seq another home
+/// already stored (different sender, id or time) is reported as a conflict
+/// and not stored; the same record written again (a spill replay) is not.
+#[test]
+fn the_store_refuses_a_seq_another_home_stored() {
+    use corecast_gateway::storage::{
+        redis_backend::RedisStore, Backend, Record, StorageConfig, StoreKind,
+    };
+    let redis = RedisServer::start();
+    let config = StorageConfig {
+        kind: StoreKind::Redis { url: redis.url() },
+        history_size: 100,
+        history_ttl: Duration::from_secs(60),
+        meta_ttl: Duration::from_secs(60),
+        batch_max: 16,
+        queue_per_shard: 16,
+        spill_dir: redis.scratch("spill").into(),
+        redis_timeout: Duration::from_secs(2),
+        node_id: "fence".into(),
+        presence_ttl: Duration::from_secs(30),
+    };
+    let mut store = RedisStore::new(&redis.url(), &config).unwrap();
+    store.connect().unwrap();
+    let record = |seq: u64, from: &str| Record {
+        room: Arc::from("fenced"),
+        seq,
+        from: Arc::from(from),
+        id: format!("{from}-{seq}").into(),
+        ts: 1000 + seq,
+        body: "null".into(),
+        epoch: Arc::from(""),
+    };
+    // Home A stores 1 and 2.
+    assert_eq!(
+        store.append(&[record(1, "a"), record(2, "a")]).unwrap(),
+        Vec::<usize>::new()
+    );
+    // Home B, believing the room is at 1, numbers 2 and 3: 2 conflicts.
+    assert_eq!(
+        store.append(&[record(2, "b"), record(3, "b")]).unwrap(),
+        vec![0]
+    );
+    // A replays its own 2 (and 1): not conflicts, not stored twice.
+    assert_eq!(
+        store.append(&[record(1, "a"), record(2, "a")]).unwrap(),
+        Vec::<usize>::new()
+    );
+    assert_eq!(redis.stream_seqs("fenced"), vec![1, 2, 3]);
+    let (_, stored) = store
+        .fetch(
+            "fenced",
+            corecast_gateway::storage::Query::After { after: 1, n: 2 },
+        )
+        .unwrap();
+    assert_eq!(&*stored[0].from, "a", "seq 2 stays A's message");
+}

@@ -76,6 +76,12 @@ impl HomeRoom {
         self.last_seq = self.last_seq.max(last_seq);
     }
 
+    /// This home starts a new tenure at `last_seq` (the store's word after
+    /// a takeover or a conflict): its own earlier count no longer holds.
+    pub fn restart_at(&mut self, last_seq: u64) {
+        self.last_seq = last_seq;
+    }
+
     /// Member connections in all.
     pub fn connections(&self) -> u64 {
         self.per_shard.iter().map(|&n| n as u64).sum()

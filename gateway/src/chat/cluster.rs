@@ -36,6 +36,9 @@ use crate::{
 
 /// How long a relay waits for `Synced` before asking again.
 const SYNC_RETRY: Duration = Duration::from_millis(500);
+/// Longest a resume waits for this node to deliver up to its `since`;
+/// then it is answered as it stands (`recovered:false`).
+pub(super) const PARK_FOR: Duration = Duration::from_secs(2);
 
 /// A node's cross-node state, on each shard.
 pub(super) struct Cluster {
@@ -255,7 +258,9 @@ pub(super) fn on_stored(shard: &Shard, room: Arc<str>, seq: u64, frame: Arc<[u8]
     let Some(home) = homes.get_mut(&room) else {
         return;
     };
-    if home.relay.is_none() && !home.remote.is_empty() {
+    // Always out: the PUB socket sends it only to subscribed nodes, and a
+    // relay that lost and regained its link must not depend on `remote`.
+    if home.relay.is_none() {
         if let Some(c) = &chat.cluster {
             c.mesh.wire(Wire::Message {
                 room: room.clone(),
@@ -268,6 +273,19 @@ pub(super) fn on_stored(shard: &Shard, room: Arc<str>, seq: u64, frame: Arc<[u8]
     }
     let epoch = home.epoch.clone();
     accept(shard, &room, home, seq, epoch, frame);
+}
+
+/// At a home: the store holds another home's messages under seqs this
+/// home gave out. Stop numbering until the store says where the room is.
+pub(super) fn on_conflict(shard: &Shard, room: Arc<str>) {
+    let mut homes = shard.chat.homes.borrow_mut();
+    let Some(home) = homes.get_mut(&room) else {
+        return;
+    };
+    if home.relay.is_none() && matches!(home.seq, SeqState::Known) {
+        home.seq = SeqState::Unknown;
+        home.restart = true;
+    }
 }
 
 /// At a relay: a message from the home node.
@@ -477,6 +495,7 @@ fn on_nodes(shard: &Shard, set: Arc<NodeSet>) {
                     home.delivered = 0;
                 }
                 home.relay = None;
+                home.restart = true;
                 let load = Op::Load {
                     room: room.clone(),
                     home: chat.me as u16,
@@ -594,16 +613,40 @@ pub(super) fn spawn_tasks(shard: &std::rc::Rc<Shard>) {
     glommio::spawn_local(async move {
         loop {
             glommio::timer::sleep(SYNC_RETRY / 2).await;
-            let chat = &s.chat;
-            let mut homes = chat.homes.borrow_mut();
-            for (room, home) in homes.iter_mut() {
-                if let Some(r) = home.relay.as_mut() {
-                    if !r.synced && r.sent.elapsed() >= SYNC_RETRY {
-                        chat.send_sync(room, r);
-                    }
-                }
+            let released = resync_and_release(&s);
+            for req in released {
+                handle_request(&s, req);
             }
+            glommio::yield_if_needed().await;
         }
     })
     .detach();
+}
+
+/// Asks homes again for late `Synced`s; returns the parked resumes that
+/// may go on (caught up, or waited long enough).
+fn resync_and_release(shard: &Shard) -> Vec<Request> {
+    let chat = &shard.chat;
+    let mut released = Vec::new();
+    let mut homes = chat.homes.borrow_mut();
+    for (room, home) in homes.iter_mut() {
+        if let Some(r) = home.relay.as_mut() {
+            if !r.synced && r.sent.elapsed() >= SYNC_RETRY {
+                chat.send_sync(room, r);
+            }
+        }
+        if !home.parked.is_empty() {
+            let delivered = home.delivered;
+            let (ready, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut home.parked)
+                .into_iter()
+                .partition(|(at, req)| {
+                    let caught_up =
+                        matches!(req, Request::Join { since: Some((s, _)), .. } if *s <= delivered);
+                    caught_up || at.elapsed() >= PARK_FOR
+                });
+            home.parked = wait;
+            released.extend(ready.into_iter().map(|(_, req)| req));
+        }
+    }
+    released
 }

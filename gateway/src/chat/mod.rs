@@ -1,16 +1,20 @@
-//! Chat on one node: sessions, rooms homed on shards, cross-shard fan-out.
+//! Chat: sessions, rooms homed on shards, cross-shard fan-out; and, in a
+//! cluster, rooms homed on nodes ([`cluster`]).
 //!
 //! A room's home shard (`corecast_router::home_shard`) owns its sequence:
 //! every publish travels there, is numbered, encoded once into a WebSocket
 //! frame, and sent once to each shard that has members, which copies the same
 //! bytes to each of its local members. Direct messages travel the same way
 //! through the recipient's user-home shard, which knows on which shards the
-//! user has connections.
+//! user has connections. In a cluster the room's home shard on each node
+//! either numbers the room (on the room's home node) or relays it from
+//! there; see `cluster.rs`.
 //!
 //! # Invariants
 //! - [`ChatShard`] is owned by one shard (`!Send`). Other shards reach it only
 //!   through [`Request`]s (to a home) and [`Delivery`]s (from a home), carried
-//!   by two glommio channel meshes. A request handler may send deliveries; a
+//!   by two glommio channel meshes; other nodes and the storage worker only
+//!   through the shard's inboxes, drained by its own tasks. A request handler may send deliveries; a
 //!   delivery handler never sends anything across shards. So every chain is
 //!   connection → request mesh → home → delivery mesh → connection: a DAG.
 //! - Every cross-shard send goes through an [`Outbox`]: it tries the ring
@@ -70,6 +74,9 @@ pub const MAX_TOMBSTONES: usize = 100_000;
 /// publishes past it are refused (`storage_busy`).
 pub const MAX_QUEUED_WHILE_LOADING: usize = 1024;
 
+/// Resumes a room may hold waiting for this node to catch up (cluster).
+pub const MAX_PARKED: usize = 1024;
+
 /// Slots in each cross-shard ring (per ordered pair of shards).
 pub const RING_SLOTS: usize = 1024;
 
@@ -95,6 +102,8 @@ pub enum Request {
         since: Option<(u64, Box<str>)>,
         /// The connection's number for this join (see `Session`).
         nonce: u32,
+        /// It already waited for this node to catch up (see `Home::parked`).
+        parked: bool,
     },
     Leave {
         room: Arc<str>,
@@ -244,6 +253,13 @@ struct Home {
     remote: Vec<NodeTag>,
     /// A gap being filled from history: later messages wait here.
     repair: Option<cluster::Repair>,
+    /// The next load starts a new tenure (a takeover, or a conflict in the
+    /// store): the sequence continues exactly from the store's last seq.
+    restart: bool,
+    /// In a cluster: resumes from a seq this node has not delivered yet
+    /// (the client came from a node ahead of this one). They wait, up to
+    /// [`cluster::PARK_FOR`], for `delivered` to catch up.
+    parked: Vec<(std::time::Instant, Request)>,
 }
 
 impl Home {
@@ -256,6 +272,8 @@ impl Home {
             relay: None,
             remote: Vec::new(),
             repair: None,
+            restart: false,
+            parked: Vec::new(),
         }
     }
 }
@@ -840,7 +858,8 @@ fn handle_request(shard: &Shard, req: Request) {
                     }
                     return;
                 }
-                SeqState::Unknown if publish => {
+                // A relay's Sync must learn the real seq and epoch too.
+                SeqState::Unknown if publish || matches!(req, Request::Sync { .. }) => {
                     let load = Op::Load {
                         room,
                         home: chat.me as u16,
@@ -881,7 +900,12 @@ fn on_loaded(shard: &Shard, room: Arc<str>, meta: Option<RoomMeta>) {
         return;
     }
     let (had_epoch, had_delivered) = (home.epoch.clone(), home.delivered);
+    let restart = std::mem::take(&mut home.restart);
     match meta {
+        Some(m) if restart => {
+            home.room.restart_at(m.last_seq);
+            home.epoch = m.epoch;
+        }
         Some(m) => {
             home.room.resume_from(m.last_seq);
             home.epoch = m.epoch;
@@ -890,7 +914,7 @@ fn on_loaded(shard: &Shard, room: Arc<str>, meta: Option<RoomMeta>) {
         // epoch whose seqs start far above any the store can hold. The
         // store adopts the epoch when the spilled messages reach it.
         None => {
-            home.room.resume_from(storage::provisional_seq_base());
+            home.room.restart_at(storage::provisional_seq_base());
             home.epoch = Arc::from(storage::new_epoch());
             shard.metrics().provisional_epochs.inc();
         }
@@ -899,7 +923,7 @@ fn on_loaded(shard: &Shard, room: Arc<str>, meta: Option<RoomMeta>) {
     home.delivered = last;
     // This node took the room over: its members may have missed what the
     // old home stored last; they get it from history first.
-    if had_epoch == home.epoch && had_delivered > 0 && had_delivered < last {
+    if restart && had_epoch == home.epoch && had_delivered < last && home.repair.is_none() {
         home.delivered = had_delivered;
         cluster::start_repair(shard, &room, home, last);
     }
@@ -923,11 +947,27 @@ fn dispatch_request(shard: &Shard, req: Request) {
             conn,
             since,
             nonce,
+            parked,
         } => {
             let mut homes = chat.homes.borrow_mut();
             let Some(home) = homes.get_mut(&room) else {
                 return;
             };
+            let ahead = since
+                .as_ref()
+                .is_some_and(|(s, e)| *s > home.delivered && **e == *home.epoch);
+            if ahead && !parked && chat.cluster.is_some() && home.parked.len() < MAX_PARKED {
+                let join = Request::Join {
+                    room: room.clone(),
+                    user,
+                    conn,
+                    since,
+                    nonce,
+                    parked: true,
+                };
+                home.parked.push((std::time::Instant::now(), join));
+                return;
+            }
             let change = home.room.join(conn.shard as usize, &user);
             let (seq, members) = (home.delivered, home.room.connections());
             let epoch = home.epoch.clone();
@@ -999,7 +1039,7 @@ fn dispatch_request(shard: &Shard, req: Request) {
                     proto::presence_event(&room, false, &user),
                 )
             });
-            if home.room.is_empty() && home.remote.is_empty() {
+            if home.room.is_empty() && home.remote.is_empty() && home.parked.is_empty() {
                 if let Some(home) = homes.remove(&room) {
                     drop(homes);
                     chat.bury(room.clone(), home, m);
@@ -1381,6 +1421,7 @@ fn handle_reply(shard: &Shard, reply: Reply) {
         Reply::ToConn { conn, frame } => chat.to_conn_frame(shard, conn, frame),
         Reply::Loaded { room, meta } => on_loaded(shard, room, meta),
         Reply::Stored { room, seq, frame } => cluster::on_stored(shard, room, seq, frame),
+        Reply::Conflict { room } => cluster::on_conflict(shard, room),
         Reply::Repaired {
             room,
             after,

@@ -269,6 +269,7 @@ pub fn on_text(shard: &Shard, conn: &ConnShared, me: ConnRef, text: &[u8]) -> Ou
                     conn: me,
                     since: since.map(|(seq, epoch)| (seq, epoch.into())),
                     nonce,
+                    parked: false,
                 },
             );
             Outcome::Continue

@@ -26,7 +26,10 @@ use std::{
     io::Write as _,
     os::unix::net::UnixStream,
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+        atomic::{
+            AtomicBool, AtomicU64,
+            Ordering::{Relaxed, SeqCst},
+        },
         Arc,
     },
     thread::JoinHandle,
@@ -132,7 +135,11 @@ pub struct MeshMetrics {
 }
 
 struct Shared {
+    /// Messages: bounded; a full queue drops (counted), as PUB/SUB may.
     tx: Sender<Out>,
+    /// Subscriptions: never dropped (a lost one would leave a room or a
+    /// user deaf on this node); bounded by the rooms and users it has.
+    ctl: Sender<Out>,
     /// Written to wake the thread when it sleeps in `poll`.
     wake: UnixStream,
     sleeping: AtomicBool,
@@ -158,6 +165,11 @@ impl Mesh {
     /// Hands a command to the mesh thread; never blocks. False if the
     /// queue was full and the command was dropped (counted).
     pub fn send(&self, out: Out) -> bool {
+        if matches!(out, Out::Subscribe(_) | Out::Unsubscribe(_)) {
+            let sent = self.shared.ctl.send(out).is_ok();
+            self.shared.wake();
+            return sent;
+        }
         match self.shared.tx.try_send(out) {
             Ok(()) => {
                 self.shared.wake();
@@ -199,8 +211,8 @@ pub struct MeshHandle {
 impl MeshHandle {
     /// Stops the threads (the registry entry is removed) and waits for them.
     pub fn stop(self) {
-        self.stop.store(true, Relaxed);
-        self.mesh.shared.sleeping.store(false, Relaxed);
+        self.stop.store(true, SeqCst);
+        self.mesh.shared.sleeping.store(false, SeqCst);
         let _ = (&self.mesh.shared.wake).write(&[1]);
         for t in self.threads {
             let _ = t.join();
@@ -215,8 +227,10 @@ pub fn start(config: MeshConfig, shards: usize) -> Result<(Mesh, MeshHandle), Me
     wake_tx.set_nonblocking(true).map_err(setup)?;
     wake_rx.set_nonblocking(true).map_err(setup)?;
     let (tx, rx) = crossbeam_channel::bounded(config.queue);
+    let (ctl, ctl_rx) = crossbeam_channel::unbounded();
     let shared = Arc::new(Shared {
         tx,
+        ctl,
         wake: wake_tx,
         sleeping: AtomicBool::new(false),
         inboxes: (0..shards).map(|_| Inbox::new()).collect(),
@@ -233,9 +247,12 @@ pub fn start(config: MeshConfig, shards: usize) -> Result<(Mesh, MeshHandle), Me
     let mut state = thread::MeshThread::bind(
         config.clone(),
         shards,
-        rx,
-        reg_rx,
-        wake_rx,
+        thread::Queues {
+            ctl: ctl_rx,
+            rx,
+            registry: reg_rx,
+            wake: wake_rx,
+        },
         mesh.clone(),
         stop.clone(),
     )?;
@@ -262,7 +279,9 @@ pub fn start(config: MeshConfig, shards: usize) -> Result<(Mesh, MeshHandle), Me
 
 impl Shared {
     fn wake(&self) {
-        if self.sleeping.swap(false, Relaxed) {
+        // SeqCst, paired with the thread's store and its look at the
+        // queues: either the thread sees the command, or this sees it asleep.
+        if self.sleeping.swap(false, SeqCst) {
             // Non-blocking: a full socket buffer already holds a wake-up.
             let _ = (&self.wake).write(&[1]);
         }

@@ -8,6 +8,10 @@
 //! which connects to new endpoints. Liveness itself comes from the mesh's
 //! heartbeats, not from Redis: the registry only says where to look.
 //! Redis being down only stops discovery; known peers stay connected.
+//!
+//! # Invariants
+//! - Every Redis call has a 500 ms timeout, and the thread talks to the
+//!   mesh thread only through a bounded channel it never blocks on.
 
 use std::{
     sync::{

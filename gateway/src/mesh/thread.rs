@@ -5,13 +5,27 @@
 //! `zmq::poll` on every SUB socket and the wake-up socket until something
 //! arrives or the next heartbeat is due. Received messages are decoded and
 //! handed, batched, to the shard that owns their room or user.
+//!
+//! # Invariants
+//! - Only this thread touches the ZeroMQ sockets.
+//! - It never blocks except in `zmq::poll`, with a timeout no longer than
+//!   the next heartbeat; sends are non-blocking (a full PUB drops).
+//! - `sleeping` is set (SeqCst) before the last look at the queues, and
+//!   shards swap it (SeqCst) after queueing: no command waits for a
+//!   timeout.
+//! - A node's first live set goes out only once the registry has answered
+//!   (if any) and every known peer is live, or after one node timeout;
+//!   until then its heartbeats say it hears nobody.
 
 use std::{
     collections::{HashMap, HashSet},
     io::Read as _,
     os::{fd::AsRawFd, unix::net::UnixStream},
     sync::{
-        atomic::{AtomicBool, Ordering::Relaxed},
+        atomic::{
+            AtomicBool,
+            Ordering::{Relaxed, SeqCst},
+        },
         Arc,
     },
     time::{Duration, Instant},
@@ -52,6 +66,7 @@ pub(super) struct MeshThread {
     links: Vec<Link>,
     /// Topics subscribed on every link, with the count of subscribers.
     topics: HashMap<Vec<u8>, usize>,
+    ctl: Receiver<Out>,
     rx: Receiver<Out>,
     registry: Receiver<Vec<(String, String)>>,
     wake: UnixStream,
@@ -68,18 +83,33 @@ pub(super) struct MeshThread {
     monitors: u64,
     /// Room messages published, for `drop_every`.
     messages: u64,
+    /// The registry's first list arrived (or there is no registry).
+    registry_seen: bool,
+}
+
+/// What the mesh thread receives on: the shards' subscriptions and
+/// messages, the registry's peer lists, and the wake-up socket.
+pub(super) struct Queues {
+    pub ctl: Receiver<Out>,
+    pub rx: Receiver<Out>,
+    pub registry: Receiver<Vec<(String, String)>>,
+    pub wake: UnixStream,
 }
 
 impl MeshThread {
     pub(super) fn bind(
         config: MeshConfig,
         shards: usize,
-        rx: Receiver<Out>,
-        registry: Receiver<Vec<(String, String)>>,
-        wake: UnixStream,
+        queues: Queues,
         mesh: Mesh,
         stop: Arc<AtomicBool>,
     ) -> Result<MeshThread, MeshError> {
+        let Queues {
+            ctl,
+            rx,
+            registry,
+            wake,
+        } = queues;
         let ctx = zmq::Context::new();
         let setup = |e: zmq::Error| MeshError::Setup(e.to_string());
         let publisher = ctx.socket(zmq::PUB).map_err(setup)?;
@@ -98,6 +128,7 @@ impl MeshThread {
             publisher,
             links: Vec::new(),
             topics: HashMap::new(),
+            ctl,
             rx,
             registry,
             wake,
@@ -110,6 +141,7 @@ impl MeshThread {
             conflicts: HashSet::new(),
             monitors: 0,
             messages: 0,
+            registry_seen: config.registry.is_none(),
             config,
         };
         // Work for this node, and heartbeats, on every link.
@@ -138,6 +170,7 @@ impl MeshThread {
             self.drain_commands();
             while let Ok(list) = self.registry.try_recv() {
                 self.apply_registry(list);
+                self.registry_seen = true;
             }
             let now = Instant::now();
             if now >= self.next_heartbeat {
@@ -148,13 +181,13 @@ impl MeshThread {
             // Lets the PUB socket take in new subscriptions.
             let _ = self.publisher.get_events();
             self.flush_inbound();
-            self.mesh.shared.sleeping.store(true, Relaxed);
-            if !self.rx.is_empty() {
-                self.mesh.shared.sleeping.store(false, Relaxed);
+            self.mesh.shared.sleeping.store(true, SeqCst);
+            if !self.rx.is_empty() || !self.ctl.is_empty() || !self.registry.is_empty() {
+                self.mesh.shared.sleeping.store(false, SeqCst);
                 continue;
             }
             self.sleep();
-            self.mesh.shared.sleeping.store(false, Relaxed);
+            self.mesh.shared.sleeping.store(false, SeqCst);
             let mut buf = [0u8; 64];
             while matches!(self.wake.read(&mut buf), Ok(n) if n > 0) {}
             self.receive();
@@ -190,7 +223,9 @@ impl MeshThread {
 
     fn drain_commands(&mut self) {
         loop {
-            match self.rx.try_recv() {
+            // Subscriptions first: a Sync must not overtake its subscription.
+            let next = self.ctl.try_recv().or_else(|_| self.rx.try_recv());
+            match next {
                 Ok(Out::Send(w)) => self.publish(&w),
                 Ok(Out::Subscribe(topic)) => {
                     let n = self.topics.entry(topic.clone()).or_insert(0);
@@ -239,12 +274,17 @@ impl MeshThread {
 
     fn heartbeat(&mut self) {
         let now = Instant::now();
-        let hears = self
-            .links
-            .iter()
-            .filter(|l| !l.is_self && self.heard_recently(l, now))
-            .filter_map(|l| l.node.as_ref().map(|(t, _)| *t))
-            .collect();
+        // Until this node has said who is live, it claims to hear nobody, so
+        // no peer counts it live (and sends it rooms) too early.
+        let hears = match self.live {
+            None => Vec::new(),
+            Some(_) => self
+                .links
+                .iter()
+                .filter(|l| !l.is_self && self.heard_recently(l, now))
+                .filter_map(|l| l.node.as_ref().map(|(t, _)| *t))
+                .collect(),
+        };
         let hb = Wire::Heartbeat {
             node: self.config.node_id.clone(),
             addr: self.config.advertise.as_str().into(),
@@ -342,6 +382,10 @@ impl MeshThread {
         });
     }
 
+    /// Messages taken from one link per round, so one busy peer cannot
+    /// keep the thread from its heartbeats and the other links.
+    const RECEIVE_BATCH: usize = 4096;
+
     fn receive(&mut self) {
         let mut lost = false;
         for l in &mut self.links {
@@ -366,7 +410,7 @@ impl MeshThread {
             self.update_live(Instant::now());
         }
         for i in 0..self.links.len() {
-            loop {
+            for _ in 0..Self::RECEIVE_BATCH {
                 let parts = match self.links[i].sock.recv_multipart(zmq::DONTWAIT) {
                     Ok(p) => p,
                     Err(zmq::Error::EAGAIN) => break,
@@ -439,7 +483,10 @@ impl MeshThread {
         }
         l.node = Some((tag, node));
         l.heard = Some(now);
-        l.hears_me = hears.contains(&self.me);
+        // A node that has not announced its live set yet hears nobody on
+        // the wire (see `heartbeat`); it queues room work until it does, so
+        // counting it live early costs nothing, and waiting would flap.
+        l.hears_me = hears.is_empty() || hears.contains(&self.me);
         self.update_live(now);
     }
 
@@ -467,7 +514,8 @@ impl MeshThread {
                 .iter()
                 .filter(|l| !l.is_self)
                 .all(|l| l.hears_me && self.heard_recently(l, now));
-            if !all_known_live && now.duration_since(self.started) < self.config.node_timeout {
+            let settled = self.registry_seen && all_known_live;
+            if !settled && now.duration_since(self.started) < self.config.node_timeout {
                 return;
             }
         }
@@ -493,6 +541,13 @@ impl MeshThread {
             | Wire::Unsync { to, room, .. } => {
                 if *to != self.me {
                     return;
+                }
+                // A connection said to be ours must name one of our shards.
+                if let Wire::Publish { conn, .. } = &w {
+                    if conn.node == self.me && conn.shard as usize >= self.shards {
+                        self.mesh.metrics.bad_messages.fetch_add(1, Relaxed);
+                        return;
+                    }
                 }
                 corecast_router::home_shard(room, self.shards)
             }

@@ -72,12 +72,20 @@ impl Backend for MemoryStore {
         Ok(())
     }
 
-    fn append(&mut self, records: &[Record]) -> Result<(), StoreError> {
+    fn append(&mut self, records: &[Record]) -> Result<Vec<usize>, StoreError> {
         let now = Instant::now();
-        for r in records {
+        let mut conflicts = Vec::new();
+        for (k, r) in records.iter().enumerate() {
             let history_size = self.history_size;
             let room = self.room(&r.room);
             if r.seq <= room.last_seq {
+                let same = room
+                    .messages
+                    .iter()
+                    .any(|m| m.seq == r.seq && m.from == r.from && m.id == r.id && m.ts == r.ts);
+                if !same {
+                    conflicts.push(k);
+                }
                 continue;
             }
             room.last_seq = r.seq;
@@ -93,7 +101,7 @@ impl Backend for MemoryStore {
             }
             room.messages.push_back(r.clone());
         }
-        Ok(())
+        Ok(conflicts)
     }
 
     fn load(&mut self, room: &str) -> Result<RoomMeta, StoreError> {

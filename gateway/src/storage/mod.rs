@@ -3,8 +3,9 @@
 //!
 //! Shards hand [`Op`]s to one worker thread over a bounded crossbeam channel
 //! and never wait for it: a home shard sequences and delivers a message at
-//! once, and the publisher's ack comes back later, from the worker, once the
-//! message is stored. Answers reach a shard through its [`Inbox`], which
+//! once (in a cluster: once the worker says it is stored, so that no other
+//! node can number it again), and the publisher's ack comes back later,
+//! from the worker, once the message is stored. Answers reach a shard through its [`Inbox`], which
 //! wakes the shard's inbox task.
 //!
 //! # Invariants
@@ -117,13 +118,16 @@ impl fmt::Display for StoreError {
 
 /// What the worker needs from a store. Appends are idempotent by seq: a
 /// record whose seq is not above the room's stored last seq is skipped, so
-/// replaying a batch that was partly written stores each message once.
+/// replaying a batch that was partly written stores each message once. A
+/// skipped record that is not the stored message of its seq (same sender,
+/// id and time) is a conflict: another home numbered the room.
 pub trait Backend: Send {
     fn describe(&self) -> String;
     /// (Re)connects and checks the store answers.
     fn connect(&mut self) -> Result<(), StoreError>;
-    /// Stores records (any rooms, each room's in seq order).
-    fn append(&mut self, records: &[Record]) -> Result<(), StoreError>;
+    /// Stores records (any rooms, each room's in seq order); returns the
+    /// indexes of the conflicting ones, which were not stored.
+    fn append(&mut self, records: &[Record]) -> Result<Vec<usize>, StoreError>;
     /// The room's last seq and epoch (creating the epoch if it has none).
     fn load(&mut self, room: &str) -> Result<RoomMeta, StoreError>;
     /// Messages of a room, oldest first, with the room's meta.
@@ -219,6 +223,9 @@ pub enum Reply {
         room: Arc<str>,
         meta: Option<RoomMeta>,
     },
+    /// Another home stored other messages under these seqs of `room`:
+    /// they were refused (`room_moving`); the home must reload the room.
+    Conflict { room: Arc<str> },
     /// A message of `Op::Append` with a fan-out frame is stored.
     Stored {
         room: Arc<str>,
@@ -264,6 +271,8 @@ pub struct StorageMetrics {
     pub presence_dropped: AtomicU64,
     pub reads: AtomicU64,
     pub reads_refused: AtomicU64,
+    /// Messages refused because another home had stored its seq.
+    pub conflicts: AtomicU64,
 }
 
 pub const BREAKER_CLOSED: u64 = 0;

@@ -46,6 +46,9 @@ if epoch == '' then epoch = ARGV[5] end
 local trim = '~'
 if ARGV[1] == '0' then trim = '=' end
 local added = 0
+-- A seq at or below the last one is either this very message written
+-- before (a replay: skipped) or another home's (a conflict: reported).
+local conflicts = {}
 for i = 6, #ARGV, 5 do
   local seq = tonumber(ARGV[i])
   if seq > last then
@@ -53,6 +56,15 @@ for i = 6, #ARGV, 5 do
       'f', ARGV[i + 1], 'i', ARGV[i + 2], 't', ARGV[i + 3], 'b', ARGV[i + 4])
     last = seq
     added = added + 1
+  else
+    local e = redis.call('XRANGE', KEYS[1], ARGV[i] .. '-0', ARGV[i] .. '-0')
+    local same = false
+    if #e == 1 then
+      local f = {}
+      for j = 1, #e[1][2], 2 do f[e[1][2][j]] = e[1][2][j + 1] end
+      same = f['f'] == ARGV[i + 1] and f['i'] == ARGV[i + 2] and f['t'] == ARGV[i + 3]
+    end
+    if not same then conflicts[#conflicts + 1] = seq end
   end
 end
 if added > 0 then
@@ -62,7 +74,7 @@ if added > 0 then
 end
 redis.call('HSETNX', KEYS[2], 'epoch', epoch)
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
-return added
+return conflicts
 "#;
 
 const LOAD: &str = r#"
@@ -308,22 +320,22 @@ impl Backend for RedisStore {
         Ok(())
     }
 
-    fn append(&mut self, records: &[Record]) -> Result<(), StoreError> {
+    fn append(&mut self, records: &[Record]) -> Result<Vec<usize>, StoreError> {
         if records.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         // One script call per room and epoch, each room's records in order.
         let (maxlen, ttl, meta_ttl) = (self.history_size, self.history_ttl_ms, self.meta_ttl_ms);
         let fresh = new_epoch();
-        let mut groups: Vec<(&str, &str, Vec<&Record>)> = Vec::new();
+        let mut groups: Vec<(&str, &str, Vec<usize>)> = Vec::new();
         let mut index: std::collections::HashMap<(&str, &str), usize> =
             std::collections::HashMap::new();
-        for r in records {
+        for (k, r) in records.iter().enumerate() {
             let i = *index.entry((&r.room, &r.epoch)).or_insert_with(|| {
                 groups.push((&r.room, &r.epoch, Vec::new()));
                 groups.len() - 1
             });
-            groups[i].2.push(r);
+            groups[i].2.push(k);
         }
         self.with("append", |live| {
             let mut pipe = redis::pipe();
@@ -339,16 +351,22 @@ impl Backend for RedisStore {
                     .arg(meta_ttl)
                     .arg(*epoch)
                     .arg(&fresh);
-                for r in recs {
+                for r in recs.iter().map(|&k| &records[k]) {
                     c.arg(r.seq)
                         .arg(&*r.from)
                         .arg(&*r.id)
                         .arg(r.ts)
                         .arg(&*r.body);
                 }
-                c.ignore();
             }
-            pipe.query::<()>(&mut live.conn)
+            pipe.query::<Vec<Vec<u64>>>(&mut live.conn)
+        })
+        .map(|per_group| {
+            let mut conflicts = Vec::new();
+            for ((_, _, recs), seqs) in groups.iter().zip(per_group) {
+                conflicts.extend(recs.iter().filter(|&&k| seqs.contains(&records[k].seq)));
+            }
+            conflicts
         })
     }
 

@@ -328,8 +328,32 @@ impl Worker {
 
     /// Writes what was collected and acks it.
     fn flush(&mut self, appends: &mut Vec<Record>, acks: &mut Vec<PendingAck>) {
-        let stored = appends.is_empty() || self.write(appends);
+        let (stored, conflicts) = if appends.is_empty() {
+            (true, Vec::new())
+        } else {
+            self.write(appends)
+        };
         for ack in acks.drain(..) {
+            if let PendingAck::New {
+                from, to, index, ..
+            } = &ack
+            {
+                if conflicts.contains(index) {
+                    let r = &appends[*index];
+                    self.metrics.conflicts.fetch_add(1, Relaxed);
+                    log::warn!(
+                        "storage: room {} seq {} was numbered by another home too; refused (room_moving), reloading the room",
+                        r.room,
+                        r.seq
+                    );
+                    self.out[*from as usize].push(Reply::Conflict {
+                        room: r.room.clone(),
+                    });
+                    let frame = proto::error(ErrorCode::RoomMoving, Some(&r.id), Some(&r.room));
+                    self.reply_via(*from, *to, frame);
+                    continue;
+                }
+            }
             let (from, to, frame) = match ack {
                 PendingAck::New {
                     from,
@@ -338,7 +362,9 @@ impl Worker {
                     fanout,
                 } => {
                     let r = &appends[index];
-                    if let Some(frame) = fanout {
+                    // Nothing unstored leaves the node: another home would
+                    // give its seq again.
+                    if let Some(frame) = fanout.filter(|_| stored) {
                         self.out[from as usize].push(Reply::Stored {
                             room: r.room.clone(),
                             seq: r.seq,
@@ -363,22 +389,23 @@ impl Worker {
         appends.clear();
     }
 
-    /// Stores or spills `records`; false if they are in neither.
-    fn write(&mut self, records: &[Record]) -> bool {
+    /// Stores or spills `records`; false if they are in neither. Also
+    /// the indexes of records the store refused as conflicts.
+    fn write(&mut self, records: &[Record]) -> (bool, Vec<usize>) {
         self.metrics.batches.fetch_add(1, Relaxed);
         if matches!(self.state, State::Closed) {
             match self.backend.append(records) {
-                Ok(()) => {
+                Ok(conflicts) => {
                     self.metrics
                         .persisted
-                        .fetch_add(records.len() as u64, Relaxed);
+                        .fetch_add((records.len() - conflicts.len()) as u64, Relaxed);
                     self.failing.store(false, Release);
-                    return true;
+                    return (true, conflicts);
                 }
                 Err(e) => self.open_breaker(Some(&e)),
             }
         }
-        self.spill_write(records)
+        (self.spill_write(records), Vec::new())
     }
 
     fn spill_write(&mut self, records: &[Record]) -> bool {
@@ -728,7 +755,18 @@ impl Worker {
             return;
         }
         match self.backend.append(&records) {
-            Ok(()) => {
+            Ok(conflicts) => {
+                if !conflicts.is_empty() {
+                    // Acked when spilled; another home numbered these seqs
+                    // while the store was away.
+                    self.metrics
+                        .conflicts
+                        .fetch_add(conflicts.len() as u64, Relaxed);
+                    log::error!(
+                        "storage: {} spilled messages conflict with seqs another home stored meanwhile; they stay in no history",
+                        conflicts.len()
+                    );
+                }
                 spill.advance(bytes);
                 self.metrics
                     .replayed
