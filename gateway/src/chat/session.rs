@@ -132,7 +132,16 @@ pub fn on_open(shard: &Shard, conn: &ConnShared, me: ConnRef, token: Option<&str
             }
         },
         None if shard.chat.settings.allow_anonymous => {
-            let user = format!("anon-{}.{}", shard.chat.me, shard.chat.next_anonymous());
+            // Unique in a cluster too: the node's name goes in.
+            let user = match shard.chat.mesh() {
+                Some(m) => format!(
+                    "anon-{}.{}.{}",
+                    m.node_id,
+                    shard.chat.me,
+                    shard.chat.next_anonymous()
+                ),
+                None => format!("anon-{}.{}", shard.chat.me, shard.chat.next_anonymous()),
+            };
             authenticate(shard, conn, me, &mut session, Arc::from(user), None);
             Outcome::Continue
         }
