@@ -64,7 +64,7 @@ metric() { curl -sf "http://127.0.0.1:$1/metrics" | awk -v n="$2" '$1 == n {prin
 for i in 0 1 2; do
   [[ "$(metric "${ports[$i]}" corecast_mesh_live_nodes)" == 3 ]] || { echo "node-$i does not see 3 live nodes:"; cat "$work/node-$i.log"; exit 1; }
 done
-echo "3 nodes live on ports ${ports[*]}; killing node-2 (pid ${pids[2]}) 4 s into the run"
+echo "3 nodes live on ports ${ports[*]}; killing node-2 (pid ${pids[2]}) 5 s into the run"
 
 urls="ws://127.0.0.1:${ports[0]}/ws,ws://127.0.0.1:${ports[1]}/ws,ws://127.0.0.1:${ports[2]}/ws"
 (sleep 5; kill -KILL "${pids[2]}"; echo "node-2 killed at $(date -u +%T.%N)") &

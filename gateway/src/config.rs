@@ -194,6 +194,11 @@ pub struct Config {
     #[arg(long, env = "CORECAST_PEERS", value_delimiter = ',')]
     pub peers: Vec<String>,
 
+    /// Find peers only from --peers: do not register in (or read) the Redis
+    /// node registry.
+    #[arg(long, env = "CORECAST_NO_REGISTRY")]
+    pub no_registry: bool,
+
     /// How often a node tells the others it is alive.
     #[arg(long, env = "CORECAST_HEARTBEAT_MS", default_value_t = 250)]
     pub heartbeat_ms: u64,
@@ -300,8 +305,8 @@ impl Config {
             advertise,
             peers,
             registry: match &storage.kind {
-                crate::storage::StoreKind::Redis { url } => Some(url.clone()),
-                crate::storage::StoreKind::Memory => None,
+                crate::storage::StoreKind::Redis { url } if !self.no_registry => Some(url.clone()),
+                _ => None,
             },
             heartbeat: Duration::from_millis(self.heartbeat_ms),
             node_timeout: Duration::from_millis(self.node_timeout_ms),

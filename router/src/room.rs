@@ -167,6 +167,17 @@ impl HomeRoom {
         Sequenced::New(self.last_seq)
     }
 
+    /// The store refused `seq` (another home had stored it): a retry of
+    /// `(user, id)` is a new publish, not a duplicate of that seq.
+    pub fn forget(&mut self, user: &Arc<str>, id: &str, seq: u64) {
+        let key = (user.clone(), Box::from(id));
+        if self.recent.get(&key) == Some(&seq) {
+            self.recent.remove(&key);
+            self.recent_order
+                .retain(|(u, i, _)| !(u == user && &**i == id));
+        }
+    }
+
     fn expire(&mut self, now: Instant) {
         while let Some((_, _, at)) = self.recent_order.front() {
             if now.duration_since(*at) < RECENT_IDS_TTL {
@@ -301,5 +312,20 @@ mod tests {
             }
         );
         assert!(r.is_empty());
+    }
+
+    #[test]
+    fn a_refused_seq_is_forgotten_so_its_retry_is_new() {
+        let mut r = HomeRoom::new(1, 0);
+        let now = Instant::now();
+        let a = user("a");
+        assert_eq!(r.sequence(&a, "m1", now), Sequenced::New(1));
+        // The store refused seq 1 (another home had it); the store says 1.
+        r.forget(&a, "m1", 1);
+        r.restart_at(1);
+        assert_eq!(r.sequence(&a, "m1", now), Sequenced::New(2));
+        // Forgetting a seq the id no longer maps to changes nothing.
+        r.forget(&a, "m1", 1);
+        assert_eq!(r.sequence(&a, "m1", now), Sequenced::Duplicate(2));
     }
 }

@@ -277,11 +277,13 @@ pub(super) fn on_stored(shard: &Shard, room: Arc<str>, seq: u64, frame: Arc<[u8]
 
 /// At a home: the store holds another home's messages under seqs this
 /// home gave out. Stop numbering until the store says where the room is.
-pub(super) fn on_conflict(shard: &Shard, room: Arc<str>) {
+pub(super) fn on_conflict(shard: &Shard, room: Arc<str>, user: &Arc<str>, id: &str, seq: u64) {
     let mut homes = shard.chat.homes.borrow_mut();
     let Some(home) = homes.get_mut(&room) else {
         return;
     };
+    // Refused, not stored: its retry must be numbered anew.
+    home.room.forget(user, id, seq);
     if home.relay.is_none() && matches!(home.seq, SeqState::Known) {
         home.seq = SeqState::Unknown;
         home.restart = true;

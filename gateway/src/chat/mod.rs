@@ -1421,7 +1421,12 @@ fn handle_reply(shard: &Shard, reply: Reply) {
         Reply::ToConn { conn, frame } => chat.to_conn_frame(shard, conn, frame),
         Reply::Loaded { room, meta } => on_loaded(shard, room, meta),
         Reply::Stored { room, seq, frame } => cluster::on_stored(shard, room, seq, frame),
-        Reply::Conflict { room } => cluster::on_conflict(shard, room),
+        Reply::Conflict {
+            room,
+            from,
+            id,
+            seq,
+        } => cluster::on_conflict(shard, room, &from, &id, seq),
         Reply::Repaired {
             room,
             after,

@@ -225,7 +225,12 @@ pub enum Reply {
     },
     /// Another home stored other messages under these seqs of `room`:
     /// they were refused (`room_moving`); the home must reload the room.
-    Conflict { room: Arc<str> },
+    Conflict {
+        room: Arc<str>,
+        from: Arc<str>,
+        id: Box<str>,
+        seq: u64,
+    },
     /// A message of `Op::Append` with a fan-out frame is stored.
     Stored {
         room: Arc<str>,

@@ -85,6 +85,11 @@ pub(super) struct Worker {
     /// Messages neither stored nor spilled (recent ones), for duplicate acks.
     lost: HashSet<(Arc<str>, u64)>,
     lost_order: VecDeque<(Arc<str>, u64)>,
+    /// Seqs the store refused as conflicts (recent ones): a retry that
+    /// reaches the home before it forgot the id is refused again, never
+    /// acked with a seq that holds another home's message.
+    conflicted: HashSet<(Arc<str>, u64)>,
+    conflicted_order: VecDeque<(Arc<str>, u64)>,
     /// Highest lost seq per room: written to the store when it is back, so
     /// those seqs are never given out again.
     lost_max: HashMap<Arc<str>, u64>,
@@ -133,6 +138,8 @@ impl Worker {
             failing,
             lost: HashSet::new(),
             lost_order: VecDeque::new(),
+            conflicted: HashSet::new(),
+            conflicted_order: VecDeque::new(),
             lost_max: HashMap::new(),
             stopping: false,
             node,
@@ -346,8 +353,18 @@ impl Worker {
                         r.room,
                         r.seq
                     );
+                    if self.conflicted_order.len() == LOST_REMEMBERED {
+                        if let Some(old) = self.conflicted_order.pop_front() {
+                            self.conflicted.remove(&old);
+                        }
+                    }
+                    self.conflicted.insert((r.room.clone(), r.seq));
+                    self.conflicted_order.push_back((r.room.clone(), r.seq));
                     self.out[*from as usize].push(Reply::Conflict {
                         room: r.room.clone(),
+                        from: r.from.clone(),
+                        id: r.id.clone(),
+                        seq: r.seq,
                     });
                     let frame = proto::error(ErrorCode::RoomMoving, Some(&r.id), Some(&r.room));
                     self.reply_via(*from, *to, frame);
@@ -380,8 +397,13 @@ impl Worker {
                     id,
                     seq,
                 } => {
-                    let stored = !self.lost.contains(&(room.clone(), seq));
-                    (from, to, proto::ack(&id, &room, seq, true, stored))
+                    let key = (room.clone(), seq);
+                    let frame = if self.conflicted.contains(&key) {
+                        proto::error(ErrorCode::RoomMoving, Some(&id), Some(&room))
+                    } else {
+                        proto::ack(&id, &room, seq, true, !self.lost.contains(&key))
+                    };
+                    (from, to, frame)
                 }
             };
             self.reply_via(from, to, frame);
