@@ -336,6 +336,61 @@ impl Follower {
     }
 }
 
+/// Followers reading on their own threads until the last acked seq.
+struct Following {
+    last: Arc<AtomicU64>,
+    handles: Vec<std::thread::JoinHandle<Follower>>,
+}
+
+impl Following {
+    fn start(followers: Vec<Follower>) -> Following {
+        let last = Arc::new(AtomicU64::new(0));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let handles = followers
+            .into_iter()
+            .map(|mut f| {
+                let last = last.clone();
+                std::thread::spawn(move || {
+                    f.follow(&last, deadline);
+                    f
+                })
+            })
+            .collect();
+        Following { last, handles }
+    }
+
+    /// Waits for every follower to reach the highest acked seq; each must
+    /// hold a gapless run with every acked seq after its join, and no seq
+    /// may have been acked twice.
+    fn check(self, acked: &[u64]) -> Vec<Follower> {
+        let mut sorted = acked.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), acked.len(), "a seq was acked twice");
+        self.last
+            .store(*acked.iter().max().unwrap(), Ordering::Release);
+        let followers: Vec<Follower> = self
+            .handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect();
+        for f in &followers {
+            let base = f.seqs[0];
+            let run = &f.seqs[1..];
+            assert_eq!(
+                run,
+                (base + 1..=base + run.len() as u64).collect::<Vec<_>>(),
+                "{}: gaps, duplicates or reorders",
+                f.name
+            );
+            for s in acked.iter().filter(|&&s| s > base) {
+                assert!(run.contains(s), "{} lost acked seq {s}", f.name);
+            }
+        }
+        followers
+    }
+}
+
 /// A publisher on a surviving node keeps publishing while the room's home
 /// node is SIGKILLed: members of the dead node resume on others; every
 /// member ends up with a gapless run of seqs holding every acked one.
@@ -350,18 +405,7 @@ fn a_killed_home_loses_no_acked_message() {
         .enumerate()
         .map(|(i, &at)| Follower::join(addrs.clone(), at, &format!("f{i}"), &room))
         .collect();
-    let last = Arc::new(AtomicU64::new(0));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let handles: Vec<_> = followers
-        .into_iter()
-        .map(|mut f| {
-            let last = last.clone();
-            std::thread::spawn(move || {
-                f.follow(&last, deadline);
-                f
-            })
-        })
-        .collect();
+    let following = Following::start(followers);
     let mut publisher = Chat::connect_addr(addrs[0], "publisher").unwrap();
     publisher.join(&room);
     publisher
@@ -396,31 +440,12 @@ fn a_killed_home_loses_no_acked_message() {
         }
     }
     assert!(unacked < 10, "{unacked} publishes never acked");
-    let max = *acked.iter().max().unwrap();
-    last.store(max, Ordering::Release);
-    for (i, h) in handles.into_iter().enumerate() {
-        let f = h.join().unwrap();
-        let base = f.seqs[0];
-        let run: Vec<u64> = f.seqs[1..].to_vec();
-        assert_eq!(
-            run,
-            (base + 1..=base + run.len() as u64).collect::<Vec<_>>(),
-            "{}: gaps, duplicates or reorders",
-            f.name
-        );
-        for s in acked.iter().filter(|&&s| s > base) {
-            assert!(run.contains(s), "{} lost acked seq {s}", f.name);
-        }
+    for (i, f) in following.check(&acked).iter().enumerate() {
         // Followers 2 and 3 were on the killed node.
         if i >= 2 {
             assert!(f.resumes >= 1, "{} was on the killed node", f.name);
         }
     }
-    // Seqs continued on the new home: none reused.
-    let mut sorted = acked.clone();
-    sorted.sort_unstable();
-    sorted.dedup();
-    assert_eq!(sorted.len(), acked.len(), "a seq was acked twice");
     assert!(
         nodes[0].metric("corecast_mesh_rehomed_total")
             + nodes[1].metric("corecast_mesh_rehomed_total")
@@ -505,4 +530,57 @@ fn two_homes_at_once_never_give_one_seq_twice() {
     };
     assert_eq!(messages_until(&mut a1, room, 3, &mut Vec::new()), want(3));
     assert_eq!(messages_until(&mut b1, room, 4, &mut Vec::new()), want(4));
+}
+
+/// A third node joins a running cluster through the Redis registry (the
+/// others are not restarted) while a publisher keeps publishing in a room
+/// that moves to it: every acked message has its own seq, and every member
+/// gets a gapless run holding all of them.
+#[test]
+fn a_joining_node_takes_its_rooms_without_a_gap() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let ends = mesh_endpoints(3);
+    let start = |i: usize| {
+        let spill = redis.scratch(&format!("spill-j{i}"));
+        let rate = ["--rate-limit-per-s", "10000"];
+        let mut args = vec!["--redis", url.as_str(), "--spill-dir", spill.as_str()];
+        args.extend(rate);
+        Node::start(&format!("j{}", i + 1), &ends[i], &args)
+    };
+    let (n1, n2) = (start(0), start(1));
+    wait_for_cluster(&[&n1, &n2]);
+    let room = (0..)
+        .map(|i| format!("moving-{i}"))
+        .find(|r| {
+            corecast_router::home_node(r, &["j1", "j2", "j3"]) == Some("j3")
+                && corecast_router::home_node(r, &["j1", "j2"]) == Some("j1")
+        })
+        .unwrap();
+    let addrs = vec![n1.addr, n2.addr];
+    let followers: Vec<Follower> = [0, 0, 1, 1]
+        .iter()
+        .enumerate()
+        .map(|(i, &at)| Follower::join(addrs.clone(), at, &format!("j{i}"), &room))
+        .collect();
+    let following = Following::start(followers);
+    let mut publisher = Chat::connect_addr(n2.addr, "mover").unwrap();
+    publisher.join(&room);
+    let mut acked = Vec::new();
+    let mut n3 = None;
+    for k in 0..300 {
+        if k == 100 {
+            n3 = Some(start(2));
+        }
+        let (seq, _) = publish_retrying(&mut publisher, &room, &format!("mv{k}"));
+        acked.push(seq);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let n3 = n3.unwrap();
+    wait_for_cluster(&[&n1, &n2, &n3]);
+    following.check(&acked);
+    assert!(
+        n3.metric("corecast_publishes_total") > 0,
+        "the room moved to the joining node"
+    );
 }

@@ -277,10 +277,11 @@ pub struct ChatArgs {
     /// Survive a gateway node going away (failover tests): a member whose
     /// connection drops after it joined (close 1001/1011-1014, EOF, reset)
     /// reconnects to the next --url, round-robin, and resumes its room from
-    /// the last seq it holds (join with since + epoch). Publishes in flight
-    /// at the drop are counted as unacked (not retried), but do not fail the
-    /// run; a resume answered `recovered:false` does. Off: a drop fails the
-    /// run (unexpected_closes).
+    /// the last seq it holds (join with since + epoch). Unacked publishes
+    /// (in flight at the drop, or forwarded to a node that died) are counted
+    /// (not retried) but do not fail the run; lost acked messages and a
+    /// resume answered `recovered:false` do. Off: a drop fails the run
+    /// (unexpected_closes).
     #[arg(long, env = "LOADGEN_RECONNECT")]
     pub reconnect: bool,
 
