@@ -104,14 +104,15 @@ impl ChatShard {
             .is_none_or(|c| c.live.borrow().is_some())
     }
 
-    /// Starts (`on`) or stops receiving a room's or user's topic from the
-    /// other nodes.
-    pub(super) fn subscribe(&self, topic: Vec<u8>, on: bool) {
+    /// Starts (`on`) or stops receiving a room's or user's topic (`topic`
+    /// of `name`) from the other nodes. Nothing to do on a lone node.
+    pub(super) fn subscribe(&self, topic: fn(&str) -> Vec<u8>, name: &str, on: bool) {
         if let Some(c) = &self.cluster {
+            let t = topic(name);
             c.mesh.send(if on {
-                Out::Subscribe(topic)
+                Out::Subscribe(t)
             } else {
-                Out::Unsubscribe(topic)
+                Out::Unsubscribe(t)
             });
         }
     }
@@ -182,7 +183,7 @@ pub(super) fn relay_request(shard: &Shard, req: Request, home_node: NodeTag) {
             let mut homes = chat.homes.borrow_mut();
             let home = homes.entry(room.clone()).or_insert_with(|| {
                 shard.metrics().rooms.inc();
-                chat.subscribe(wire::room_topic(room), true);
+                chat.subscribe(wire::room_topic, room, true);
                 let mut relay = Relay {
                     home: home_node,
                     nonce: 0,
@@ -474,7 +475,7 @@ fn on_nodes(shard: &Shard, set: Arc<NodeSet>) {
                     if let Some(h) = homes.remove(&room) {
                         drop(homes);
                         shard.metrics().rooms.sub(1);
-                        chat.subscribe(wire::room_topic(&room), false);
+                        chat.subscribe(wire::room_topic, &room, false);
                         drop(h);
                     }
                     continue;

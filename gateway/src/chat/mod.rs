@@ -563,7 +563,7 @@ impl ChatShard {
     /// or ask the store where it stands.
     fn revive(&self, room: &Arc<str>, m: &crate::metrics::ShardMetrics) -> Home {
         m.rooms.inc();
-        self.subscribe(crate::mesh::wire::room_topic(room), true);
+        self.subscribe(crate::mesh::wire::room_topic, room, true);
         let ttl = self.settings.history_meta_ttl;
         match self.tombstones.borrow_mut().remove(room) {
             Some((last_seq, epoch, at)) if at.elapsed() < ttl => {
@@ -588,7 +588,7 @@ impl ChatShard {
     /// last seq and epoch (if the store told them).
     fn bury(&self, room: Arc<str>, home: Home, m: &crate::metrics::ShardMetrics) {
         m.rooms.sub(1);
-        self.subscribe(crate::mesh::wire::room_topic(&room), false);
+        self.subscribe(crate::mesh::wire::room_topic, &room, false);
         if let Some(relay) = &home.relay {
             self.tell_home(relay.home, |to| crate::mesh::Wire::Unsync {
                 to,
@@ -1191,7 +1191,7 @@ fn dispatch_request(shard: &Shard, req: Request) {
             let n = chat.shards;
             let mut homes = chat.user_homes.borrow_mut();
             if !homes.contains_key(&user) {
-                chat.subscribe(crate::mesh::wire::user_topic(&user), true);
+                chat.subscribe(crate::mesh::wire::user_topic, &user, true);
             }
             homes.entry(user).or_insert_with(|| vec![0; n])[at as usize] += 1;
         }
@@ -1201,7 +1201,7 @@ fn dispatch_request(shard: &Shard, req: Request) {
                 counts[at as usize] = counts[at as usize].saturating_sub(1);
                 if counts.iter().all(|&c| c == 0) {
                     homes.remove(&user);
-                    chat.subscribe(crate::mesh::wire::user_topic(&user), false);
+                    chat.subscribe(crate::mesh::wire::user_topic, &user, false);
                 }
             }
         }
