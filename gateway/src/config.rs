@@ -251,7 +251,12 @@ impl Config {
     }
 
     /// The mesh settings; `None` when the node runs alone.
-    pub fn mesh(&self) -> Result<Option<crate::mesh::MeshConfig>, ConfigError> {
+    /// `storage` is [`Config::storage`]'s answer: the node id and the
+    /// registry's Redis come from it.
+    pub fn mesh(
+        &self,
+        storage: &crate::storage::StorageConfig,
+    ) -> Result<Option<crate::mesh::MeshConfig>, ConfigError> {
         let Some(bind) = &self.mesh_bind else {
             if self.mesh_advertise.is_some() || !self.peers.is_empty() {
                 return Err(ConfigError(
@@ -285,22 +290,19 @@ impl Config {
         if self.mesh_hwm < 1 {
             return Err(ConfigError("--mesh-hwm must be at least 1".into()));
         }
-        // Validated with the storage settings.
         if self.node_id.is_none() {
             return Err(ConfigError(
                 "--mesh-bind needs --node-id: every node of a cluster has its own name (e.g. --node-id gw-1)"
                     .into(),
             ));
         }
-        let storage = self.storage()?;
         if matches!(storage.kind, crate::storage::StoreKind::Memory) {
             log::warn!(
                 "cluster without Redis: history, resume and gap repair work only on each room's home node, and a room that moves starts a new epoch (see docs/cluster.md)"
             );
         }
-        let node_id = storage.node_id;
         Ok(Some(crate::mesh::MeshConfig {
-            node_id: node_id.into(),
+            node_id: storage.node_id.as_str().into(),
             bind,
             advertise,
             peers,

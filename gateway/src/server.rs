@@ -51,7 +51,7 @@ impl Server {
         let limits = config.limits()?;
         let plan = config.placement()?;
         let storage = config.storage()?;
-        let mesh = config.mesh()?;
+        let mesh = config.mesh(&storage)?;
         let addr = config.listen;
         let bind_err = |source: io::Error| {
             let hint = match source.kind() {

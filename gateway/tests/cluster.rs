@@ -584,3 +584,45 @@ fn a_joining_node_takes_its_rooms_without_a_gap() {
         "the room moved to the joining node"
     );
 }
+
+#[test]
+fn bad_mesh_flags_are_refused_with_a_reason() {
+    use clap::Parser;
+    let bind = ["--mesh-bind", "tcp://127.0.0.1:0"];
+    for (args, want) in [
+        (vec![bind[0], bind[1]], "--mesh-bind needs --node-id"),
+        (vec!["--peers", "tcp://127.0.0.1:7001"], "need --mesh-bind"),
+        (
+            vec!["--node-id", "x", "--mesh-bind", "tcp://host:7001"],
+            "expected tcp://IP:PORT",
+        ),
+        (
+            vec!["--node-id", "x", "--mesh-bind", "tcp://0.0.0.0:7001"],
+            "--mesh-advertise",
+        ),
+        (
+            vec!["--node-id", "x", bind[0], bind[1], "--peers", "nowhere"],
+            "--peers \"nowhere\"",
+        ),
+        (
+            vec![
+                "--node-id",
+                "x",
+                bind[0],
+                bind[1],
+                "--node-timeout-ms",
+                "100",
+            ],
+            "--node-timeout-ms",
+        ),
+    ] {
+        let mut argv = vec!["gateway", "--listen", "127.0.0.1:0"];
+        argv.extend_from_slice(&args);
+        let config = corecast_gateway::Config::try_parse_from(argv).unwrap();
+        let e = corecast_gateway::Server::bind(config)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(e.contains(want), "{args:?}: {e}");
+    }
+}

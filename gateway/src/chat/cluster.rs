@@ -165,18 +165,22 @@ pub(super) fn relay_request(shard: &Shard, req: Request, home_node: NodeTag) {
             }
             let w = Wire::Publish {
                 to: home_node,
-                room: room.clone(),
+                room,
                 user,
-                id: id.clone(),
+                id,
                 body,
                 conn,
                 hops: hops + u8::from(conn.node != chat.node),
             };
-            if c.mesh.wire(w) {
-                c.mesh.metrics.forwarded.fetch_add(1, Relaxed);
-            } else {
-                let frame = proto::error(proto::ErrorCode::StorageBusy, Some(&id), Some(&room));
-                chat.to_conn(shard, conn, frame);
+            match c.mesh.try_wire(w) {
+                Ok(()) => {
+                    c.mesh.metrics.forwarded.fetch_add(1, Relaxed);
+                }
+                Err(Wire::Publish { room, id, conn, .. }) => {
+                    let frame = proto::error(proto::ErrorCode::StorageBusy, Some(&id), Some(&room));
+                    chat.to_conn(shard, conn, frame);
+                }
+                Err(_) => {}
             }
         }
         Request::Join { ref room, .. } => {
@@ -244,7 +248,7 @@ pub(super) fn on_unsync(shard: &Shard, room: Arc<str>, node: NodeTag) {
         return;
     };
     home.remote.retain(|n| *n != node);
-    if home.room.is_empty() && home.remote.is_empty() && matches!(home.seq, SeqState::Known) {
+    if home.idle() && matches!(home.seq, SeqState::Known) {
         if let Some(home) = homes.remove(&room) {
             drop(homes);
             chat.bury(room, home, shard.metrics());
@@ -471,7 +475,7 @@ fn on_nodes(shard: &Shard, set: Arc<NodeSet>) {
                     again.extend(q);
                 }
                 home.remote.clear();
-                if home.room.is_empty() {
+                if home.idle() {
                     if let Some(h) = homes.remove(&room) {
                         drop(homes);
                         shard.metrics().rooms.sub(1);

@@ -276,6 +276,12 @@ impl Home {
             parked: Vec::new(),
         }
     }
+
+    /// Nobody needs the room here any more: no local member, no other node
+    /// that asked for it, no resume waiting.
+    fn idle(&self) -> bool {
+        self.room.is_empty() && self.remote.is_empty() && self.parked.is_empty()
+    }
 }
 
 /// An emptied room's last seq and epoch, and when it emptied.
@@ -1039,7 +1045,7 @@ fn dispatch_request(shard: &Shard, req: Request) {
                     proto::presence_event(&room, false, &user),
                 )
             });
-            if home.room.is_empty() && home.remote.is_empty() && home.parked.is_empty() {
+            if home.idle() {
                 if let Some(home) = homes.remove(&room) {
                     drop(homes);
                     chat.bury(room.clone(), home, m);

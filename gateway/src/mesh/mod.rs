@@ -1,10 +1,12 @@
 //! The cross-node mesh: one thread per node owns the ZeroMQ sockets (they
 //! block and are not thread-safe) and bridges them to the shards.
 //!
-//! - Shards hand [`Out`] commands to the thread over one bounded crossbeam
-//!   channel and wake it through a socket pair the thread polls together
-//!   with its ZeroMQ sockets; a full channel drops the message (counted),
-//!   exactly as a PUB socket at its high-water mark would.
+//! - Shards hand messages to the thread over a bounded crossbeam channel
+//!   ([`Mesh::wire`]; a full channel drops the message, counted, exactly as
+//!   a PUB socket at its high-water mark would) and subscription changes
+//!   over an unbounded one that never drops ([`Mesh::send`]), and wake it
+//!   through a socket pair the thread polls together with its ZeroMQ
+//!   sockets.
 //! - The thread answers each shard through its [`Inbox`]: messages from
 //!   other nodes, routed to the shard that owns their room or user, and the
 //!   set of live nodes whenever it changes.
@@ -41,11 +43,10 @@ use crossbeam_channel::{Sender, TrySendError};
 use crate::inbox::Inbox;
 pub use wire::{node_tag, NodeTag, Wire};
 
-/// Commands a shard gives the mesh thread.
+/// Subscriptions a shard asks of the mesh thread (messages go through
+/// [`Mesh::wire`]).
 #[derive(Debug)]
 pub enum Out {
-    /// Publish a message under its topic.
-    Send(Wire),
     /// Start receiving a topic from every peer (a room or user got a local
     /// member).
     Subscribe(Vec<u8>),
@@ -136,7 +137,7 @@ pub struct MeshMetrics {
 
 struct Shared {
     /// Messages: bounded; a full queue drops (counted), as PUB/SUB may.
-    tx: Sender<Out>,
+    tx: Sender<Wire>,
     /// Subscriptions: never dropped (a lost one would leave a room or a
     /// user deaf on this node); bounded by the rooms and users it has.
     ctl: Sender<Out>,
@@ -162,29 +163,33 @@ impl std::fmt::Debug for Mesh {
 }
 
 impl Mesh {
-    /// Hands a command to the mesh thread; never blocks. False if the
-    /// queue was full and the command was dropped (counted).
-    pub fn send(&self, out: Out) -> bool {
-        if matches!(out, Out::Subscribe(_) | Out::Unsubscribe(_)) {
-            let sent = self.shared.ctl.send(out).is_ok();
+    /// Hands a subscription change to the mesh thread; never dropped.
+    pub fn send(&self, out: Out) {
+        if self.shared.ctl.send(out).is_ok() {
             self.shared.wake();
-            return sent;
-        }
-        match self.shared.tx.try_send(out) {
-            Ok(()) => {
-                self.shared.wake();
-                true
-            }
-            Err(TrySendError::Full(_)) => {
-                self.metrics.dropped_queue.fetch_add(1, Relaxed);
-                false
-            }
-            Err(TrySendError::Disconnected(_)) => false,
         }
     }
 
+    /// Publishes `w` through the mesh thread; never blocks. False if the
+    /// queue was full and the message was dropped (counted).
     pub fn wire(&self, w: Wire) -> bool {
-        self.send(Out::Send(w))
+        self.try_wire(w).is_ok()
+    }
+
+    /// [`Mesh::wire`] that gives a dropped message back, for the caller to
+    /// answer it.
+    pub fn try_wire(&self, w: Wire) -> Result<(), Wire> {
+        match self.shared.tx.try_send(w) {
+            Ok(()) => {
+                self.shared.wake();
+                Ok(())
+            }
+            Err(TrySendError::Full(w)) => {
+                self.metrics.dropped_queue.fetch_add(1, Relaxed);
+                Err(w)
+            }
+            Err(TrySendError::Disconnected(w)) => Err(w),
+        }
     }
 
     pub fn inbox(&self, shard: usize) -> &Inbox<Inbound> {

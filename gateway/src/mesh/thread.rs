@@ -31,7 +31,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crossbeam_channel::{Receiver, TryRecvError};
+use crossbeam_channel::Receiver;
 
 use super::{
     node_tag,
@@ -67,7 +67,7 @@ pub(super) struct MeshThread {
     /// Topics subscribed on every link, with the count of subscribers.
     topics: HashMap<Vec<u8>, usize>,
     ctl: Receiver<Out>,
-    rx: Receiver<Out>,
+    rx: Receiver<Wire>,
     registry: Receiver<Vec<(String, String)>>,
     wake: UnixStream,
     mesh: Mesh,
@@ -91,7 +91,7 @@ pub(super) struct MeshThread {
 /// messages, the registry's peer lists, and the wake-up socket.
 pub(super) struct Queues {
     pub ctl: Receiver<Out>,
-    pub rx: Receiver<Out>,
+    pub rx: Receiver<Wire>,
     pub registry: Receiver<Vec<(String, String)>>,
     pub wake: UnixStream,
 }
@@ -224,10 +224,17 @@ impl MeshThread {
     fn drain_commands(&mut self) {
         loop {
             // Subscriptions first: a Sync must not overtake its subscription.
-            let next = self.ctl.try_recv().or_else(|_| self.rx.try_recv());
-            match next {
-                Ok(Out::Send(w)) => self.publish(&w),
-                Ok(Out::Subscribe(topic)) => {
+            let Ok(ctl) = self.ctl.try_recv() else {
+                match self.rx.try_recv() {
+                    Ok(w) => {
+                        self.publish(&w);
+                        continue;
+                    }
+                    Err(_) => return,
+                }
+            };
+            match ctl {
+                Out::Subscribe(topic) => {
                     let n = self.topics.entry(topic.clone()).or_insert(0);
                     *n += 1;
                     if *n == 1 {
@@ -236,7 +243,7 @@ impl MeshThread {
                         }
                     }
                 }
-                Ok(Out::Unsubscribe(topic)) => {
+                Out::Unsubscribe(topic) => {
                     if let Some(n) = self.topics.get_mut(&topic) {
                         *n -= 1;
                         if *n == 0 {
@@ -247,7 +254,6 @@ impl MeshThread {
                         }
                     }
                 }
-                Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => return,
             }
         }
     }
