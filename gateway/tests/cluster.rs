@@ -587,7 +587,6 @@ fn a_joining_node_takes_its_rooms_without_a_gap() {
 
 #[test]
 fn bad_mesh_flags_are_refused_with_a_reason() {
-    use clap::Parser;
     let bind = ["--mesh-bind", "tcp://127.0.0.1:0"];
     for (args, want) in [
         (vec![bind[0], bind[1]], "--mesh-bind needs --node-id"),
@@ -616,13 +615,7 @@ fn bad_mesh_flags_are_refused_with_a_reason() {
             "--node-timeout-ms",
         ),
     ] {
-        let mut argv = vec!["gateway", "--listen", "127.0.0.1:0"];
-        argv.extend_from_slice(&args);
-        let config = corecast_gateway::Config::try_parse_from(argv).unwrap();
-        let e = corecast_gateway::Server::bind(config)
-            .err()
-            .expect("refused")
-            .to_string();
+        let e = common::refusal(&args);
         assert!(e.contains(want), "{args:?}: {e}");
     }
 }

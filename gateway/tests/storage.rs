@@ -330,7 +330,6 @@ fn redis_down_at_start_keeps_live_traffic_in_a_new_epoch() {
 
 #[test]
 fn bad_storage_flags_are_refused_with_a_reason() {
-    use clap::Parser;
     for (args, want) in [
         (&["--redis", "nope://x"][..], "bad --redis URL"),
         (
@@ -343,13 +342,7 @@ fn bad_storage_flags_are_refused_with_a_reason() {
         ),
         (&["--node-id", "a b"][..], "--node-id"),
     ] {
-        let mut argv = vec!["gateway", "--listen", "127.0.0.1:0"];
-        argv.extend_from_slice(args);
-        let config = corecast_gateway::Config::try_parse_from(argv).unwrap();
-        let e = corecast_gateway::Server::bind(config)
-            .err()
-            .expect("refused")
-            .to_string();
+        let e = refusal(args);
         assert!(e.contains(want), "{args:?}: {e}");
     }
 }

@@ -213,6 +213,14 @@ pub fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
 
+/// Why a gateway with these flags refuses to start.
+pub fn refusal(args: &[&str]) -> String {
+    let mut argv = vec!["gateway", "--listen", "127.0.0.1:0"];
+    argv.extend_from_slice(args);
+    let config = Config::try_parse_from(argv).expect("flags parse");
+    Server::bind(config).err().expect("refused").to_string()
+}
+
 /// Polls `f` until it returns true or `within` passes.
 pub fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + within;
