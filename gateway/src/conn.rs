@@ -9,10 +9,11 @@
 //!
 //! # Invariants
 //! - Lives its whole life on the shard that accepted it; `!Send` (holds `Rc`).
-//! - Never blocks: glommio's non-buffered stream tries a non-blocking
-//!   `recv`/`send` and otherwise arms an io_uring readiness poll, which holds
-//!   no buffer. So a read buffer is borrowed from the shard pool only for one
-//!   non-blocking `recv`, and an idle connection holds no I/O buffer at all.
+//! - Never blocks: the socket is non-blocking and registered in the shard's
+//!   epoll set (`readiness`); the connection calls `recv`/`send` while its
+//!   readiness flags say so and waits for the next edge once they come back
+//!   short or with `EAGAIN`. A read buffer is borrowed from the shard pool
+//!   only for one `recv`, so an idle connection holds no I/O buffer at all.
 //! - Output is bounded: above `outbound_budget_bytes` queued the connection
 //!   stops reading (back-pressure); staying there past the slow-consumer
 //!   timeout, or reaching 4× the budget through deliveries, closes it with
@@ -31,8 +32,12 @@ use std::{
     time::Instant,
 };
 
-use futures_lite::{AsyncRead, AsyncWrite};
-use glommio::net::TcpStream;
+use std::os::fd::{AsFd, OwnedFd};
+
+use rustix::{
+    io::Errno,
+    net::{RecvFlags, SendFlags},
+};
 
 use crate::{
     buf::{InBuf, READ_CHUNK},
@@ -42,6 +47,7 @@ use crate::{
         ConnRef,
     },
     metrics::{self, Initiator, ShardMetrics},
+    readiness::{self, Io, Poller},
     shard::Shard,
     ws::{
         self,
@@ -64,6 +70,8 @@ const HARD_CAP_BUDGETS: usize = 4;
 #[derive(Debug)]
 pub struct ConnShared {
     waker: RefCell<Option<Waker>>,
+    /// The socket's readiness, set by the shard's epoll set.
+    pub io: Io,
     /// Tells this connection from an earlier one with the same slab key.
     pub gen: u32,
     /// Earliest time the connection wants its timers looked at.
@@ -91,6 +99,7 @@ impl ConnShared {
     pub fn new(deadline: Instant, gen: u32) -> ConnShared {
         ConnShared {
             waker: RefCell::new(None),
+            io: Io::new(),
             gen,
             deadline: Cell::new(deadline),
             fired: Cell::new(false),
@@ -219,7 +228,8 @@ pub struct Conn {
     shard: Rc<Shard>,
     shared: Rc<ConnShared>,
     key: usize,
-    stream: TcpStream,
+    /// Non-blocking TCP socket, in the shard's epoll set until dropped.
+    socket: OwnedFd,
     phase: Phase,
     endpoint: Endpoint,
     /// Unconsumed input; `None` whenever everything read was consumed.
@@ -237,14 +247,18 @@ pub struct Conn {
     shutdown_seen: bool,
 }
 
-/// Starts serving an accepted socket on the current shard.
-pub fn spawn(shard: &Rc<Shard>, stream: TcpStream) {
+/// Starts serving an accepted, non-blocking socket on the current shard.
+pub fn spawn(shard: &Rc<Shard>, poller: &Poller, socket: OwnedFd) -> io::Result<()> {
     let now = shard.clock.get();
     let deadline = now + shard.limits.handshake_timeout;
     let gen = shard.next_gen.get().wrapping_add(1);
     shard.next_gen.set(gen);
     let shared = Rc::new(ConnShared::new(deadline, gen));
     let key = shard.conns.borrow_mut().insert(shared.clone());
+    if let Err(e) = poller.add(socket.as_fd(), readiness::conn_token(key, gen)) {
+        shard.conns.borrow_mut().remove(key);
+        return Err(e);
+    }
     let m = shard.metrics();
     m.connections_accepted.inc();
     m.connections_open.inc();
@@ -252,7 +266,7 @@ pub fn spawn(shard: &Rc<Shard>, stream: TcpStream) {
         shard: shard.clone(),
         shared,
         key,
-        stream,
+        socket,
         phase: Phase::Request,
         endpoint: Endpoint::Echo,
         inbuf: None,
@@ -266,6 +280,7 @@ pub fn spawn(shard: &Rc<Shard>, stream: TcpStream) {
         shutdown_seen: false,
     };
     glommio::spawn_local(conn).detach();
+    Ok(())
 }
 
 impl Future for Conn {
@@ -285,7 +300,7 @@ impl Future for Conn {
             if this.shared.overflowed.replace(false) && this.phase == Phase::Open {
                 this.slow_consumer();
             }
-            match this.poll_flush(cx) {
+            match this.poll_flush() {
                 Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(_)) => return this.lost(),
                 Poll::Pending => {}
@@ -298,15 +313,14 @@ impl Future for Conn {
                     // the client's FIN, so unread input does not turn our
                     // close into a reset that could destroy the frame.
                     this.write_shut = true;
-                    // glommio's close is shutdown(SHUT_WR), done synchronously.
-                    let _ = Pin::new(&mut this.stream).poll_close(cx);
+                    let _ = rustix::net::shutdown(&this.socket, rustix::net::Shutdown::Write);
                 }
                 _ => {}
             }
             if !this.may_read(cx) {
                 return Poll::Pending;
             }
-            match this.poll_read(cx) {
+            match this.poll_read() {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Ok(0)) => return this.on_eof(),
                 Poll::Ready(Ok(_)) => this.on_input(),
@@ -387,23 +401,30 @@ impl Conn {
     }
 
     /// Writes queued output; one `send` per call when the socket keeps up.
-    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    fn poll_flush(&mut self) -> Poll<io::Result<()>> {
         let shared = self.shared.clone();
         let mut out = shared.out.borrow_mut();
         while shared.out_sent.get() < out.len() {
             let sent = shared.out_sent.get();
-            match Pin::new(&mut self.stream).poll_write(cx, &out[sent..]) {
-                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Poll::Ready(Ok(n)) => {
+            let r = if shared.io.writable.get() {
+                send(&self.socket, &out[sent..])
+            } else {
+                Err(Errno::AGAIN)
+            };
+            match r {
+                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Ok(n) => {
                     shared.out_sent.set(sent + n);
                     self.shard.metrics().bytes_out.add(n as u64);
                 }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => {
+                Err(Errno::AGAIN) => {
+                    // The socket's buffer is full: wait for its next edge.
+                    shared.io.writable.set(false);
                     drop(out);
                     self.track_budget();
                     return Poll::Pending;
                 }
+                Err(e) => return Poll::Ready(Err(e.into())),
             }
         }
         if out.capacity() > 0 {
@@ -415,7 +436,10 @@ impl Conn {
     }
 
     /// Reads once into a pooled buffer; keeps it only if input is left over.
-    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+    fn poll_read(&mut self) -> Poll<io::Result<usize>> {
+        if !self.shared.io.readable.get() {
+            return Poll::Pending;
+        }
         let mut buf = self
             .inbuf
             .take()
@@ -430,7 +454,24 @@ impl Conn {
         // `want` is bounded by the decoder: it refuses frames over the limit
         // from their header alone.
         buf.reserve(want.max(READ_CHUNK / 4));
-        let r = Pin::new(&mut self.stream).poll_read(cx, buf.spare_mut());
+        let spare = buf.spare_mut();
+        let asked = spare.len();
+        let r = match recv(&self.socket, spare) {
+            Ok(n) => {
+                // Short of what we asked: the socket is empty now, and its
+                // next edge says when there is more (end of stream, n = 0,
+                // stays readable: the next read sees it again).
+                if n > 0 && n < asked {
+                    self.shared.io.readable.set(false);
+                }
+                Poll::Ready(Ok(n))
+            }
+            Err(Errno::AGAIN) => {
+                self.shared.io.readable.set(false);
+                Poll::Pending
+            }
+            Err(e) => Poll::Ready(Err(e.into())),
+        };
         if let Poll::Ready(Ok(n)) = r {
             buf.advance(n);
             self.shard.metrics().bytes_in.add(n as u64);
@@ -864,6 +905,26 @@ impl Conn {
             self.m().closed(code::ABNORMAL, Initiator::Client);
         }
         Poll::Ready(())
+    }
+}
+
+/// One non-blocking `send`, retried if a signal interrupted it.
+fn send(socket: &OwnedFd, bytes: &[u8]) -> Result<usize, Errno> {
+    loop {
+        match rustix::net::send(socket, bytes, SendFlags::DONTWAIT | SendFlags::NOSIGNAL) {
+            Err(Errno::INTR) => continue,
+            r => return r,
+        }
+    }
+}
+
+/// One non-blocking `recv`, retried if a signal interrupted it.
+fn recv(socket: &OwnedFd, into: &mut [u8]) -> Result<usize, Errno> {
+    loop {
+        match rustix::net::recv(socket, &mut *into, RecvFlags::DONTWAIT) {
+            Err(Errno::INTR) => continue,
+            r => return r.map(|(n, _)| n),
+        }
     }
 }
 

@@ -16,11 +16,12 @@
 //! - [`mesh`]: the cross-node ZeroMQ PUB/SUB mesh thread, node liveness
 //!   and the Redis node registry.
 //! - `inbox`: a shard's mailbox from a helper thread.
+//! - `readiness`: a shard's epoll set: which sockets have input or room.
 //! - `buf`: per-shard buffer pools, so idle connections hold no buffers.
 //! - [`ws`]: the sans-IO RFC 6455 codec (handshake, frames, masking, UTF-8).
 //! - [`metrics`]: per-shard counters and the Prometheus rendering.
 //! - [`shutdown`]: the "stop now" signal `run` waits on.
-//! - `sys`: the one `unsafe` call (adopting a listening socket).
+//! - `sys`: the one `unsafe` call (waiting on the epoll set through glommio).
 #![deny(unsafe_code)]
 
 pub mod auth;
@@ -31,6 +32,7 @@ mod conn;
 mod inbox;
 pub mod mesh;
 pub mod metrics;
+mod readiness;
 pub mod server;
 mod shard;
 pub mod shutdown;

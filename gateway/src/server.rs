@@ -274,6 +274,8 @@ fn listen_socket(addr: SocketAddr, backlog: u32) -> io::Result<Socket> {
     s.set_reuse_address(true)?;
     s.set_reuse_port(true)?;
     s.set_nodelay(true)?;
+    // The shard accepts when its epoll set says so, until EAGAIN.
+    s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
     s.listen(backlog.min(i32::MAX as u32) as i32)?;
     Ok(s)

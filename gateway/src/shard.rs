@@ -7,20 +7,27 @@
 //! - Never blocks. The sweeper visits every connection once per tick and only
 //!   wakes those whose deadline passed: timers cost no allocation and no
 //!   per-message work.
+//! - Socket readiness comes from the shard's epoll set (`readiness`): one
+//!   dispatcher task collects its events and wakes the connections (or the
+//!   acceptor) that were waiting for them.
 //! - No `RefCell` borrow is held across an `.await`.
 
 use std::{
     cell::{Cell, RefCell},
-    os::fd::OwnedFd,
+    future::poll_fn,
+    io,
+    os::fd::{AsFd, OwnedFd},
     rc::Rc,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
     },
+    task::Poll,
     time::{Duration, Instant},
 };
 
 use glommio::timer::Timer;
+use rustix::{io::Errno, net::SocketFlags};
 use slab::Slab;
 
 use glommio::channels::channel_mesh::FullMesh;
@@ -31,7 +38,7 @@ use crate::{
     config::Limits,
     conn::{self, ConnShared},
     metrics::ShardMetrics,
-    sys,
+    readiness::{self, Poller, Waiter},
 };
 
 /// State every connection of the shard shares.
@@ -51,6 +58,8 @@ pub struct Shard {
     /// Generation of the last connection accepted (see `ConnShared::gen`).
     pub next_gen: Cell<u32>,
     pub chat: ChatShard,
+    /// The listener's readiness and the acceptor waiting on it.
+    pub accepting: Waiter,
 }
 
 impl Shard {
@@ -115,6 +124,17 @@ pub async fn run(setup: ShardSetup) {
         log::error!("shard {id}: could not join the cross-shard rings");
         return;
     };
+    let poller = match Poller::new() {
+        Ok(p) => p,
+        Err(e) => {
+            log::error!("shard {id}: could not create its epoll set: {e}");
+            return;
+        }
+    };
+    if let Err(e) = poller.add(listener.as_fd(), readiness::LISTENER) {
+        log::error!("shard {id}: could not watch its listener: {e}");
+        return;
+    }
     let shard = Rc::new(Shard {
         id,
         limits,
@@ -125,10 +145,15 @@ pub async fn run(setup: ShardSetup) {
         draining: Cell::new(false),
         next_gen: Cell::new(0),
         chat: ChatShard::new(settings, req_tx, del_tx, storage, node, mesh),
+        accepting: Waiter::default(),
     });
     chat::spawn_tasks(&shard, req_rx, del_rx);
-    let listener = sys::adopt_listener(listener);
-    let acceptor = glommio::spawn_local(accept_loop(shard.clone(), listener));
+    // The epoll set belongs to these two tasks only, so it is closed when
+    // both are gone (a task still waiting when the executor ends is never
+    // dropped, and other tasks keep the shard alive).
+    let poller = Rc::new(poller);
+    let dispatcher = glommio::spawn_local(dispatch(shard.clone(), poller.clone()));
+    let acceptor = glommio::spawn_local(accept_loop(shard.clone(), poller, listener));
     let tick = tick(&limits);
     while !stop.load(Ordering::Acquire) {
         Timer::new(tick).await;
@@ -158,6 +183,7 @@ pub async fn run(setup: ShardSetup) {
     }
     // Returning ends the executor, which drops every remaining connection
     // task and with it its socket.
+    dispatcher.cancel().await;
 }
 
 /// Refreshes the clock and wakes the connections whose deadline passed.
@@ -172,25 +198,101 @@ fn sweep(shard: &Shard) {
     }
 }
 
-async fn accept_loop(shard: Rc<Shard>, listener: glommio::net::TcpListener) {
+/// Collects the epoll set's events and wakes whoever waited for them.
+async fn dispatch(shard: Rc<Shard>, poller: Rc<Poller>) {
     let mut last_warning: Option<Instant> = None;
     loop {
-        match listener.accept().await {
-            Ok(stream) => {
-                // We coalesce writes ourselves; Nagle would only add latency.
-                let _ = stream.set_nodelay(true);
-                conn::spawn(&shard, stream);
+        if let Err(e) = poller.ready().await {
+            warn_sometimes(
+                &shard,
+                &mut last_warning,
+                &format!("waiting for socket events failed: {e}"),
+            );
+            Timer::new(Duration::from_millis(20)).await;
+            continue;
+        }
+        loop {
+            let collected = poller.collect(|token, flags| {
+                if token == readiness::LISTENER {
+                    if shard.accepting.io.set(flags) {
+                        shard.accepting.wake();
+                    }
+                    return;
+                }
+                let (key, gen) = readiness::split_token(token);
+                let conns = shard.conns.borrow();
+                if let Some(c) = conns.get(key).filter(|c| c.gen == gen) {
+                    if c.io.set(flags) {
+                        c.wake();
+                    }
+                }
+            });
+            match collected {
+                Ok(n) if Poller::is_full(n) => glommio::yield_if_needed().await,
+                Ok(_) => break,
+                Err(e) => {
+                    warn_sometimes(
+                        &shard,
+                        &mut last_warning,
+                        &format!("collecting socket events failed: {e}"),
+                    );
+                    break;
+                }
             }
-            Err(e) => {
-                shard.metrics().accept_errors.inc();
-                let now = Instant::now();
-                if last_warning.is_none_or(|t| now.duration_since(t) > Duration::from_secs(5)) {
-                    last_warning = Some(now);
-                    log::warn!(
-                        "shard {}: accept failed: {e} (out of file descriptors? raise `ulimit -n`, or run more gateway processes)",
-                        shard.id
+        }
+    }
+}
+
+fn warn_sometimes(shard: &Shard, last: &mut Option<Instant>, what: &str) {
+    let now = Instant::now();
+    if last.is_none_or(|t| now.duration_since(t) > Duration::from_secs(5)) {
+        *last = Some(now);
+        log::warn!("shard {}: {what}", shard.id);
+    }
+}
+
+/// Accepts while the listener has connections waiting; owns the listener,
+/// so dropping the task closes it.
+async fn accept_loop(shard: Rc<Shard>, poller: Rc<Poller>, listener: OwnedFd) {
+    let mut last_warning: Option<Instant> = None;
+    loop {
+        if !shard.accepting.io.readable.get() {
+            poll_fn(|cx| {
+                if shard.accepting.io.readable.get() {
+                    Poll::Ready(())
+                } else {
+                    shard.accepting.register(cx.waker());
+                    Poll::Pending
+                }
+            })
+            .await;
+        }
+        let accepted =
+            rustix::net::accept_with(&listener, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC);
+        match accepted {
+            Ok(socket) => {
+                // We coalesce writes ourselves; Nagle would only add latency.
+                let _ = rustix::net::sockopt::set_tcp_nodelay(&socket, true);
+                if let Err(e) = conn::spawn(&shard, &poller, socket) {
+                    shard.metrics().accept_errors.inc();
+                    warn_sometimes(
+                        &shard,
+                        &mut last_warning,
+                        &format!("could not watch an accepted connection: {e}"),
                     );
                 }
+                glommio::yield_if_needed().await;
+            }
+            Err(Errno::AGAIN) => shard.accepting.io.readable.set(false),
+            Err(Errno::INTR | Errno::CONNABORTED) => {}
+            Err(e) => {
+                let e = io::Error::from(e);
+                shard.metrics().accept_errors.inc();
+                warn_sometimes(
+                    &shard,
+                    &mut last_warning,
+                    &format!("accept failed: {e} (out of file descriptors? raise `ulimit -n`, or run more gateway processes)"),
+                );
                 // Back off instead of spinning on a persistent error.
                 Timer::new(Duration::from_millis(20)).await;
             }
