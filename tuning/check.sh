@@ -354,7 +354,7 @@ slab_size() { awk -v n="$1" '$1 == n { print $4; exit }' /proc/slabinfo 2>/dev/n
 if [[ -r /proc/slabinfo ]]; then
     per=0
     parts=()
-    for s in TCP sock_inode_cache filp dentry io_kiocb; do
+    for s in TCP sock_inode_cache filp dentry eventpoll_epi eventpoll_pwq; do
         sz=$(slab_size "$s")
         if [[ -n $sz ]]; then
             per=$((per + sz))

@@ -6,7 +6,7 @@
 //!   buffer that grew past [`POOLED_MAX_BYTES`] (a big message) is freed
 //!   instead of pooled, so one burst does not pin memory for good.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 
 /// Size of a fresh read buffer; most frames of a chat workload fit.
 pub const READ_CHUNK: usize = 16 * 1024;
@@ -99,10 +99,13 @@ impl InBuf {
 pub struct BufPool {
     reads: RefCell<Vec<InBuf>>,
     writes: RefCell<Vec<Vec<u8>>>,
+    /// Buffers taken and not yet given back: held by connections.
+    lent: Cell<u64>,
 }
 
 impl BufPool {
     pub fn take_read(&self) -> InBuf {
+        self.lent.set(self.lent.get() + 1);
         self.reads
             .borrow_mut()
             .pop()
@@ -112,6 +115,7 @@ impl BufPool {
     /// Returns an empty read buffer.
     pub fn put_read(&self, buf: InBuf) {
         debug_assert!(buf.is_empty());
+        self.lent.set(self.lent.get().saturating_sub(1));
         let mut reads = self.reads.borrow_mut();
         if buf.capacity() <= POOLED_MAX_BYTES && reads.len() < POOL_MAX {
             reads.push(buf);
@@ -119,6 +123,7 @@ impl BufPool {
     }
 
     pub fn take_write(&self) -> Vec<u8> {
+        self.lent.set(self.lent.get() + 1);
         self.writes
             .borrow_mut()
             .pop()
@@ -128,10 +133,19 @@ impl BufPool {
     /// Returns a write buffer; its contents are discarded.
     pub fn put_write(&self, mut buf: Vec<u8>) {
         buf.clear();
+        self.lent.set(self.lent.get().saturating_sub(1));
         let mut writes = self.writes.borrow_mut();
         if buf.capacity() > 0 && buf.capacity() <= POOLED_MAX_BYTES && writes.len() < POOL_MAX {
             writes.push(buf);
         }
+    }
+}
+
+impl BufPool {
+    /// Read and write buffers connections hold right now: idle connections
+    /// hold none, so this follows the connections moving bytes.
+    pub fn lent(&self) -> u64 {
+        self.lent.get()
     }
 }
 

@@ -438,6 +438,12 @@ impl Conn {
     /// Reads once into a pooled buffer; keeps it only if input is left over.
     fn poll_read(&mut self) -> Poll<io::Result<usize>> {
         if !self.shared.io.readable.get() {
+            // Nothing to read until the next edge: a buffer whose input was
+            // all consumed goes back to the pool now, so an idle connection
+            // holds none.
+            if let Some(b) = self.inbuf.take_if(|b| b.is_empty()) {
+                self.shard.pool.put_read(b);
+            }
             return Poll::Pending;
         }
         let mut buf = self
@@ -538,11 +544,7 @@ impl Conn {
                         return self.refuse(Refusal::UnsupportedSubprotocol);
                     }
                     let protocol = ours.then_some(chat_proto::SUBPROTOCOL);
-                    handshake::write_accept(
-                        &mut self.shared.out.borrow_mut(),
-                        &up.accept,
-                        protocol,
-                    );
+                    self.push(|out| handshake::write_accept(out, &up.accept, protocol));
                     self.endpoint = Endpoint::Chat;
                     self.open();
                     let token = req.token.as_deref();

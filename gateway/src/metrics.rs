@@ -113,6 +113,8 @@ pub struct ShardMetrics {
     pub messages_out: Counter,
     pub pings_sent: Counter,
     pub slow_consumer_closes: Counter,
+    /// I/O buffers held by connections (gauge, refreshed every sweeper tick).
+    pub io_buffers_lent: Counter,
     /// Rooms homed on this shard (gauge).
     pub rooms: Counter,
     /// Room memberships of this shard's connections (gauge).
@@ -174,7 +176,13 @@ pub fn render(
         &'static str,
         fn(&ShardMetrics) -> &Counter,
     );
-    let simple: [Series; 27] = [
+    let simple: [Series; 28] = [
+        (
+            "corecast_io_buffers_lent",
+            "gauge",
+            "Read and write buffers held by connections (an idle connection holds none; refreshed every sweeper tick).",
+            |m| &m.io_buffers_lent,
+        ),
         (
             "corecast_connections",
             "gauge",

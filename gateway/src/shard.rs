@@ -190,6 +190,7 @@ pub async fn run(setup: ShardSetup) {
 fn sweep(shard: &Shard) {
     let now = Instant::now();
     shard.clock.set(now);
+    shard.metrics().io_buffers_lent.set(shard.pool.lent());
     for (_, c) in shard.conns.borrow().iter() {
         if c.deadline.get() <= now {
             c.fired.set(true);

@@ -41,6 +41,15 @@ fn two_thousand_connections_over_four_shards_then_fds_return_to_baseline() {
         assert!(head.starts_with(b"HTTP/1.1 101"));
     }
     assert_eq!(server.metric("corecast_websockets", ""), 2000);
+    // Every connection is upgraded and idle now, and holds no I/O buffer (the gauge is
+    // refreshed every sweeper tick; the /metrics request asking may hold
+    // its own two while it is served).
+    let lent = || server.metric("corecast_io_buffers_lent", "");
+    assert!(
+        eventually(Duration::from_secs(5), || lent() <= 2),
+        "2000 idle connections hold {} I/O buffers after the upgrade",
+        lent()
+    );
     for (i, s) in clients.iter_mut().enumerate() {
         s.write_all(&raw_frame(0x82, &(i as u32).to_be_bytes(), KEY))
             .unwrap();
@@ -57,6 +66,11 @@ fn two_thousand_connections_over_four_shards_then_fds_return_to_baseline() {
     assert!(
         per_shard.iter().all(|&n| n > 0),
         "every shard got connections: {per_shard:?}"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || lent() <= 2),
+        "2000 idle connections hold {} I/O buffers after an echo",
+        lent()
     );
     for s in &mut clients {
         s.write_all(&raw_frame(0x88, &1000u16.to_be_bytes(), KEY))
