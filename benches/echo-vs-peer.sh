@@ -28,6 +28,7 @@ duration_s=15
 warmup_s=3
 window=1
 rate=0
+repeat=1
 server_cpu=0
 client_cpu=1
 build=1
@@ -47,6 +48,9 @@ usage: $0 [options]
   --rate R            messages per second over all connections, open loop;
                       0 = max throughput, closed loop (default $rate)
   --servers LIST      comma separated: corecast,tokio-tungstenite (default both)
+  --repeat N          rounds of all servers, alternating (default $repeat); the
+                      summary gives each round's ratios and their median, since
+                      one round on a shared VM can be off by 20% either way
   --server-cpu N      CPU the server is pinned to (default $server_cpu)
   --client-cpu N      CPU loadgen is pinned to (default $client_cpu)
   --results-dir DIR   where the .jsonl and .md go (default benches/results)
@@ -63,6 +67,7 @@ while [[ $# -gt 0 ]]; do
         --window) window=$2; shift 2 ;;
         --rate) rate=$2; shift 2 ;;
         --servers) servers=$2; shift 2 ;;
+        --repeat) repeat=$2; shift 2 ;;
         --server-cpu) server_cpu=$2; shift 2 ;;
         --client-cpu) client_cpu=$2; shift 2 ;;
         --results-dir) results_dir=$2; shift 2 ;;
@@ -74,7 +79,7 @@ done
 
 die() { echo "$0: $*" >&2; exit 1; }
 is_num() { [[ $1 =~ ^[0-9]+([.][0-9]+)?$ ]]; }
-for v in connections size window rate server_cpu client_cpu; do
+for v in connections size window rate repeat server_cpu client_cpu; do
     [[ ${!v} =~ ^[0-9]+$ ]] || die "--${v//_/-} ${!v}: expected a whole number"
 done
 is_num "$duration_s" || die "--duration-s $duration_s: expected seconds"
@@ -309,6 +314,7 @@ server_cpu_s = ($c1 - $c0) / $clk_tck
 row = {
     "kind": "result",
     "server": "$name",
+    "round": $round,
     "loadgen": lg,
     "loadgen_exit": $lg_status,
     "server_exit": $server_status,
@@ -330,9 +336,13 @@ EOF
     echo "== $name: done (server exit $server_status)" >&2
 }
 
+((repeat >= 1)) || die "--repeat $repeat: expected at least 1"
 IFS=, read -r -a server_list <<<"$servers"
-for s in "${server_list[@]}"; do
-    run_one "$s"
+for ((round = 1; round <= repeat; round++)); do
+    ((repeat == 1)) || echo "== round $round of $repeat" >&2
+    for s in "${server_list[@]}"; do
+        run_one "$s"
+    done
 done
 
 python3 - "$jsonl" "$md" <<'EOF'
@@ -367,30 +377,47 @@ out.append(
        "whether this kernel charges irq time to tasks is unknown.")
 )
 out.append("")
-out.append("| server | msgs/s | p50 µs | p99 µs | p99.9 µs | max µs | server CPU s / 1M msgs | server CPU | server core busy | loadgen CPU | errors |")
-out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+rounds = sorted({r.get("round", 1) for r in rows})
+many = len(rounds) > 1
+out.append(("| round " if many else "") + "| server | msgs/s | p50 µs | p99 µs | p99.9 µs | max µs | server CPU s / 1M msgs | server CPU | server core busy | loadgen CPU | errors |")
+out.append(("|---:" if many else "") + "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 for r in rows:
     lg = r["loadgen"]
     per = r["server_cpu_s_per_1m_msgs"]
     out.append(
+        (f"| {r.get('round', 1)} " if many else "") +
         f"| {r['server']} | {lg.get('msgs_per_s', 0):,.0f} | {lg.get('p50_us', '?')} | {lg.get('p99_us', '?')} | "
         f"{lg.get('p999_us', '?')} | {lg.get('max_us', '?')} | {per if per is not None else '?'} | "
         f"{100 * r['server_cpu_util']:.0f}% | {100 * sum(r['server_core'].values()):.0f}% | "
         f"{100 * r['loadgen_cpu_util']:.0f}% | {lg.get('errors', '?')} |"
     )
-by = {r["server"]: r for r in rows}
-if "corecast" in by and "tokio-tungstenite" in by:
+import statistics
+cpu_ratios, p99_ratios = [], []
+for n in rounds:
+    by = {r["server"]: r for r in rows if r.get("round", 1) == n}
+    if "corecast" not in by or "tokio-tungstenite" not in by:
+        continue
     c, p = by["corecast"], by["tokio-tungstenite"]
     out.append("")
+    tag = f"Round {n}: " if many else ""
     if c["server_cpu_s_per_1m_msgs"] and p["server_cpu_s_per_1m_msgs"]:
         ratio = c["server_cpu_s_per_1m_msgs"] / p["server_cpu_s_per_1m_msgs"]
-        out.append(f"CPU per message, corecast / tokio-tungstenite: {ratio:.2f} (below 1: corecast spends less).")
+        cpu_ratios.append(ratio)
+        out.append(f"{tag}CPU per message, corecast / tokio-tungstenite: {ratio:.2f} (below 1: corecast spends less).")
     cm, pm = c["loadgen"].get("msgs_per_s"), p["loadgen"].get("msgs_per_s")
     if cm and pm:
-        out.append(f"Throughput, corecast / tokio-tungstenite: {cm / pm:.2f}.")
+        out.append(f"{tag}Throughput, corecast / tokio-tungstenite: {cm / pm:.2f}.")
     cp, pp = c["loadgen"].get("p99_us"), p["loadgen"].get("p99_us")
     if cp and pp:
-        out.append(f"p99: corecast {cp} µs vs tokio-tungstenite {pp} µs ({cp / pp:.2f}x).")
+        p99_ratios.append(cp / pp)
+        out.append(f"{tag}p99: corecast {cp} µs vs tokio-tungstenite {pp} µs ({cp / pp:.2f}x).")
+if many and cpu_ratios:
+    out.append("")
+    out.append(
+        f"Median over {len(cpu_ratios)} rounds: CPU per message ratio {statistics.median(cpu_ratios):.2f} "
+        f"(range {min(cpu_ratios):.2f}-{max(cpu_ratios):.2f}); p99 ratio {statistics.median(p99_ratios):.2f} "
+        f"(range {min(p99_ratios):.2f}-{max(p99_ratios):.2f})."
+    )
 for r in rows:
     sc, cc = r["server_core"], r["client_core"]
     # CPU time the core spent on anything but our process. When the kernel
