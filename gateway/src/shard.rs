@@ -204,13 +204,17 @@ async fn dispatch(shard: Rc<Shard>, poller: Rc<Poller>) {
     let mut last_warning: Option<Instant> = None;
     loop {
         if let Err(e) = poller.ready().await {
+            // The wait needs one spare descriptor (see `sys::readable`); at
+            // the process's file limit there may be none. Keep serving:
+            // look at the set every millisecond until the wait works again.
             warn_sometimes(
                 &shard,
                 &mut last_warning,
-                &format!("waiting for socket events failed: {e}"),
+                &format!(
+                    "cannot wait for socket events ({e}); polling every 1 ms meanwhile (out of file descriptors? raise `ulimit -n`, or run more gateway processes)"
+                ),
             );
-            Timer::new(Duration::from_millis(20)).await;
-            continue;
+            Timer::new(Duration::from_millis(1)).await;
         }
         loop {
             let collected = poller.collect(|token, flags| {
