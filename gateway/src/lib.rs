@@ -1,4 +1,5 @@
-//! corecast gateway: a thread-per-core WebSocket server on io_uring.
+//! corecast gateway: a thread-per-core WebSocket server (glommio executors on
+//! io_uring; each shard's sockets in one edge-triggered epoll set).
 //!
 //! # Layout
 //! - [`auth`]: HS256 JWT access tokens: verify, mint, room permissions.
