@@ -181,8 +181,9 @@ pub async fn run(setup: ShardSetup) {
             limits.drain_timeout.as_millis()
         );
     }
-    // Returning ends the executor, which drops every remaining connection
-    // task and with it its socket.
+    // The dispatcher holds the epoll set and glommio's poll on it: stop it
+    // here. Returning ends the executor, which drops every remaining
+    // connection task and with it its socket.
     dispatcher.cancel().await;
 }
 
