@@ -28,7 +28,7 @@ use std::{
     io,
     pin::Pin,
     rc::Rc,
-    task::{Context, Poll, Waker},
+    task::{Context, Poll},
     time::Instant,
 };
 
@@ -47,7 +47,7 @@ use crate::{
         ConnRef,
     },
     metrics::{self, Initiator, ShardMetrics},
-    readiness::{self, Io, Poller},
+    readiness::{self, Poller, Waiter},
     shard::Shard,
     ws::{
         self,
@@ -69,9 +69,9 @@ const HARD_CAP_BUDGETS: usize = 4;
 /// queue that room deliveries append to, and the chat session.
 #[derive(Debug)]
 pub struct ConnShared {
-    waker: RefCell<Option<Waker>>,
-    /// The socket's readiness, set by the shard's epoll set.
-    pub io: Io,
+    /// The socket's readiness (set by the shard's epoll set) and the
+    /// connection's task, woken by the shard and by room deliveries.
+    pub ready: Waiter,
     /// Tells this connection from an earlier one with the same slab key.
     pub gen: u32,
     /// Earliest time the connection wants its timers looked at.
@@ -98,8 +98,7 @@ pub struct ConnShared {
 impl ConnShared {
     pub fn new(deadline: Instant, gen: u32) -> ConnShared {
         ConnShared {
-            waker: RefCell::new(None),
-            io: Io::new(),
+            ready: Waiter::default(),
             gen,
             deadline: Cell::new(deadline),
             fired: Cell::new(false),
@@ -115,16 +114,7 @@ impl ConnShared {
     }
 
     pub fn wake(&self) {
-        if let Some(w) = self.waker.borrow().as_ref() {
-            w.wake_by_ref();
-        }
-    }
-
-    fn register(&self, waker: &Waker) {
-        let mut slot = self.waker.borrow_mut();
-        if !slot.as_ref().is_some_and(|w| w.will_wake(waker)) {
-            *slot = Some(waker.clone());
-        }
+        self.ready.wake();
     }
 
     /// Bytes queued and not yet sent.
@@ -288,7 +278,7 @@ impl Future for Conn {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
-        this.shared.register(cx.waker());
+        this.shared.ready.register(cx.waker());
         for _ in 0..READS_PER_POLL {
             if this.shared.fired.replace(false) {
                 this.on_timer(Instant::now());
@@ -406,7 +396,7 @@ impl Conn {
         let mut out = shared.out.borrow_mut();
         while shared.out_sent.get() < out.len() {
             let sent = shared.out_sent.get();
-            let r = if shared.io.writable.get() {
+            let r = if shared.ready.io.writable.get() {
                 send(&self.socket, &out[sent..])
             } else {
                 Err(Errno::AGAIN)
@@ -419,7 +409,7 @@ impl Conn {
                 }
                 Err(Errno::AGAIN) => {
                     // The socket's buffer is full: wait for its next edge.
-                    shared.io.writable.set(false);
+                    shared.ready.io.writable.set(false);
                     drop(out);
                     self.track_budget();
                     return Poll::Pending;
@@ -437,7 +427,7 @@ impl Conn {
 
     /// Reads once into a pooled buffer; keeps it only if input is left over.
     fn poll_read(&mut self) -> Poll<io::Result<usize>> {
-        if !self.shared.io.readable.get() {
+        if !self.shared.ready.io.readable.get() {
             // Nothing to read until the next edge: a buffer whose input was
             // all consumed goes back to the pool now, so an idle connection
             // holds none.
@@ -468,12 +458,12 @@ impl Conn {
                 // next edge says when there is more (end of stream, n = 0,
                 // stays readable: the next read sees it again).
                 if n > 0 && n < asked {
-                    self.shared.io.readable.set(false);
+                    self.shared.ready.io.readable.set(false);
                 }
                 Poll::Ready(Ok(n))
             }
             Err(Errno::AGAIN) => {
-                self.shared.io.readable.set(false);
+                self.shared.ready.io.readable.set(false);
                 Poll::Pending
             }
             Err(e) => Poll::Ready(Err(e.into())),

@@ -148,7 +148,7 @@ impl Poller {
     }
 }
 
-/// The listener's readiness and the task waiting on it.
+/// A socket's readiness and the task waiting on it.
 #[derive(Debug, Default)]
 pub struct Waiter {
     pub io: Io,

@@ -228,7 +228,7 @@ async fn dispatch(shard: Rc<Shard>, poller: Rc<Poller>) {
                 let (key, gen) = readiness::split_token(token);
                 let conns = shard.conns.borrow();
                 if let Some(c) = conns.get(key).filter(|c| c.gen == gen) {
-                    if c.io.set(flags) {
+                    if c.ready.io.set(flags) {
                         c.wake();
                     }
                 }

@@ -2007,11 +2007,16 @@ mod tests {
             let mut c = SeqCheck::new(*base);
             let got: Vec<_> = seqs.iter().map(|&s| c.on_seq(s)).collect();
             assert_eq!(&got, verdicts, "{name}");
-            assert_eq!(c.received, *received, "{name}: received");
-            assert_eq!(c.gaps(), *gaps, "{name}: gaps");
-            assert_eq!(c.duplicates, *dups, "{name}: duplicates");
-            assert_eq!(c.reorders, *reorders, "{name}: reorders");
+            assert_counts(&c, name, [*received, *gaps, *dups, *reorders]);
         }
+    }
+
+    /// Received, gaps, duplicates and reorders of a checker.
+    fn assert_counts(c: &SeqCheck, name: &str, [received, gaps, dups, reorders]: [u64; 4]) {
+        assert_eq!(c.received, received, "{name}: received");
+        assert_eq!(c.gaps(), gaps, "{name}: gaps");
+        assert_eq!(c.duplicates, dups, "{name}: duplicates");
+        assert_eq!(c.reorders, reorders, "{name}: reorders");
     }
 
     #[test]
@@ -2108,10 +2113,7 @@ mod tests {
             c.on_resume(since);
             let got: Vec<_> = after.iter().map(|&s| c.on_seq(s)).collect();
             assert_eq!(&got, verdicts, "{name}");
-            assert_eq!(c.received, *received, "{name}: received");
-            assert_eq!(c.gaps(), *gaps, "{name}: gaps");
-            assert_eq!(c.duplicates, *dups, "{name}: duplicates");
-            assert_eq!(c.reorders, *reorders, "{name}: reorders");
+            assert_counts(&c, name, [*received, *gaps, *dups, *reorders]);
         }
     }
 

@@ -147,38 +147,27 @@ pub(super) fn relay_request(shard: &Shard, req: Request, home_node: NodeTag) {
         return;
     };
     match req {
-        Request::Publish {
-            room,
-            user,
-            id,
-            body,
-            conn,
-            hops,
-        } => {
+        Request::Publish(mut p) => {
             // Our view and the sender's disagree for a moment; a publish
             // never circles.
-            if hops >= 2 {
+            if p.hops >= 2 {
                 c.mesh.metrics.misrouted.fetch_add(1, Relaxed);
-                let frame = proto::error(proto::ErrorCode::RoomMoving, Some(&id), Some(&room));
-                chat.to_conn(shard, conn, frame);
+                let frame = proto::error(proto::ErrorCode::RoomMoving, Some(&p.id), Some(&p.room));
+                chat.to_conn(shard, p.conn, frame);
                 return;
             }
-            let w = Wire::Publish {
+            p.hops += u8::from(p.conn.node != chat.node);
+            match c.mesh.try_wire(Wire::Publish {
                 to: home_node,
-                room,
-                user,
-                id,
-                body,
-                conn,
-                hops: hops + u8::from(conn.node != chat.node),
-            };
-            match c.mesh.try_wire(w) {
+                publish: p,
+            }) {
                 Ok(()) => {
                     c.mesh.metrics.forwarded.fetch_add(1, Relaxed);
                 }
-                Err(Wire::Publish { room, id, conn, .. }) => {
-                    let frame = proto::error(proto::ErrorCode::StorageBusy, Some(&id), Some(&room));
-                    chat.to_conn(shard, conn, frame);
+                Err(Wire::Publish { publish: p, .. }) => {
+                    let frame =
+                        proto::error(proto::ErrorCode::StorageBusy, Some(&p.id), Some(&p.room));
+                    chat.to_conn(shard, p.conn, frame);
                 }
                 Err(_) => {}
             }
@@ -535,25 +524,7 @@ fn on_inbound(shard: &Shard, inbound: Inbound) {
     match inbound {
         Inbound::Nodes(set) => on_nodes(shard, set),
         Inbound::Wire(w) => match w {
-            Wire::Publish {
-                room,
-                user,
-                id,
-                body,
-                conn,
-                hops,
-                ..
-            } => handle_request(
-                shard,
-                Request::Publish {
-                    room,
-                    user,
-                    id,
-                    body,
-                    conn,
-                    hops,
-                },
-            ),
+            Wire::Publish { publish, .. } => handle_request(shard, Request::Publish(publish)),
             Wire::Sync {
                 room, node, nonce, ..
             } => handle_request(shard, Request::Sync { room, node, nonce }),

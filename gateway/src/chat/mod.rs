@@ -91,6 +91,22 @@ pub struct ConnRef {
     pub gen: u32,
 }
 
+/// A publish on its way to its room's home shard, on this node or another.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publish {
+    pub room: Arc<str>,
+    pub user: Arc<str>,
+    /// The client's message id.
+    pub id: Box<str>,
+    /// The message body, as JSON text.
+    pub body: Box<str>,
+    /// Who published it, and gets the ack.
+    pub conn: ConnRef,
+    /// Times a node that is not the home forwarded it (the nodes' views of
+    /// who is live disagree for a moment).
+    pub hops: u8,
+}
+
 /// Work for a home shard (a room's, or a user's).
 #[derive(Debug)]
 pub enum Request {
@@ -110,15 +126,7 @@ pub enum Request {
         user: Arc<str>,
         shard: u16,
     },
-    Publish {
-        room: Arc<str>,
-        user: Arc<str>,
-        id: Box<str>,
-        body: Box<str>,
-        conn: ConnRef,
-        /// Times another node forwarded it (see `Wire::Publish`).
-        hops: u8,
-    },
+    Publish(Publish),
     /// Another node has members of a homed room and wants its messages.
     Sync {
         room: Arc<str>,
@@ -162,7 +170,7 @@ impl Request {
         match self {
             Request::Join { room, .. }
             | Request::Leave { room, .. }
-            | Request::Publish { room, .. }
+            | Request::Publish(Publish { room, .. })
             | Request::Presence { room, .. }
             | Request::History { room, .. }
             | Request::Sync { room, .. }
@@ -846,19 +854,21 @@ fn handle_request(shard: &Shard, req: Request) {
         if !homes.contains_key(&room)
             && matches!(
                 req,
-                Request::Join { .. } | Request::Publish { .. } | Request::Sync { .. }
+                Request::Join { .. } | Request::Publish(_) | Request::Sync { .. }
             )
         {
             let home = chat.revive(&room, shard.metrics());
             homes.insert(room.clone(), home);
         }
         if let Some(home) = homes.get_mut(&room) {
-            let publish = matches!(req, Request::Publish { .. });
+            let publish = matches!(req, Request::Publish(_));
             match &mut home.seq {
                 SeqState::Loading(queue) => {
                     if publish && queue.len() >= MAX_QUEUED_WHILE_LOADING {
                         drop(homes);
-                        refuse_publish(shard, req, proto::ErrorCode::StorageBusy);
+                        if let Request::Publish(p) = &req {
+                            refuse_publish(shard, p, proto::ErrorCode::StorageBusy);
+                        }
                     } else {
                         queue.push_back(req);
                     }
@@ -874,7 +884,9 @@ fn handle_request(shard: &Shard, req: Request) {
                         home.seq = SeqState::Loading(VecDeque::from([req]));
                     } else {
                         drop(homes);
-                        refuse_publish(shard, req, proto::ErrorCode::StorageBusy);
+                        if let Request::Publish(p) = &req {
+                            refuse_publish(shard, p, proto::ErrorCode::StorageBusy);
+                        }
                     }
                     return;
                 }
@@ -886,13 +898,13 @@ fn handle_request(shard: &Shard, req: Request) {
 }
 
 /// Answers a publish that was not sequenced.
-fn refuse_publish(shard: &Shard, req: Request, code: proto::ErrorCode) {
-    if let Request::Publish { room, id, conn, .. } = req {
-        shard.metrics().storage_refusals.inc();
-        shard
-            .chat
-            .to_conn(shard, conn, proto::error(code, Some(&id), Some(&room)));
-    }
+fn refuse_publish(shard: &Shard, p: &Publish, code: proto::ErrorCode) {
+    shard.metrics().storage_refusals.inc();
+    shard.chat.to_conn(
+        shard,
+        p.conn,
+        proto::error(code, Some(&p.id), Some(&p.room)),
+    );
 }
 
 /// The store answered where a room's sequence stands: run what waited.
@@ -1064,14 +1076,7 @@ fn dispatch_request(shard: &Shard, req: Request) {
                 broadcast_event(shard, &room, shards, frame);
             }
         }
-        Request::Publish {
-            room,
-            user,
-            id,
-            body,
-            conn,
-            hops,
-        } => {
+        Request::Publish(p) => {
             let refusal = if !chat.storage.has_room(chat.me) {
                 Some(proto::ErrorCode::StorageBusy)
             } else if chat.storage.failing() {
@@ -1080,17 +1085,17 @@ fn dispatch_request(shard: &Shard, req: Request) {
                 None
             };
             if let Some(code) = refusal {
-                let req = Request::Publish {
-                    room,
-                    user,
-                    id,
-                    body,
-                    conn,
-                    hops,
-                };
-                refuse_publish(shard, req, code);
+                refuse_publish(shard, &p, code);
                 return;
             }
+            let Publish {
+                room,
+                user,
+                id,
+                body,
+                conn,
+                ..
+            } = p;
             let mut homes = chat.homes.borrow_mut();
             let Some(home) = homes.get_mut(&room) else {
                 return;

@@ -14,7 +14,7 @@ use corecast_router::ratelimit::TokenBucket;
 
 use super::{
     proto::{self, close, ClientFrame, ErrorCode},
-    ConnRef, Request,
+    ConnRef, Publish, Request,
 };
 use crate::{
     auth::{AuthError, Claims},
@@ -317,14 +317,14 @@ pub fn on_text(shard: &Shard, conn: &ConnShared, me: ConnRef, text: &[u8]) -> Ou
             chat.request(
                 shard,
                 chat.room_home(&room),
-                Request::Publish {
+                Request::Publish(Publish {
                     room,
                     user,
                     id: id.into(),
                     body: body.get().into(),
                     conn: me,
                     hops: 0,
-                },
+                }),
             );
             Outcome::Continue
         }

@@ -33,6 +33,8 @@ use std::{
 
 use crossbeam_channel::Receiver;
 
+use crate::chat::Publish;
+
 use super::{
     node_tag,
     wire::{self, NodeTag, Wire},
@@ -542,14 +544,21 @@ impl MeshThread {
     /// Hands a message to the shard that owns its room or user.
     fn route(&mut self, w: Wire) {
         let shard = match &w {
-            Wire::Publish { to, room, .. }
+            Wire::Publish {
+                to,
+                publish: Publish { room, .. },
+            }
             | Wire::Sync { to, room, .. }
             | Wire::Unsync { to, room, .. } => {
                 if *to != self.me {
                     return;
                 }
                 // A connection said to be ours must name one of our shards.
-                if let Wire::Publish { conn, .. } = &w {
+                if let Wire::Publish {
+                    publish: Publish { conn, .. },
+                    ..
+                } = &w
+                {
                     if conn.node == self.me && conn.shard as usize >= self.shards {
                         self.mesh.metrics.bad_messages.fetch_add(1, Relaxed);
                         return;

@@ -17,7 +17,7 @@
 
 use std::sync::Arc;
 
-use crate::chat::ConnRef;
+use crate::chat::{ConnRef, Publish};
 
 /// A node's short name on the wire: a hash of its `--node-id`.
 pub type NodeTag = u32;
@@ -38,17 +38,7 @@ pub enum Wire {
         hears: Vec<NodeTag>,
     },
     /// A publish travelling to the room's home node.
-    Publish {
-        to: NodeTag,
-        room: Arc<str>,
-        user: Arc<str>,
-        id: Box<str>,
-        body: Box<str>,
-        conn: ConnRef,
-        /// Times it was forwarded by a node that is not the home (the
-        /// nodes' views of who is live disagree for a moment).
-        hops: u8,
-    },
+    Publish { to: NodeTag, publish: Publish },
     /// A node has members of `room` and wants its messages: the home
     /// answers with `Synced` on the room's topic, which proves that the
     /// node's subscription reached the home.
@@ -152,17 +142,14 @@ impl Wire {
                     w.u32(*h);
                 }
             }
-            Wire::Publish {
-                to,
-                room,
-                user,
-                id,
-                body,
-                conn,
-                hops,
-            } => {
-                w.u8(PUBLISH).u32(*to).str(room).str(user).str(id).str(body);
-                w.conn(conn).u8(*hops);
+            Wire::Publish { to, publish: p } => {
+                w.u8(PUBLISH)
+                    .u32(*to)
+                    .str(&p.room)
+                    .str(&p.user)
+                    .str(&p.id)
+                    .str(&p.body);
+                w.conn(&p.conn).u8(p.hops);
             }
             Wire::Sync {
                 to,
@@ -229,12 +216,14 @@ impl Wire {
             }
             PUBLISH => Wire::Publish {
                 to: r.u32()?,
-                room: r.str()?,
-                user: r.str()?,
-                id: r.str()?.as_ref().into(),
-                body: r.str()?.as_ref().into(),
-                conn: r.conn()?,
-                hops: r.u8()?,
+                publish: Publish {
+                    room: r.str()?,
+                    user: r.str()?,
+                    id: r.str()?.as_ref().into(),
+                    body: r.str()?.as_ref().into(),
+                    conn: r.conn()?,
+                    hops: r.u8()?,
+                },
             },
             SYNC => Wire::Sync {
                 to: r.u32()?,
@@ -381,12 +370,14 @@ mod tests {
             },
             Wire::Publish {
                 to: 9,
-                room: "lobby".into(),
-                user: "alice".into(),
-                id: "m1".into(),
-                body: r#"{"text":"hé"}"#.into(),
-                conn: conn(),
-                hops: 1,
+                publish: Publish {
+                    room: "lobby".into(),
+                    user: "alice".into(),
+                    id: "m1".into(),
+                    body: r#"{"text":"hé"}"#.into(),
+                    conn: conn(),
+                    hops: 1,
+                },
             },
             Wire::Sync {
                 to: 9,
