@@ -26,37 +26,19 @@ done
 [[ $build -eq 1 ]] && (cd "$repo" && scripts/deps.sh && cargo build --release -p corecast-gateway -p corecast-loadgen)
 gw="$repo/target/release/gateway"
 lg="$repo/target/release/loadgen"
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# shellcheck source=conformance/lib.sh
+source "$repo/conformance/lib.sh"
 work=$(mktemp -d)
-pids=() lgs=() redis_pid=""
-cleanup() {
-  for p in "${lgs[@]}" "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  [[ -n "$redis_pid" ]] && kill "$redis_pid" 2>/dev/null
+lgs=()
+on_exit() {
+  for p in "${lgs[@]}"; do kill "$p" 2>/dev/null || true; done
   rm -rf "$work"
 }
-trap cleanup EXIT
-redis_port=$(free_port)
-redis-server --port "$redis_port" --bind 127.0.0.1 --dir "$work" --save "" >"$work/redis.log" 2>&1 &
-redis_pid=$!
-for _ in $(seq 50); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.1; done
-
-ports=() meshes=()
-for i in 0 1 2; do ports+=("$(free_port)"); meshes+=("tcp://127.0.0.1:$(free_port)"); done
-peers=$(IFS=,; echo "${meshes[*]}")
-urls=""
-for i in 0 1 2; do
-  RUST_LOG=warn "$gw" --listen "127.0.0.1:${ports[$i]}" --shards 2 --allow-anonymous --backlog 4096 \
-    --node-id "conn-$i" --mesh-bind "${meshes[$i]}" --peers "$peers" \
-    --redis "redis://127.0.0.1:$redis_port/" --spill-dir "$work/spill-$i" >"$work/node-$i.log" 2>&1 &
-  pids+=("$!")
-  urls+="${urls:+,}ws://127.0.0.1:${ports[$i]}/ws"
-done
-for i in 0 1 2; do
-  for _ in $(seq 100); do
-    [[ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:${ports[$i]}/readyz")" == 200 ]] && break
-    sleep 0.1
-  done
-done
+start_redis "$work/redis"
+start_nodes "$gw" 3 "$work" --shards 2 --allow-anonymous --backlog 4096 --redis "$redis_url"
+ports=("${node_ports[@]}")
+pids=("${node_pids[@]}")
+urls=$node_urls
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 # Warm each node's pools with a small round, then take the baseline.
 "$lg" hold --url "$urls" -c 600 --hold-s 1 >/dev/null 2>&1

@@ -51,23 +51,12 @@ done
 [[ $build == 1 ]] && (cd "$root" && scripts/deps.sh && cargo build --release -p corecast-gateway -p corecast-loadgen)
 gateway="$root/target/release/gateway"
 loadgen="$root/target/release/loadgen"
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-
+# shellcheck source=conformance/lib.sh
+source "$root/conformance/lib.sh"
 work=$(mktemp -d)
-pids=()
-redis_pid=""
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  [[ -n "$redis_pid" ]] && kill "$redis_pid" 2>/dev/null
-  rm -rf "$work"
-}
-trap cleanup EXIT
-redis_port=$(free_port)
-redis-server --port "$redis_port" --bind 127.0.0.1 --dir "$work" --save "" --appendonly yes \
-  --appendfsync everysec >"$work/redis.log" 2>&1 &
-redis_pid=$!
-for _ in $(seq 50); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.1; done
-redis="redis://127.0.0.1:$redis_port/"
+on_exit() { rm -rf "$work"; }
+start_redis "$work/redis"
+redis=$redis_url
 
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p "$results_dir"
@@ -83,51 +72,21 @@ cpu_s() { # summed utime+stime of the given pids, in seconds
   echo "scale=2; $t / $(getconf CLK_TCK)" | bc
 }
 
-start_nodes() { # N: starts N nodes, sets urls and pids
-  local n=$1 i
-  pids=()
-  local ports=() meshes=()
-  for ((i = 0; i < n; i++)); do ports+=("$(free_port)"); meshes+=("tcp://127.0.0.1:$(free_port)"); done
-  local peers
-  peers=$(IFS=,; echo "${meshes[*]}")
-  urls=""
-  for ((i = 0; i < n; i++)); do
-    local cluster=()
-    [[ $n -gt 1 ]] && cluster=(--node-id "bench-$i" --mesh-bind "${meshes[$i]}" --peers "$peers")
-    RUST_LOG=warn "$gateway" --listen "127.0.0.1:${ports[$i]}" --shards 1 --allow-anonymous \
-      --rate-limit-per-s 100000 --rate-limit-burst 100000 --redis "$redis" \
-      --spill-dir "$work/spill-$n-$i" "${cluster[@]}" >"$work/node-$n-$i.log" 2>&1 &
-    pids+=("$!")
-    urls+="${urls:+,}ws://127.0.0.1:${ports[$i]}/ws"
-  done
-  for ((i = 0; i < n; i++)); do
-    for _ in $(seq 100); do
-      [[ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:${ports[$i]}/readyz")" == 200 ]] && break
-      sleep 0.1
-    done
-  done
-  sleep 0.5
-}
-
-stop_nodes() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  pids=()
-}
-
 printf '| nodes | phase | publishes/s | deliveries/s | delivery p50 | p99 | p99.9 | gateway CPU s / M deliveries | clean |\n|---|---|---|---|---|---|---|---|---|\n' | tee "$md"
 for n in 1 3; do
   for phase in rate max; do
-    start_nodes "$n"
+    start_nodes "$gateway" "$n" "$work/$n-$phase" --shards 1 --allow-anonymous \
+      --rate-limit-per-s 100000 --rate-limit-burst 100000 --redis "$redis"
+    sleep 0.5
     if [[ $phase == rate ]]; then
       flags=(--publishers 1 --rate "$rate")
     else
       flags=(--publishers "$max_publishers" --rate 0 --window "$window")
     fi
-    before=$(cpu_s "${pids[@]}")
-    out=$("$loadgen" chat --url "$urls" --rooms "$rooms" --members "$members" "${flags[@]}" \
+    before=$(cpu_s "${node_pids[@]}")
+    out=$("$loadgen" chat --url "$node_urls" --rooms "$rooms" --members "$members" "${flags[@]}" \
       --duration-s "$duration_s" --room-prefix "b$n$phase$stamp" --json 2>/dev/null) || true
-    after=$(cpu_s "${pids[@]}")
+    after=$(cpu_s "${node_pids[@]}")
     stop_nodes
     echo "{\"nodes\":$n,\"phase\":\"$phase\",\"gateway_cpu_s\":$(echo "$after - $before" | bc),\"loadgen\":$out}" >>"$jsonl"
     python3 - "$n" "$phase" "$after" "$before" "$out" <<'PY' | tee -a "$md"

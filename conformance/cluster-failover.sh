@@ -32,46 +32,25 @@ if [[ -z "$gateway" || -z "$loadgen" ]]; then
   loadgen="${loadgen:-$repo/target/release/loadgen}"
 fi
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# shellcheck source=conformance/lib.sh
+source "$repo/conformance/lib.sh"
 work="$(mktemp -d)"
-pids=()
-on_exit() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap on_exit EXIT
+on_exit() { rm -rf "$work"; }
 
 secret="cluster-failover-secret-0123456789abcdef"
-ports=() meshes=()
-for i in 0 1 2; do
-  ports+=("$(free_port)")
-  meshes+=("tcp://127.0.0.1:$(free_port)")
-done
-peers="$(IFS=,; echo "${meshes[*]}")"
-for i in 0 1 2; do
-  RUST_LOG=info "$gateway" --listen "127.0.0.1:${ports[$i]}" --shards 2 --jwt-secret "$secret" \
-    --node-id "node-$i" --mesh-bind "${meshes[$i]}" --peers "$peers" \
-    --redis "$redis" --spill-dir "$work/spill-$i" >"$work/node-$i.log" 2>&1 &
-  pids+=("$!")
-done
-for i in 0 1 2; do
-  for _ in $(seq 150); do
-    [[ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:${ports[$i]}/readyz")" == 200 ]] && break
-    kill -0 "${pids[$i]}" 2>/dev/null || { echo "node-$i exited:"; cat "$work/node-$i.log"; exit 1; }
-    sleep 0.1
-  done
-done
+RUST_LOG=info start_nodes "$gateway" 3 "$work" --shards 2 --jwt-secret "$secret" --redis "$redis"
+ports=("${node_ports[@]}")
+pids=("${node_pids[@]}")
 metric() { curl -sf "http://127.0.0.1:$1/metrics" | awk -v n="$2" '$1 == n {print $2}'; }
 for i in 0 1 2; do
   [[ "$(metric "${ports[$i]}" corecast_mesh_live_nodes)" == 3 ]] || { echo "node-$i does not see 3 live nodes:"; cat "$work/node-$i.log"; exit 1; }
 done
 echo "3 nodes live on ports ${ports[*]}; killing node-2 (pid ${pids[2]}) 5 s into the run"
 
-urls="ws://127.0.0.1:${ports[0]}/ws,ws://127.0.0.1:${ports[1]}/ws,ws://127.0.0.1:${ports[2]}/ws"
 (sleep 5; kill -KILL "${pids[2]}"; echo "node-2 killed at $(date -u +%T.%N)") &
 killer=$!
 status=0
-"$loadgen" chat --url "$urls" --jwt-secret "$secret" --reconnect --json \
+"$loadgen" chat --url "$node_urls" --jwt-secret "$secret" --reconnect --json \
   --rooms 12 --members 9 --publishers 3 --rate 600 --duration-s 10 --room-prefix failover \
   >"$work/loadgen.json" || status=$?
 wait "$killer"
@@ -106,5 +85,5 @@ for i in 0 1; do
     echo "node-$i did not exit cleanly after SIGTERM (status $s):"; cat "$work/node-$i.log"; status=1
   fi
 done
-pids=()
+node_pids=()
 exit $status
