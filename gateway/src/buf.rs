@@ -14,6 +14,8 @@ pub const READ_CHUNK: usize = 16 * 1024;
 pub const POOLED_MAX_BYTES: usize = 64 * 1024;
 /// Free buffers kept per kind per shard.
 pub const POOL_MAX: usize = 1024;
+/// Most bytes gathered for one `send` (see [`BufPool::gather`]).
+pub const GATHER_BYTES: usize = 64 * 1024;
 
 /// A read buffer: initialized bytes with a filled window `[head, tail)`.
 #[derive(Debug)]
@@ -101,6 +103,8 @@ pub struct BufPool {
     writes: RefCell<Vec<Vec<u8>>>,
     /// Buffers taken and not yet given back: held by connections.
     lent: Cell<u64>,
+    /// The shard's one gather buffer (see [`BufPool::gather`]).
+    gather: RefCell<Vec<u8>>,
 }
 
 impl BufPool {
@@ -142,6 +146,18 @@ impl BufPool {
 }
 
 impl BufPool {
+    /// Runs `f` on the shard's gather buffer, emptied: a connection lays
+    /// out one `send` there (its own output and its rooms' frames, at most
+    /// [`GATHER_BYTES`]). One buffer serves every connection of the shard,
+    /// so it stays in cache, and the kernel copies one run of bytes instead
+    /// of dozens of small slices.
+    pub fn gather<R>(&self, f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+        let mut g = self.gather.borrow_mut();
+        g.clear();
+        g.reserve(GATHER_BYTES);
+        f(&mut g)
+    }
+
     /// Read and write buffers connections hold right now: idle connections
     /// hold none, so this follows the connections moving bytes.
     pub fn lent(&self) -> u64 {

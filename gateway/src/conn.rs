@@ -3,9 +3,9 @@
 //!
 //! The connection is a hand-written future driven by socket readiness, its
 //! [`ConnShared`] flags and the shard's sweeper. Each poll flushes what is
-//! queued (one `send` for everything produced since the last flush, its own
-//! replies and deliveries from rooms alike), then reads and decodes what
-//! arrived.
+//! queued (one `send` for everything produced since the last flush: its own
+//! replies, then the frames of its rooms, gathered from the rooms' feeds),
+//! then reads and decodes what arrived.
 //!
 //! # Invariants
 //! - Lives its whole life on the shard that accepted it; `!Send` (holds `Rc`).
@@ -17,7 +17,8 @@
 //! - Output is bounded: above `outbound_budget_bytes` queued the connection
 //!   stops reading (back-pressure); staying there past the slow-consumer
 //!   timeout, or reaching 4× the budget through deliveries, closes it with
-//!   1008. Nothing is queued after our close frame.
+//!   1008 (a room's feed checks its members' lag as it grows, see `feed`).
+//!   Nothing is queued after our close frame.
 //! - The shard (sweeper, room deliveries) reaches a connection only through
 //!   its `ConnShared`, and never while the connection itself is being polled
 //!   (deliveries run in their own tasks).
@@ -40,12 +41,13 @@ use rustix::{
 };
 
 use crate::{
-    buf::{InBuf, READ_CHUNK},
+    buf::{InBuf, GATHER_BYTES, READ_CHUNK},
     chat::{
         proto::{self as chat_proto},
         session::{self, Outcome},
         ConnRef,
     },
+    feed::{Cursor, Feed},
     metrics::{self, Initiator, ShardMetrics},
     readiness::{self, Poller, Waiter},
     shard::Shard,
@@ -93,6 +95,9 @@ pub struct ConnShared {
     pub chat: RefCell<Option<Box<session::Session>>>,
     /// The congestion release this connection last registered for.
     congestion_epoch: Cell<u64>,
+    /// Its place in the feed of each room it is in on this shard: room
+    /// frames are sent from the feeds' bytes, after `out`.
+    feeds: RefCell<Vec<Cursor>>,
 }
 
 impl ConnShared {
@@ -110,6 +115,7 @@ impl ConnShared {
             overflowed: Cell::new(false),
             chat: RefCell::new(None),
             congestion_epoch: Cell::new(0),
+            feeds: RefCell::new(Vec::new()),
         }
     }
 
@@ -117,12 +123,17 @@ impl ConnShared {
         self.ready.wake();
     }
 
-    /// Bytes queued and not yet sent.
+    /// Bytes queued and not yet sent: our own output and the room frames
+    /// after our cursors.
     pub fn queued(&self) -> usize {
-        self.out.borrow().len() - self.out_sent.get()
+        let own = self.out.borrow().len() - self.out_sent.get();
+        own + self.feeds.borrow().iter().map(Cursor::lag).sum::<usize>()
     }
 
     /// Runs `f` on the output buffer, taken from the pool if we hold none.
+    /// Room frames that arrived before whatever `f` queues are copied in
+    /// first, so the client sees everything in the order it happened; a
+    /// connection that stopped accepting deliveries drops its cursors here.
     fn with_out<R>(&self, shard: &Shard, f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
         let mut out = self.out.borrow_mut();
         if out.capacity() == 0 {
@@ -134,7 +145,123 @@ impl ConnShared {
                 self.out_sent.set(0);
             }
         }
+        let mut feeds = self.feeds.borrow_mut();
+        for c in feeds.iter_mut() {
+            c.drain_into(&mut out);
+        }
+        if !self.accepting.get() {
+            feeds.clear();
+        }
+        drop(feeds);
         f(&mut out)
+    }
+
+    /// Starts sending a room's frames: the connection is now a member there.
+    pub fn subscribe(&self, feed: &Rc<Feed>) {
+        if self.accepting.get() {
+            self.feeds.borrow_mut().push(feed.subscribe());
+        }
+    }
+
+    /// Stops sending a room's frames. Those that arrived before stay queued,
+    /// unless the connection is closing anyway.
+    pub fn unsubscribe(&self, shard: &Shard, feed: &Rc<Feed>) {
+        let mut feeds = self.feeds.borrow_mut();
+        let Some(i) = feeds.iter().position(|c| Rc::ptr_eq(c.feed(), feed)) else {
+            return;
+        };
+        let mut cursor = feeds.remove(i);
+        drop(feeds);
+        if self.accepting.get() && cursor.lag() > 0 {
+            self.with_out(shard, |out| cursor.drain_into(out));
+        }
+    }
+
+    /// Bytes of a room's frames this connection has not sent.
+    pub fn feed_lag(&self, feed: &Rc<Feed>) -> Option<usize> {
+        let feeds = self.feeds.borrow();
+        let c = feeds.iter().find(|c| Rc::ptr_eq(c.feed(), feed))?;
+        Some(c.lag())
+    }
+
+    /// The connection fell more than its hard cap behind in a room: its
+    /// place in the feed goes (so the room keeps no frames for it) and it
+    /// is closed as a slow consumer.
+    pub fn cut_off(&self, feed: &Rc<Feed>) {
+        self.feeds
+            .borrow_mut()
+            .retain(|c| !Rc::ptr_eq(c.feed(), feed));
+        self.overflow();
+    }
+
+    /// More than the outbound budget is queued: start the slow-consumer
+    /// clock, unless it runs already.
+    pub fn over_budget(&self, shard: &Shard) {
+        if self.over_budget_since.get().is_some() {
+            return;
+        }
+        self.over_budget_since.set(Some(shard.clock.get()));
+        // The sweeper must look at us when the timeout runs out.
+        let timeout = shard.clock.get() + shard.limits.slow_consumer_timeout;
+        if timeout < self.deadline.get() {
+            self.deadline.set(timeout);
+        }
+    }
+
+    /// Sends what is queued with one `send`: our own output, then the
+    /// unsent frames of each room, gathered in the shard's gather buffer
+    /// (up to `GATHER_BYTES`; the rest goes in the next call).
+    fn send_queued(&self, shard: &Shard, socket: &OwnedFd) -> Result<usize, Errno> {
+        let out = self.out.borrow();
+        let own = &out[self.out_sent.get()..];
+        let feeds = self.feeds.borrow();
+        if own.len() >= GATHER_BYTES || feeds.iter().all(|c| c.lag() == 0) {
+            return send(socket, own);
+        }
+        shard.pool.gather(|g| {
+            g.extend_from_slice(own);
+            for c in feeds.iter() {
+                c.copy_unsent(g, GATHER_BYTES);
+            }
+            send(socket, g)
+        })
+    }
+
+    /// Counts `n` bytes as sent: our own output first, then the feeds in
+    /// the order `send_queued` gathered them.
+    fn mark_sent(&self, n: usize) {
+        let own = self.out.borrow().len() - self.out_sent.get();
+        let k = n.min(own);
+        self.out_sent.set(self.out_sent.get() + k);
+        let mut left = n - k;
+        for c in self.feeds.borrow_mut().iter_mut() {
+            if left == 0 {
+                break;
+            }
+            left = c.advance(left);
+        }
+        debug_assert_eq!(left, 0, "the socket took more than was queued");
+    }
+
+    /// Forgets everything queued: the client will not read it.
+    fn discard(&self) {
+        self.out.borrow_mut().clear();
+        self.out_sent.set(0);
+        self.feeds.borrow_mut().clear();
+    }
+
+    /// Everything is sent: the output buffer goes back to the pool, the
+    /// rooms' next frames must wake us, and the slow-consumer clock stops.
+    fn flushed(&self, shard: &Shard) {
+        let mut out = self.out.borrow_mut();
+        if out.capacity() > 0 {
+            shard.pool.put_write(std::mem::take(&mut *out));
+            self.out_sent.set(0);
+        }
+        for c in self.feeds.borrow().iter() {
+            c.caught_up();
+        }
+        self.over_budget_since.set(None);
     }
 
     /// Queues a frame the connection produced itself (a reply); the
@@ -175,13 +302,8 @@ impl ConnShared {
             return;
         }
         self.with_out(shard, |out| out.extend_from_slice(frame));
-        if queued + frame.len() > budget && self.over_budget_since.get().is_none() {
-            self.over_budget_since.set(Some(shard.clock.get()));
-            // The sweeper must look at us when the timeout runs out.
-            let timeout = shard.clock.get() + shard.limits.slow_consumer_timeout;
-            if timeout < self.deadline.get() {
-                self.deadline.set(timeout);
-            }
+        if queued + frame.len() > budget {
+            self.over_budget(shard);
         }
         if queued == 0 {
             self.wake();
@@ -393,35 +515,28 @@ impl Conn {
     /// Writes queued output; one `send` per call when the socket keeps up.
     fn poll_flush(&mut self) -> Poll<io::Result<()>> {
         let shared = self.shared.clone();
-        let mut out = shared.out.borrow_mut();
-        while shared.out_sent.get() < out.len() {
-            let sent = shared.out_sent.get();
+        while shared.queued() > 0 {
             let r = if shared.ready.io.writable.get() {
-                send(&self.socket, &out[sent..])
+                shared.send_queued(&self.shard, &self.socket)
             } else {
                 Err(Errno::AGAIN)
             };
             match r {
                 Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                 Ok(n) => {
-                    shared.out_sent.set(sent + n);
+                    shared.mark_sent(n);
                     self.shard.metrics().bytes_out.add(n as u64);
                 }
                 Err(Errno::AGAIN) => {
                     // The socket's buffer is full: wait for its next edge.
                     shared.ready.io.writable.set(false);
-                    drop(out);
                     self.track_budget();
                     return Poll::Pending;
                 }
                 Err(e) => return Poll::Ready(Err(e.into())),
             }
         }
-        if out.capacity() > 0 {
-            self.shard.pool.put_write(std::mem::take(&mut *out));
-            shared.out_sent.set(0);
-        }
-        shared.over_budget_since.set(None);
+        shared.flushed(&self.shard);
         Poll::Ready(Ok(()))
     }
 
@@ -812,8 +927,7 @@ impl Conn {
                     // The peer did not finish the close handshake (or did
                     // not read our reply) in time: drop the socket.
                     self.phase = Phase::CloseAfterFlush;
-                    self.shared.out.borrow_mut().clear();
-                    self.shared.out_sent.set(0);
+                    self.shared.discard();
                 }
             }
         }

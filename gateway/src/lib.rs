@@ -9,6 +9,8 @@
 //!   that drives every connection's timers.
 //! - `conn`: one connection: HTTP request, upgrade, echo, close handshake,
 //!   back-pressure.
+//! - `feed`: a room's frames on one shard, sent from the same bytes to
+//!   every local member.
 //! - [`chat`]: the `corecast.v1` chat endpoint: sessions, rooms homed on
 //!   shards, cross-shard fan-out over glommio's channel mesh, direct
 //!   messages, presence.
@@ -30,6 +32,7 @@ mod buf;
 pub mod chat;
 pub mod config;
 mod conn;
+mod feed;
 mod inbox;
 pub mod mesh;
 pub mod metrics;

@@ -119,11 +119,15 @@ pub struct ShardMetrics {
     pub rooms: Counter,
     /// Room memberships of this shard's connections (gauge).
     pub room_members: Counter,
+    /// Bytes of room frames held for local members that have not sent
+    /// them (gauge, refreshed every sweeper tick).
+    pub room_feed_bytes: Counter,
     /// Publishes sequenced by this shard as a room's home.
     pub publishes: Counter,
     /// Retried publishes answered with their original ack.
     pub duplicate_publishes: Counter,
-    /// Room frames written into local members' queues.
+    /// Room frames for local members (a frame times the room's members on
+    /// the shard).
     pub deliveries: Counter,
     pub direct_messages: Counter,
     /// Messages sent to another shard (requests and deliveries).
@@ -176,7 +180,7 @@ pub fn render(
         &'static str,
         fn(&ShardMetrics) -> &Counter,
     );
-    let simple: [Series; 28] = [
+    let simple: [Series; 29] = [
         (
             "corecast_io_buffers_lent",
             "gauge",
@@ -278,6 +282,12 @@ pub fn render(
             "gauge",
             "Room memberships of the shard's connections.",
             |m| &m.room_members,
+        ),
+        (
+            "corecast_room_feed_bytes",
+            "gauge",
+            "Bytes of room frames held once per shard for the local members that have not sent them yet (refreshed every sweeper tick).",
+            |m| &m.room_feed_bytes,
         ),
         (
             "corecast_publishes_total",

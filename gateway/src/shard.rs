@@ -192,6 +192,10 @@ fn sweep(shard: &Shard) {
     let now = Instant::now();
     shard.clock.set(now);
     shard.metrics().io_buffers_lent.set(shard.pool.lent());
+    shard
+        .metrics()
+        .room_feed_bytes
+        .set(shard.chat.feed_bytes.get());
     for (_, c) in shard.conns.borrow().iter() {
         if c.deadline.get() <= now {
             c.fired.set(true);

@@ -474,6 +474,52 @@ fn a_slow_consumer_is_closed_while_the_room_keeps_going() {
 }
 
 #[test]
+fn a_member_past_the_hard_cap_is_cut_off_and_its_frames_let_go() {
+    // A long slow-consumer timeout: only the hard cap (4x the budget) can
+    // close the stalled member while this test runs.
+    let server = chat_server(&[
+        "--shards",
+        "1",
+        "--outbound-budget-bytes",
+        "65536",
+        "--slow-consumer-timeout-ms",
+        "600000",
+        "--rate-limit-per-s",
+        "100000",
+        "--rate-limit-burst",
+        "100000",
+    ]);
+    let mut stalled = Chat::connect(&server, "stalled");
+    stalled.join("wide");
+    socket2::SockRef::from(stalled.ws.get_ref())
+        .set_recv_buffer_size(4096)
+        .unwrap();
+    let mut publisher = Chat::connect(&server, "pub");
+    publisher.join("wide");
+    let body = "z".repeat(8000);
+    let total = 1500;
+    for i in 0..total {
+        publisher.send(json!({"type":"publish","room":"wide","id":i.to_string(),"body":body}));
+        // Read our own copy too: the publisher keeps up.
+        while publisher.recv_type("msg")["seq"] != i + 1 {}
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || server
+            .metric("corecast_slow_consumer_closes_total", "")
+            == 1),
+        "12 MB went by: the stalled member is over its 256 KiB hard cap"
+    );
+    // Nobody still has to send anything: the feed holds nothing.
+    assert!(
+        eventually(Duration::from_secs(5), || server
+            .metric("corecast_room_feed_bytes", "")
+            == 0),
+        "the room's frames are let go"
+    );
+    drop(stalled);
+}
+
+#[test]
 fn a_room_that_empties_is_freed_and_keeps_its_sequence() {
     let server = chat_server(&["--shards", "2"]);
     let mut a = Chat::connect(&server, "alice");

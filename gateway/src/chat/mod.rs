@@ -54,6 +54,7 @@ use glommio::{
 use crate::{
     auth::Verifier,
     conn::ConnShared,
+    feed::{self, Feed},
     mesh::{Mesh, NodeTag},
     shard::Shard,
     storage::{self, Op, PresenceOp, Query, Record, Recover, Reply, RoomMeta, Storage},
@@ -403,6 +404,13 @@ pub type LocalConn = (u32, u32);
 /// Room or user name to this shard's connections.
 type LocalTable = HashMap<Arc<str>, Vec<LocalConn>>;
 
+/// A room's members on this shard and the feed their frames are sent from.
+#[derive(Debug)]
+pub struct LocalRoom {
+    members: Vec<LocalConn>,
+    feed: Rc<Feed>,
+}
+
 /// One shard's chat state.
 pub struct ChatShard {
     /// This shard's index in the meshes (the index homes are computed in).
@@ -429,7 +437,9 @@ pub struct ChatShard {
     /// Users homed here: connections per shard.
     user_homes: RefCell<HashMap<Arc<str>, Vec<u32>>>,
     /// Local members of each room.
-    local_rooms: RefCell<LocalTable>,
+    local_rooms: RefCell<HashMap<Arc<str>, LocalRoom>>,
+    /// Bytes the rooms' feeds hold for members that have not sent them.
+    pub feed_bytes: feed::Held,
     /// Local connections of each user.
     local_users: RefCell<LocalTable>,
     /// Connections waiting for the whole backlog to drain.
@@ -483,6 +493,7 @@ impl ChatShard {
             early_recoveries: RefCell::new(HashMap::new()),
             user_homes: RefCell::new(HashMap::new()),
             local_rooms: RefCell::new(HashMap::new()),
+            feed_bytes: feed::Held::default(),
             local_users: RefCell::new(HashMap::new()),
             congestion_waiters: RefCell::new(Vec::new()),
             release_epoch: Cell::new(0),
@@ -627,11 +638,15 @@ impl ChatShard {
     }
 
     pub fn add_local_member(&self, shard: &Shard, room: &Arc<str>, key: (u32, u32)) {
-        self.local_rooms
-            .borrow_mut()
-            .entry(room.clone())
-            .or_default()
-            .push(key);
+        let mut rooms = self.local_rooms.borrow_mut();
+        let local = rooms.entry(room.clone()).or_insert_with(|| LocalRoom {
+            members: Vec::new(),
+            feed: Feed::new(self.feed_bytes.clone()),
+        });
+        local.members.push(key);
+        if let Some(c) = lookup_key(shard, key.0, key.1) {
+            c.subscribe(&local.feed);
+        }
         shard.metrics().room_members.inc();
     }
 
@@ -648,12 +663,15 @@ impl ChatShard {
             }
         }
         let mut rooms = self.local_rooms.borrow_mut();
-        if let Some(members) = rooms.get_mut(room) {
-            if let Some(i) = members.iter().position(|k| *k == key) {
-                members.swap_remove(i);
+        if let Some(local) = rooms.get_mut(room) {
+            if let Some(i) = local.members.iter().position(|k| *k == key) {
+                local.members.swap_remove(i);
                 shard.metrics().room_members.sub(1);
             }
-            if members.is_empty() {
+            if let Some(c) = lookup_key(shard, key.0, key.1) {
+                c.unsubscribe(shard, &local.feed);
+            }
+            if local.members.is_empty() {
                 rooms.remove(room);
             }
         }
@@ -1367,23 +1385,28 @@ fn handle_delivery(shard: &Shard, d: Delivery) {
             }
         }
         Delivery::Room { room, frame } => {
-            // Enqueueing touches only the connection's own queue and flags,
-            // never the room table, so the borrow can stay.
             // Members still resuming hold the frame, whether or not the
             // shard has members that already receive the room.
             hold_for_recovering(shard, &room, &frame);
+            // Waking, cutting off and timing members touches only their
+            // own flags and cursors, never the room table, so the borrow
+            // can stay.
             let rooms = chat.local_rooms.borrow();
-            let Some(members) = rooms.get(&room) else {
+            let Some(local) = rooms.get(&room) else {
                 return;
             };
-            let mut n = 0;
-            for &(key, gen) in members {
-                if let Some(c) = lookup_key(shard, key, gen) {
-                    c.enqueue(shard, &frame);
-                    n += 1;
+            shard.metrics().deliveries.add(local.members.len() as u64);
+            if local.feed.push(frame) {
+                for &(key, gen) in &local.members {
+                    if let Some(c) = lookup_key(shard, key, gen) {
+                        c.wake();
+                    }
                 }
             }
-            shard.metrics().deliveries.add(n);
+            let budget = shard.limits.outbound_budget_bytes;
+            if local.feed.needs_scan(budget) {
+                check_lag(shard, local, budget);
+            }
         }
         Delivery::ToConn { conn, frame } => {
             if let Some(c) = lookup(shard, conn) {
@@ -1397,6 +1420,24 @@ fn handle_delivery(shard: &Shard, d: Delivery) {
                     c.enqueue(shard, &frame);
                 }
             }
+        }
+    }
+}
+
+/// Looks at how far behind each member of a room is: past the hard cap it
+/// is cut off from the feed and closed as a slow consumer (so the feed
+/// stops holding frames for it), past the budget its slow-consumer clock
+/// starts. A member that reads sends its frames and never gets here.
+fn check_lag(shard: &Shard, local: &LocalRoom, budget: usize) {
+    let hard_cap = ConnShared::hard_cap(shard);
+    for &(key, gen) in &local.members {
+        let Some(c) = lookup_key(shard, key, gen) else {
+            continue;
+        };
+        match c.feed_lag(&local.feed) {
+            Some(lag) if lag > hard_cap => c.cut_off(&local.feed),
+            Some(lag) if lag > budget => c.over_budget(shard),
+            _ => {}
         }
     }
 }
