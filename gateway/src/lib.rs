@@ -19,7 +19,8 @@
 //! - [`mesh`]: the cross-node ZeroMQ PUB/SUB mesh thread, node liveness
 //!   and the Redis node registry.
 //! - `inbox`: a shard's mailbox from a helper thread.
-//! - `readiness`: a shard's epoll set: which sockets have input or room.
+//! - [`readiness`]: a shard's epoll set: which sockets have input or room
+//!   (loadgen's executors use it too).
 //! - `buf`: per-shard buffer pools, so idle connections hold no buffers.
 //! - [`ws`]: the sans-IO RFC 6455 codec (handshake, frames, masking, UTF-8).
 //! - [`metrics`]: per-shard counters and the Prometheus rendering.
@@ -36,7 +37,7 @@ mod feed;
 mod inbox;
 pub mod mesh;
 pub mod metrics;
-mod readiness;
+pub mod readiness;
 pub mod server;
 mod shard;
 pub mod shutdown;

@@ -146,6 +146,37 @@ impl Poller {
     pub fn is_full(n: usize) -> bool {
         n == BATCH
     }
+
+    /// Hands every event to `on_event`, turn after turn, for as long as the
+    /// task runs. A failed wait (it needs one spare descriptor, see
+    /// `sys::readable`: at the process's file limit there may be none) is
+    /// told to `on_error` and the set is looked at every millisecond until
+    /// the wait works again; a failed collect is told and retried at the
+    /// next wait.
+    pub async fn dispatch(
+        &self,
+        mut on_event: impl FnMut(u64, epoll::EventFlags),
+        mut on_error: impl FnMut(String),
+    ) {
+        loop {
+            if let Err(e) = self.ready().await {
+                on_error(format!(
+                    "cannot wait for socket events ({e}); polling every 1 ms meanwhile (out of file descriptors? raise `ulimit -n`, or run more processes)"
+                ));
+                glommio::timer::Timer::new(std::time::Duration::from_millis(1)).await;
+            }
+            loop {
+                match self.collect(&mut on_event) {
+                    Ok(n) if Poller::is_full(n) => glommio::yield_if_needed().await,
+                    Ok(_) => break,
+                    Err(e) => {
+                        on_error(format!("collecting socket events failed: {e}"));
+                        break;
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// A socket's readiness and the task waiting on it.

@@ -207,50 +207,23 @@ fn sweep(shard: &Shard) {
 /// Collects the epoll set's events and wakes whoever waited for them.
 async fn dispatch(shard: Rc<Shard>, poller: Rc<Poller>) {
     let mut last_warning: Option<Instant> = None;
-    loop {
-        if let Err(e) = poller.ready().await {
-            // The wait needs one spare descriptor (see `sys::readable`); at
-            // the process's file limit there may be none. Keep serving:
-            // look at the set every millisecond until the wait works again.
-            warn_sometimes(
-                &shard,
-                &mut last_warning,
-                &format!(
-                    "cannot wait for socket events ({e}); polling every 1 ms meanwhile (out of file descriptors? raise `ulimit -n`, or run more gateway processes)"
-                ),
-            );
-            Timer::new(Duration::from_millis(1)).await;
+    let on_event = |token, flags| {
+        if token == readiness::LISTENER {
+            if shard.accepting.io.set(flags) {
+                shard.accepting.wake();
+            }
+            return;
         }
-        loop {
-            let collected = poller.collect(|token, flags| {
-                if token == readiness::LISTENER {
-                    if shard.accepting.io.set(flags) {
-                        shard.accepting.wake();
-                    }
-                    return;
-                }
-                let (key, gen) = readiness::split_token(token);
-                let conns = shard.conns.borrow();
-                if let Some(c) = conns.get(key).filter(|c| c.gen == gen) {
-                    if c.ready.io.set(flags) {
-                        c.wake();
-                    }
-                }
-            });
-            match collected {
-                Ok(n) if Poller::is_full(n) => glommio::yield_if_needed().await,
-                Ok(_) => break,
-                Err(e) => {
-                    warn_sometimes(
-                        &shard,
-                        &mut last_warning,
-                        &format!("collecting socket events failed: {e}"),
-                    );
-                    break;
-                }
+        let (key, gen) = readiness::split_token(token);
+        let conns = shard.conns.borrow();
+        if let Some(c) = conns.get(key).filter(|c| c.gen == gen) {
+            if c.ready.io.set(flags) {
+                c.wake();
             }
         }
-    }
+    };
+    let on_error = |what: String| warn_sometimes(&shard, &mut last_warning, &what);
+    poller.dispatch(on_event, on_error).await;
 }
 
 fn warn_sometimes(shard: &Shard, last: &mut Option<Instant>, what: &str) {

@@ -3,7 +3,10 @@
 //! sans-IO codec (`corecast_gateway::ws`, role `Client`).
 //!
 //! # Invariants
-//! - Owned by one task on one executor; `!Send` (holds a glommio stream).
+//! - Owned by one task on one executor; `!Send` (its socket sits in the
+//!   executor's epoll set, see `reactor`). The socket is non-blocking; a
+//!   read or write waits only while its readiness flag is clear, and clears
+//!   it only on a short read or `EAGAIN`, so no edge is missed.
 //! - All I/O progress lives in the struct (`tx_pos`, `RecvBuf`), never in a
 //!   future, so any read or write future may be dropped (raced against a
 //!   timer or a stop signal) without losing or tearing a frame.
@@ -18,7 +21,7 @@ use std::{
     future::poll_fn,
     io,
     net::{IpAddr, SocketAddr},
-    pin::Pin,
+    os::fd::{AsFd, OwnedFd},
     task::{Context, Poll},
     time::{Duration, Instant},
 };
@@ -28,14 +31,15 @@ use corecast_gateway::ws::{
     self, close::code, encode_close, encode_frame, Decoder, Frame, Limits, OpCode, ProtocolError,
     Role, MAX_HEADER_LEN,
 };
-use futures_lite::{
-    future::or,
-    io::{AsyncRead, AsyncWrite},
+use futures_lite::future::or;
+use glommio::timer::Timer;
+use rustix::{
+    io::Errno,
+    net::{RecvFlags, SendFlags},
 };
-use glommio::{net::TcpStream, timer::Timer};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
-use crate::{config::Target, sys};
+use crate::{config::Target, reactor::Registration, sys};
 
 /// Largest upgrade response accepted; real ones are a few hundred bytes.
 const MAX_RESPONSE_BYTES: usize = 16 << 10;
@@ -281,7 +285,9 @@ pub struct ConnOptions {
 
 /// An open client WebSocket connection.
 pub struct Conn {
-    stream: TcpStream,
+    /// Declared first so that it leaves the epoll set before `socket` closes.
+    reg: Registration,
+    socket: OwnedFd,
     decoder: Decoder,
     rx: RecvBuf,
     /// Bytes to send; `tx[..tx_pos]` already went out.
@@ -349,8 +355,11 @@ impl Conn {
             Err(e) => return Err(connect_err(e)),
         }
         let max_frame = opts.max_frame_bytes;
+        let socket = OwnedFd::from(socket);
+        let reg = Registration::new(socket.as_fd()).map_err(ConnectError::Socket)?;
         let mut conn = Conn {
-            stream: sys::into_glommio(socket),
+            reg,
+            socket,
             decoder: Decoder::new(
                 Role::Client,
                 Limits {
@@ -441,12 +450,19 @@ impl Conn {
 
     /// Writes queued bytes until done or the socket is full.
     pub fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let io = self.reg.io();
         while self.tx_pos < self.tx.len() {
-            match Pin::new(&mut self.stream).poll_write(cx, &self.tx[self.tx_pos..]) {
-                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Poll::Ready(Ok(n)) => self.tx_pos += n,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return Poll::Pending,
+            if !io.writable.get() {
+                self.reg.wait(cx);
+                return Poll::Pending;
+            }
+            let flags = SendFlags::DONTWAIT | SendFlags::NOSIGNAL;
+            match rustix::net::send(&self.socket, &self.tx[self.tx_pos..], flags) {
+                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Ok(n) => self.tx_pos += n,
+                Err(Errno::AGAIN) => io.writable.set(false),
+                Err(Errno::INTR) => {}
+                Err(e) => return Poll::Ready(Err(e.into())),
             }
         }
         self.tx.clear();
@@ -462,12 +478,26 @@ impl Conn {
             // The decoder refuses frames over the limit the buffer grows to.
             return Poll::Ready(Err(io::Error::other("receive buffer full")));
         }
-        match Pin::new(&mut self.stream).poll_read(cx, spare) {
-            Poll::Ready(Ok(n)) => {
-                self.rx.filled(n);
-                Poll::Ready(Ok(n))
+        let io = self.reg.io();
+        loop {
+            if !io.readable.get() {
+                self.reg.wait(cx);
+                return Poll::Pending;
             }
-            other => other,
+            match rustix::net::recv(&self.socket, &mut *spare, RecvFlags::DONTWAIT) {
+                Ok((n, _)) => {
+                    if n > 0 && n < spare.len() {
+                        // Drained: the next edge tells when more arrives.
+                        // (End of stream stays readable: reads return 0.)
+                        io.readable.set(false);
+                    }
+                    self.rx.filled(n);
+                    return Poll::Ready(Ok(n));
+                }
+                Err(Errno::AGAIN) => io.readable.set(false),
+                Err(Errno::INTR) => {}
+                Err(e) => return Poll::Ready(Err(e.into())),
+            }
         }
     }
 

@@ -14,9 +14,11 @@
 //! - `chat`: `loadgen chat`, the gateway's chat protocol: rooms, publishers,
 //!   ordering and delivery checks, delivery and ack latency, reconnect and
 //!   resume after a node goes away.
+//! - `reactor`: each executor's epoll set of client sockets and the task
+//!   that wakes the connections (so the server is not charged for
+//!   interrupting loadgen).
 //! - `report`: percentiles, the human lines and the one-line JSON record.
-//! - `sys`: the crate's only `unsafe`: fd hand-off to glommio, socket and
-//!   rlimit knobs.
+//! - `sys`: the crate's only `unsafe`: socket and rlimit knobs.
 //!
 //! # Output
 //! The human-readable report goes to stdout. With `--json` it goes to stderr
@@ -32,6 +34,7 @@ pub mod config;
 pub mod echo;
 pub mod exec;
 pub mod hold;
+mod reactor;
 pub mod report;
 mod sys;
 

@@ -1,31 +1,12 @@
-//! The load generator's only `unsafe` code: handing a socket2 socket to
-//! glommio, and two knobs that std and socket2 0.5 do not expose.
-//!
-//! glommio 0.9 links socket2 0.4, so its `From<socket2::Socket>` does not
-//! accept the 0.5 sockets this crate builds (bound to a chosen source
-//! address, which glommio's own `connect` cannot do); the file descriptor is
-//! the only common currency.
+//! The load generator's only `unsafe` code: two knobs that std and socket2
+//! 0.5 do not expose.
 //!
 //! # Invariants
 //! - Every function borrows or consumes an owned, open descriptor; none keeps
 //!   a raw fd beyond the call.
 #![allow(unsafe_code)]
 
-use std::{
-    io,
-    os::fd::{AsRawFd, FromRawFd, IntoRawFd},
-};
-
-/// Moves a (connecting or connected) non-blocking TCP socket into a glommio
-/// stream on the current executor. Must run on an executor thread.
-pub fn into_glommio(socket: socket2::Socket) -> glommio::net::TcpStream {
-    let fd = socket.into_raw_fd();
-    debug_assert!(fd >= 0);
-    // SAFETY: `into_raw_fd` released ownership of `fd`, an open TCP socket
-    // nothing else refers to; the glommio stream becomes its only owner and
-    // closes it on drop.
-    unsafe { glommio::net::TcpStream::from_raw_fd(fd) }
-}
+use std::{io, os::fd::AsRawFd};
 
 /// Sets `IP_BIND_ADDRESS_NO_PORT`, so that binding a source address defers
 /// the port choice to `connect`. Without it every bind reserves a port for
