@@ -59,6 +59,7 @@ corecast_port=18180
 peer_port=18181
 results_dir="$here/results"
 server_cpu_quota=0
+repeat=1
 
 usage() {
     cat <<EOF
@@ -77,6 +78,9 @@ usage: $0 [options]
   --servers LIST       comma separated: corecast,tokio-tungstenite (default both)
   --server-cpu N       CPU the server is pinned to (default $server_cpu)
   --client-cpu N       CPU loadgen is pinned to (default $client_cpu)
+  --repeat N           rounds of all phases and servers, alternating (default
+                       $repeat); the summary gives each round's ratios and their
+                       median, since one round on a shared VM can be off by 20%
   --server-cpu-quota P cap each server at P% of its core (a cgroup cpu quota,
                        10 ms period) so that the server, not loadgen, is the
                        bottleneck; 0 = no cap (default $server_cpu_quota)
@@ -101,6 +105,7 @@ while [[ $# -gt 0 ]]; do
         --server-cpu) server_cpu=$2; shift 2 ;;
         --client-cpu) client_cpu=$2; shift 2 ;;
         --server-cpu-quota) server_cpu_quota=$2; shift 2 ;;
+        --repeat) repeat=$2; shift 2 ;;
         --results-dir) results_dir=$2; shift 2 ;;
         --no-build) build=0; shift ;;
         -h|--help) usage; exit 0 ;;
@@ -110,10 +115,10 @@ done
 
 die() { echo "$0: $*" >&2; exit 1; }
 is_num() { [[ $1 =~ ^[0-9]+([.][0-9]+)?$ ]]; }
-for v in rooms members size rate rate_publishers window max_publishers server_cpu client_cpu server_cpu_quota; do
+for v in rooms members size rate rate_publishers window max_publishers server_cpu client_cpu server_cpu_quota repeat; do
     [[ ${!v} =~ ^[0-9]+$ ]] || die "--${v//_/-} ${!v}: expected a whole number"
 done
-for v in rooms members rate rate_publishers window max_publishers; do
+for v in rooms members rate rate_publishers window max_publishers repeat; do
     ((${!v} > 0)) || die "--${v//_/-}: must be at least 1"
 done
 ((rate_publishers <= members && max_publishers <= members)) ||
@@ -412,6 +417,7 @@ def core(before, after):
 server_cpu_s = ($c1 - $c0) / $clk_tck
 row = {
     "kind": "result",
+    "round": $round,
     "server": "$name",
     "phase": "$phase",
     "loadgen": lg,
@@ -435,14 +441,17 @@ EOF
     echo "== $name, $phase: done (loadgen exit $lg_status, server exit $server_status)" >&2
 }
 
-for p in "${phase_list[@]}"; do
-    for s in "${server_list[@]}"; do
-        run_one "$s" "$p"
+for ((round = 1; round <= repeat; round++)); do
+    ((repeat == 1)) || echo "== round $round of $repeat" >&2
+    for p in "${phase_list[@]}"; do
+        for s in "${server_list[@]}"; do
+            run_one "$s" "$p"
+        done
     done
 done
 
 python3 - "$jsonl" "$md" <<'EOF'
-import json, sys
+import json, statistics, sys
 lines = [json.loads(l) for l in open(sys.argv[1])]
 env = lines[0]
 rows = [l for l in lines[1:] if l["kind"] == "result"]
@@ -483,8 +492,10 @@ out.append(
     "(errors, unacked, bad frames, unexpected closes, connect failures, ...); all must be 0."
 )
 out.append("")
-out.append("| server | phase | deliveries/s | p50 µs | p99 µs | p99.9 µs | max µs | server CPU s / 1M deliveries | server CPU | server core busy | loadgen CPU | gaps/dups/reorders/lost | other failures |")
-out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
+rounds = sorted({r.get("round", 1) for r in rows})
+many = len(rounds) > 1
+out.append(("| round " if many else "") + "| server | phase | deliveries/s | p50 µs | p99 µs | p99.9 µs | max µs | server CPU s / 1M deliveries | server CPU | server core busy | loadgen CPU | gaps/dups/reorders/lost | other failures |")
+out.append(("|---" if many else "") + "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
 OTHER = ("publisher_reorders", "unacked", "duplicate_acks", "foreign", "errors", "bad_frames",
          "unexpected_closes", "connect_failures")
 for r in rows:
@@ -493,34 +504,44 @@ for r in rows:
     checks = "/".join(str(lg.get(k, "?")) for k in ("gaps", "duplicates", "reorders", "lost"))
     other = sum(lg.get(k, 0) for k in OTHER)
     out.append(
+        (f"| {r.get('round', 1)} " if many else "") +
         f"| {r['server']} | {r['phase']} | {lg.get('deliveries_per_s', 0):,.0f} | {lg.get('p50_us', '?')} | "
         f"{lg.get('p99_us', '?')} | {lg.get('p999_us', '?')} | {lg.get('max_us', '?')} | "
         f"{per if per is not None else '?'} | {100 * r['server_cpu_util']:.0f}% | "
         f"{100 * sum(r['server_core'].values()):.0f}% | {100 * r['loadgen_cpu_util']:.0f}% | {checks} | {other} |"
     )
 out.append("")
-by = {(r["server"], r["phase"]): r for r in rows}
 for phase in ("rate", "max"):
-    c, p = by.get(("corecast", phase)), by.get(("tokio-tungstenite", phase))
-    if not (c and p):
-        continue
-    cl, pl = c["loadgen"], p["loadgen"]
-    parts = []
-    if cl.get("deliveries_per_s") and pl.get("deliveries_per_s"):
-        parts.append(f"deliveries/s {cl['deliveries_per_s'] / pl['deliveries_per_s']:.2f}x")
-    if cl.get("p99_us") and pl.get("p99_us"):
-        parts.append(f"p99 {cl['p99_us']} vs {pl['p99_us']} µs ({cl['p99_us'] / pl['p99_us']:.2f}x)")
-    if c["server_cpu_s_per_1m_deliveries"] and p["server_cpu_s_per_1m_deliveries"]:
-        parts.append("server CPU per delivery "
-                     f"{c['server_cpu_s_per_1m_deliveries'] / p['server_cpu_s_per_1m_deliveries']:.2f}x")
-    out.append(f"{phase}, corecast / tokio-tungstenite: " + "; ".join(parts) + ".")
-    if phase == "max" and cl.get("deliveries_per_s") and pl.get("deliveries_per_s"):
-        ok = (cl["deliveries_per_s"] >= 2 * pl["deliveries_per_s"]
-              and cl.get("p99_us", 1e18) <= pl.get("p99_us", 0))
-        out.append(f"Issue 3 target (max: >= 2x the peer's deliveries/s at an equal or lower p99): "
-                   f"{'met' if ok else 'not met'}.")
+    deliv, p99, cpu = [], [], []
+    for n in rounds:
+        by = {r["server"]: r for r in rows if r.get("round", 1) == n and r["phase"] == phase}
+        c, p = by.get("corecast"), by.get("tokio-tungstenite")
+        if not (c and p):
+            continue
+        cl, pl = c["loadgen"], p["loadgen"]
+        parts = []
+        if cl.get("deliveries_per_s") and pl.get("deliveries_per_s"):
+            deliv.append(cl["deliveries_per_s"] / pl["deliveries_per_s"])
+            parts.append(f"deliveries/s {deliv[-1]:.2f}x")
+        if cl.get("p99_us") and pl.get("p99_us"):
+            p99.append(cl["p99_us"] / pl["p99_us"])
+            parts.append(f"p99 {cl['p99_us']} vs {pl['p99_us']} µs ({p99[-1]:.2f}x)")
+        if c["server_cpu_s_per_1m_deliveries"] and p["server_cpu_s_per_1m_deliveries"]:
+            cpu.append(c["server_cpu_s_per_1m_deliveries"] / p["server_cpu_s_per_1m_deliveries"])
+            parts.append(f"server CPU per delivery {cpu[-1]:.2f}x")
+        out.append(f"{phase}{f' (round {n})' if many else ''}, corecast / tokio-tungstenite: "
+                   + "; ".join(parts) + ".")
+    if many and deliv:
+        span = lambda v: f"{statistics.median(v):.2f}x (range {min(v):.2f}-{max(v):.2f})"
+        out.append(f"{phase}, median over {len(deliv)} rounds: deliveries/s {span(deliv)}"
+                   + (f"; p99 {span(p99)}" if p99 else "")
+                   + (f"; server CPU per delivery {span(cpu)}" if cpu else "") + ".")
+    if phase == "max" and deliv:
+        ok = statistics.median(deliv) >= 2 and p99 and statistics.median(p99) <= 1
+        out.append("Issue 3 target (max: >= 2x the peer's deliveries/s at an equal or lower p99"
+                   + (", medians of the rounds" if many else "") + f"): {'met' if ok else 'not met'}.")
 for r in rows:
-    who = f"{r['server']} ({r['phase']})"
+    who = f"{r['server']} ({r['phase']})" + (f" in round {r.get('round', 1)}" if many else "")
     sc, cc = r["server_core"], r["client_core"]
     # Task (and hypervisor steal) time on the core beyond our process's own
     # CPU time: other work ran there, at least this much. Softirq time is
