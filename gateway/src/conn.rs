@@ -177,21 +177,37 @@ impl ConnShared {
         }
     }
 
-    /// Bytes of a room's frames this connection has not sent.
-    pub fn feed_lag(&self, feed: &Rc<Feed>) -> Option<usize> {
-        let feeds = self.feeds.borrow();
-        let c = feeds.iter().find(|c| Rc::ptr_eq(c.feed(), feed))?;
-        Some(c.lag())
+    /// The connection holds more than its hard cap: it is closed as a slow
+    /// consumer, and its places in the rooms' feeds go, so the rooms keep
+    /// no frames for it. A frame it had started to send is finished first,
+    /// so the close frame that follows starts on a frame boundary.
+    pub fn cut_off(&self, shard: &Shard) {
+        if !self.feeds.borrow().is_empty() {
+            let mut feeds = std::mem::take(&mut *self.feeds.borrow_mut());
+            self.with_out(shard, |out| {
+                for c in feeds.iter_mut() {
+                    c.finish_frame_into(out);
+                }
+            });
+        }
+        self.overflowed.set(true);
+        self.accepting.set(false);
+        self.wake();
     }
 
-    /// The connection fell more than its hard cap behind in a room: its
-    /// place in the feed goes (so the room keeps no frames for it) and it
-    /// is closed as a slow consumer.
-    pub fn cut_off(&self, feed: &Rc<Feed>) {
-        self.feeds
-            .borrow_mut()
-            .retain(|c| !Rc::ptr_eq(c.feed(), feed));
-        self.overflow();
+    /// The connection will queue nothing more from its rooms (it is
+    /// closing): the frames that arrived so far stay queued, later ones are
+    /// not sent, and the rooms keep none for it.
+    fn stop_accepting(&self, shard: &Shard) {
+        self.accepting.set(false);
+        let lagging = self.feeds.borrow().iter().any(|c| c.lag() > 0);
+        if lagging {
+            // Not accepting: `with_out` copies what is pending, then drops
+            // the cursors.
+            self.with_out(shard, |_| ());
+        } else {
+            self.feeds.borrow_mut().clear();
+        }
     }
 
     /// More than the outbound budget is queued: start the slow-consumer
@@ -270,14 +286,6 @@ impl ConnShared {
         self.with_out(shard, |out| out.extend_from_slice(frame));
     }
 
-    /// Closes the connection as a slow consumer (1008): it holds more than
-    /// it may, somewhere other than its output queue.
-    pub fn overflow(&self) {
-        self.overflowed.set(true);
-        self.accepting.set(false);
-        self.wake();
-    }
-
     /// The most a connection may hold queued for it.
     pub fn hard_cap(shard: &Shard) -> usize {
         shard
@@ -296,9 +304,7 @@ impl ConnShared {
         let budget = shard.limits.outbound_budget_bytes;
         let queued = self.queued();
         if queued + frame.len() > budget.saturating_mul(HARD_CAP_BUDGETS) {
-            self.overflowed.set(true);
-            self.accepting.set(false);
-            self.wake();
+            self.cut_off(shard);
             return;
         }
         self.with_out(shard, |out| out.extend_from_slice(frame));
@@ -573,7 +579,7 @@ impl Conn {
                 // next edge says when there is more (end of stream, n = 0,
                 // stays readable: the next read sees it again).
                 if n > 0 && n < asked {
-                    self.shared.ready.io.readable.set(false);
+                    self.shared.ready.io.read_short();
                 }
                 Poll::Ready(Ok(n))
             }
@@ -719,7 +725,7 @@ impl Conn {
 
     fn close_after_flush(&mut self) {
         self.phase = Phase::CloseAfterFlush;
-        self.shared.accepting.set(false);
+        self.shared.stop_accepting(&self.shard);
         self.phase_deadline = self.shard.clock.get() + self.shard.limits.close_timeout;
         self.rearm();
     }

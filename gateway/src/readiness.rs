@@ -62,6 +62,10 @@ pub struct Io {
     pub readable: Cell<bool>,
     /// The send buffer may have room.
     pub writable: Cell<bool>,
+    /// The peer closed its side (or the socket failed): no edge will come
+    /// after the one that said so, so reads go on until they return 0 or
+    /// an error.
+    hung_up: Cell<bool>,
 }
 
 impl Io {
@@ -70,6 +74,17 @@ impl Io {
         Io {
             readable: Cell::new(true),
             writable: Cell::new(true),
+            hung_up: Cell::new(false),
+        }
+    }
+
+    /// A read came back short: the socket is empty and its next edge says
+    /// when there is more. Not after a hang-up, though: data and the end of
+    /// stream may have arrived under one edge, and the end of stream is
+    /// still to be read.
+    pub fn read_short(&self) {
+        if !self.hung_up.get() {
+            self.readable.set(false);
         }
     }
 
@@ -77,6 +92,9 @@ impl Io {
     pub fn set(&self, flags: epoll::EventFlags) -> bool {
         let broken = epoll::EventFlags::ERR | epoll::EventFlags::HUP;
         let mut news = false;
+        if flags.intersects(epoll::EventFlags::RDHUP | broken) {
+            self.hung_up.set(true);
+        }
         if flags.intersects(epoll::EventFlags::IN | epoll::EventFlags::RDHUP | broken) {
             news |= !self.readable.replace(true);
         }

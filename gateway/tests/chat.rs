@@ -520,6 +520,54 @@ fn a_member_past_the_hard_cap_is_cut_off_and_its_frames_let_go() {
 }
 
 #[test]
+fn a_stalled_member_of_many_rooms_is_closed_and_no_room_keeps_its_frames() {
+    // The stalled member is in 8 rooms; its hard cap (256 KiB) counts what
+    // all of them hold for it. Once it is closed none of the rooms may keep
+    // frames for it.
+    let server = chat_server(&[
+        "--shards",
+        "1",
+        "--outbound-budget-bytes",
+        "65536",
+        "--slow-consumer-timeout-ms",
+        "600000",
+        "--rate-limit-per-s",
+        "100000",
+        "--rate-limit-burst",
+        "100000",
+    ]);
+    let rooms: Vec<String> = (0..8).map(|i| format!("many-{i}")).collect();
+    let mut stalled = Chat::connect(&server, "stalled");
+    let mut publisher = Chat::connect(&server, "pub");
+    for room in &rooms {
+        stalled.join(room);
+        publisher.join(room);
+    }
+    socket2::SockRef::from(stalled.ws.get_ref())
+        .set_recv_buffer_size(4096)
+        .unwrap();
+    let body = "w".repeat(8000);
+    for i in 0..1600 {
+        let room = &rooms[i % rooms.len()];
+        publisher.send(json!({"type":"publish","room":room,"id":i.to_string(),"body":body}));
+        while publisher.recv_type("msg")["id"] != i.to_string().as_str() {}
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || server
+            .metric("corecast_slow_consumer_closes_total", "")
+            == 1),
+        "12 MB over 8 rooms: the stalled member is past its hard cap"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || server
+            .metric("corecast_room_feed_bytes", "")
+            == 0),
+        "no room holds frames for it"
+    );
+    drop(stalled);
+}
+
+#[test]
 fn a_room_that_empties_is_freed_and_keeps_its_sequence() {
     let server = chat_server(&["--shards", "2"]);
     let mut a = Chat::connect(&server, "alice");

@@ -34,6 +34,30 @@ fn silent_client_is_pinged_then_closed_as_idle() {
 }
 
 #[test]
+fn a_client_that_sends_and_hangs_up_at_once_is_dropped() {
+    // The frame and the FIN often arrive under one readiness edge: the
+    // server must read on past the frame to the end of stream instead of
+    // waiting for an edge that never comes (it would hold the connection
+    // until the idle timeout, 90 s here).
+    let server = TestServer::start(&[]);
+    for i in 0..20u8 {
+        let mut s = raw_ws(server.addr);
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(&raw_frame(0x81, &[b'a' + i], KEY)).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let (b0, payload) = read_raw_frame(&mut s).unwrap();
+        assert_eq!((b0, payload), (0x81, vec![b'a' + i]), "the echo first");
+        assert_closed(&mut s);
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || server
+            .metric("corecast_websockets", "")
+            == 0),
+        "every WebSocket dropped"
+    );
+}
+
+#[test]
 fn answering_pings_keeps_the_connection() {
     let server = TestServer::start(&["--ping-interval-ms", "100", "--idle-timeout-ms", "400"]);
     let mut ws = connect(&server, "/echo");

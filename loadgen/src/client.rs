@@ -489,7 +489,7 @@ impl Conn {
                     if n > 0 && n < spare.len() {
                         // Drained: the next edge tells when more arrives.
                         // (End of stream stays readable: reads return 0.)
-                        io.readable.set(false);
+                        io.read_short();
                     }
                     self.rx.filled(n);
                     return Poll::Ready(Ok(n));

@@ -1424,19 +1424,20 @@ fn handle_delivery(shard: &Shard, d: Delivery) {
     }
 }
 
-/// Looks at how far behind each member of a room is: past the hard cap it
-/// is cut off from the feed and closed as a slow consumer (so the feed
-/// stops holding frames for it), past the budget its slow-consumer clock
-/// starts. A member that reads sends its frames and never gets here.
+/// Looks at how much each member of a room has queued, in all its rooms
+/// and its own output: past the hard cap it is cut off from its feeds and
+/// closed as a slow consumer (so no feed holds frames for it any more),
+/// past the budget its slow-consumer clock starts. A member that reads
+/// sends its frames and never gets there.
 fn check_lag(shard: &Shard, local: &LocalRoom, budget: usize) {
     let hard_cap = ConnShared::hard_cap(shard);
     for &(key, gen) in &local.members {
         let Some(c) = lookup_key(shard, key, gen) else {
             continue;
         };
-        match c.feed_lag(&local.feed) {
-            Some(lag) if lag > hard_cap => c.cut_off(&local.feed),
-            Some(lag) if lag > budget => c.over_budget(shard),
+        match c.queued() {
+            q if q > hard_cap => c.cut_off(shard),
+            q if q > budget => c.over_budget(shard),
             _ => {}
         }
     }
@@ -1457,7 +1458,7 @@ fn hold_for_recovering(shard: &Shard, room: &Arc<str>, frame: &Arc<[u8]>) {
         r.bytes += frame.len();
         if r.bytes > cap {
             if let Some(c) = lookup_key(shard, r.key.0, r.key.1) {
-                c.overflow();
+                c.cut_off(shard);
             }
             r.held = Vec::new();
         } else {
