@@ -473,11 +473,11 @@ fn a_slow_consumer_is_closed_while_the_room_keeps_going() {
     );
 }
 
-#[test]
-fn a_member_past_the_hard_cap_is_cut_off_and_its_frames_let_go() {
-    // A long slow-consumer timeout: only the hard cap (4x the budget) can
-    // close the stalled member while this test runs.
-    let server = chat_server(&[
+/// One shard, a 64 KiB outbound budget and a 10-minute slow-consumer
+/// timeout: only the hard cap (4x the budget) can close a stalled member
+/// while a test runs.
+fn hard_cap_server() -> TestServer {
+    chat_server(&[
         "--shards",
         "1",
         "--outbound-budget-bytes",
@@ -488,7 +488,12 @@ fn a_member_past_the_hard_cap_is_cut_off_and_its_frames_let_go() {
         "100000",
         "--rate-limit-burst",
         "100000",
-    ]);
+    ])
+}
+
+#[test]
+fn a_member_past_the_hard_cap_is_cut_off_and_its_frames_let_go() {
+    let server = hard_cap_server();
     let mut stalled = Chat::connect(&server, "stalled");
     stalled.join("wide");
     socket2::SockRef::from(stalled.ws.get_ref())
@@ -524,18 +529,7 @@ fn a_stalled_member_of_many_rooms_is_closed_and_no_room_keeps_its_frames() {
     // The stalled member is in 8 rooms; its hard cap (256 KiB) counts what
     // all of them hold for it. Once it is closed none of the rooms may keep
     // frames for it.
-    let server = chat_server(&[
-        "--shards",
-        "1",
-        "--outbound-budget-bytes",
-        "65536",
-        "--slow-consumer-timeout-ms",
-        "600000",
-        "--rate-limit-per-s",
-        "100000",
-        "--rate-limit-burst",
-        "100000",
-    ]);
+    let server = hard_cap_server();
     let rooms: Vec<String> = (0..8).map(|i| format!("many-{i}")).collect();
     let mut stalled = Chat::connect(&server, "stalled");
     let mut publisher = Chat::connect(&server, "pub");
