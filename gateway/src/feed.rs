@@ -5,20 +5,22 @@
 //! no copy) to the room's [`Feed`] and touches no member. Each member holds
 //! a [`Cursor`] into the feed of every room it is in; its connection
 //! gathers what lies after the cursor, behind its own replies, into the
-//! shard's gather buffer and sends it with one `send`. Members are woken once per round, not once per frame: the
-//! first frame after some member caught up wakes them all, and the frames
-//! that follow before anyone catches up wake nobody (every member is then
-//! either scheduled already or waiting for its socket to drain).
+//! shard's gather buffer and sends it with one `send`. Members are woken
+//! once per round, not once per frame: the first frame after some member
+//! caught up wakes them all, and the frames that follow before anyone
+//! catches up wake nobody (every member is then either scheduled already or
+//! waiting for its socket to drain).
 //!
 //! # Invariants
 //! - Owned by one shard (`Rc`, `RefCell`); reached only from that shard's
 //!   room deliveries and its members' connections, never across an await.
 //! - Bounded: a frame stays only while a member that was subscribed when it
 //!   arrived has not sent it (a reader count per frame, the front trimmed
-//!   as counts reach zero). A member that falls more than the hard cap
-//!   behind is cut off by the room's delivery ([`Feed::needs_scan`]) and
-//!   closed as a slow consumer, so a feed holds at most about the hard cap
-//!   plus what its members have in flight.
+//!   as counts reach zero). While anyone is behind, the room's delivery
+//!   looks at every member's whole queue at most once per half budget
+//!   appended ([`Feed::needs_scan`]); one past the hard cap is cut off
+//!   (its cursors dropped) and closed as a slow consumer, so a feed holds
+//!   at most about 4.5 budgets per stalled member plus what is in flight.
 //! - A cursor never points before the feed's front: the frames it has not
 //!   sent still count it as a reader. Dropping the cursor releases them.
 
