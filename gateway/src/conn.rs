@@ -35,10 +35,7 @@ use std::{
 
 use std::os::fd::{AsFd, OwnedFd};
 
-use rustix::{
-    io::Errno,
-    net::{RecvFlags, SendFlags},
-};
+use rustix::io::Errno;
 
 use crate::{
     buf::{InBuf, GATHER_BYTES, READ_CHUNK},
@@ -228,18 +225,22 @@ impl ConnShared {
     /// unsent frames of each room, gathered in the shard's gather buffer
     /// (up to `GATHER_BYTES`; the rest goes in the next call).
     fn send_queued(&self, shard: &Shard, socket: &OwnedFd) -> Result<usize, Errno> {
+        let io = &self.ready.io;
+        if !io.writable.get() {
+            return Err(Errno::AGAIN);
+        }
         let out = self.out.borrow();
         let own = &out[self.out_sent.get()..];
         let feeds = self.feeds.borrow();
         if own.len() >= GATHER_BYTES || feeds.iter().all(|c| c.lag() == 0) {
-            return send(socket, own);
+            return io.send(socket.as_fd(), own);
         }
         shard.pool.gather(|g| {
             g.extend_from_slice(own);
             for c in feeds.iter() {
                 c.copy_unsent(g, GATHER_BYTES);
             }
-            send(socket, g)
+            io.send(socket.as_fd(), g)
         })
     }
 
@@ -522,12 +523,7 @@ impl Conn {
     fn poll_flush(&mut self) -> Poll<io::Result<()>> {
         let shared = self.shared.clone();
         while shared.queued() > 0 {
-            let r = if shared.ready.io.writable.get() {
-                shared.send_queued(&self.shard, &self.socket)
-            } else {
-                Err(Errno::AGAIN)
-            };
-            match r {
+            match shared.send_queued(&self.shard, &self.socket) {
                 Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                 Ok(n) => {
                     shared.mark_sent(n);
@@ -535,7 +531,6 @@ impl Conn {
                 }
                 Err(Errno::AGAIN) => {
                     // The socket's buffer is full: wait for its next edge.
-                    shared.ready.io.writable.set(false);
                     self.track_budget();
                     return Poll::Pending;
                 }
@@ -571,22 +566,14 @@ impl Conn {
         // `want` is bounded by the decoder: it refuses frames over the limit
         // from their header alone.
         buf.reserve(want.max(READ_CHUNK / 4));
-        let spare = buf.spare_mut();
-        let asked = spare.len();
-        let r = match recv(&self.socket, spare) {
-            Ok(n) => {
-                // Short of what we asked: the socket is empty now, and its
-                // next edge says when there is more (end of stream, n = 0,
-                // stays readable: the next read sees it again).
-                if n > 0 && n < asked {
-                    self.shared.ready.io.read_short();
-                }
-                Poll::Ready(Ok(n))
-            }
-            Err(Errno::AGAIN) => {
-                self.shared.ready.io.readable.set(false);
-                Poll::Pending
-            }
+        let r = match self
+            .shared
+            .ready
+            .io
+            .recv(self.socket.as_fd(), buf.spare_mut())
+        {
+            Ok(n) => Poll::Ready(Ok(n)),
+            Err(Errno::AGAIN) => Poll::Pending,
             Err(e) => Poll::Ready(Err(e.into())),
         };
         if let Poll::Ready(Ok(n)) = r {
@@ -1017,26 +1004,6 @@ impl Conn {
             self.m().closed(code::ABNORMAL, Initiator::Client);
         }
         Poll::Ready(())
-    }
-}
-
-/// One non-blocking `send`, retried if a signal interrupted it.
-fn send(socket: &OwnedFd, bytes: &[u8]) -> Result<usize, Errno> {
-    loop {
-        match rustix::net::send(socket, bytes, SendFlags::DONTWAIT | SendFlags::NOSIGNAL) {
-            Err(Errno::INTR) => continue,
-            r => return r,
-        }
-    }
-}
-
-/// One non-blocking `recv`, retried if a signal interrupted it.
-fn recv(socket: &OwnedFd, into: &mut [u8]) -> Result<usize, Errno> {
-    loop {
-        match rustix::net::recv(socket, &mut *into, RecvFlags::DONTWAIT) {
-            Err(Errno::INTR) => continue,
-            r => return r.map(|(n, _)| n),
-        }
     }
 }
 

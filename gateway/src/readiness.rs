@@ -13,12 +13,14 @@
 //! timers, the cross-shard rings and the inboxes.
 //!
 //! # Invariants
-//! - Owned by one shard; `!Send` (holds `Rc`).
+//! - Owned by one executor thread (a gateway shard, or one of loadgen's
+//!   executors); `!Send`.
 //! - Every socket is registered once, edge-triggered for input and output.
-//!   Its owner keeps an [`Io`] pair of flags: set here when an edge arrives,
-//!   cleared by the owner when a `recv` comes back short or with `EAGAIN`,
-//!   or a `send` with `EAGAIN`. An owner waits only while its flag is clear,
-//!   so no edge is lost: one that arrives after the clear sets it again.
+//!   Its owner keeps an [`Io`] pair of flags, set here when an edge arrives
+//!   and cleared by [`Io::recv`] / [`Io::send`] when the kernel says the
+//!   socket is drained or full. Owners read and write only through those
+//!   two, and wait only while the flag is clear, so no edge is lost: one
+//!   that arrives after the clear sets it again.
 //! - Never blocks: `epoll_wait` is called with a zero timeout, only after
 //!   glommio reported the set readable.
 //! - Closing a socket removes it from the set (the kernel does, as long as
@@ -34,7 +36,11 @@ use std::{
     task::Waker,
 };
 
-use rustix::event::epoll;
+use rustix::{
+    event::epoll,
+    io::Errno,
+    net::{RecvFlags, SendFlags},
+};
 
 use crate::sys;
 
@@ -78,13 +84,49 @@ impl Io {
         }
     }
 
-    /// A read came back short: the socket is empty and its next edge says
-    /// when there is more. Not after a hang-up, though: data and the end of
-    /// stream may have arrived under one edge, and the end of stream is
-    /// still to be read.
-    pub fn read_short(&self) {
-        if !self.hung_up.get() {
-            self.readable.set(false);
+    /// One non-blocking `recv` into `into` (not empty), retried if a signal
+    /// interrupts it. `EAGAIN` without a syscall while the flag is clear.
+    /// A short read clears the flag (the socket is empty; its next edge
+    /// says when there is more), except after a hang-up: data and the end
+    /// of stream may have come under one edge, and the end of stream (a
+    /// read of 0) is still to be read.
+    pub fn recv(&self, fd: BorrowedFd<'_>, into: &mut [u8]) -> Result<usize, Errno> {
+        if !self.readable.get() {
+            return Err(Errno::AGAIN);
+        }
+        loop {
+            match rustix::net::recv(fd, &mut *into, RecvFlags::DONTWAIT) {
+                Err(Errno::INTR) => continue,
+                Err(Errno::AGAIN) => {
+                    self.readable.set(false);
+                    return Err(Errno::AGAIN);
+                }
+                Ok((n, _)) => {
+                    if n > 0 && n < into.len() && !self.hung_up.get() {
+                        self.readable.set(false);
+                    }
+                    return Ok(n);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// One non-blocking `send`, retried if a signal interrupts it. `EAGAIN`
+    /// without a syscall while the flag is clear; a full socket clears it.
+    pub fn send(&self, fd: BorrowedFd<'_>, bytes: &[u8]) -> Result<usize, Errno> {
+        if !self.writable.get() {
+            return Err(Errno::AGAIN);
+        }
+        loop {
+            match rustix::net::send(fd, bytes, SendFlags::DONTWAIT | SendFlags::NOSIGNAL) {
+                Err(Errno::INTR) => continue,
+                Err(Errno::AGAIN) => {
+                    self.writable.set(false);
+                    return Err(Errno::AGAIN);
+                }
+                r => return r,
+            }
         }
     }
 

@@ -4,9 +4,9 @@
 //!
 //! # Invariants
 //! - Owned by one task on one executor; `!Send` (its socket sits in the
-//!   executor's epoll set, see `reactor`). The socket is non-blocking; a
-//!   read or write waits only while its readiness flag is clear, and clears
-//!   it only on a short read or `EAGAIN`, so no edge is missed.
+//!   executor's epoll set, see `reactor`). The socket is non-blocking and
+//!   read and written only through its `readiness::Io`, which keeps the
+//!   flags that say when to wait for the next edge.
 //! - All I/O progress lives in the struct (`tx_pos`, `RecvBuf`), never in a
 //!   future, so any read or write future may be dropped (raced against a
 //!   timer or a stop signal) without losing or tearing a frame.
@@ -33,10 +33,7 @@ use corecast_gateway::ws::{
 };
 use futures_lite::future::or;
 use glommio::timer::Timer;
-use rustix::{
-    io::Errno,
-    net::{RecvFlags, SendFlags},
-};
+use rustix::io::Errno;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use crate::{config::Target, reactor::Registration, sys};
@@ -450,18 +447,18 @@ impl Conn {
 
     /// Writes queued bytes until done or the socket is full.
     pub fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let io = self.reg.io();
         while self.tx_pos < self.tx.len() {
-            if !io.writable.get() {
-                self.reg.wait(cx);
-                return Poll::Pending;
-            }
-            let flags = SendFlags::DONTWAIT | SendFlags::NOSIGNAL;
-            match rustix::net::send(&self.socket, &self.tx[self.tx_pos..], flags) {
+            match self
+                .reg
+                .io()
+                .send(self.socket.as_fd(), &self.tx[self.tx_pos..])
+            {
                 Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                 Ok(n) => self.tx_pos += n,
-                Err(Errno::AGAIN) => io.writable.set(false),
-                Err(Errno::INTR) => {}
+                Err(Errno::AGAIN) => {
+                    self.reg.wait(cx);
+                    return Poll::Pending;
+                }
                 Err(e) => return Poll::Ready(Err(e.into())),
             }
         }
@@ -478,26 +475,16 @@ impl Conn {
             // The decoder refuses frames over the limit the buffer grows to.
             return Poll::Ready(Err(io::Error::other("receive buffer full")));
         }
-        let io = self.reg.io();
-        loop {
-            if !io.readable.get() {
+        match self.reg.io().recv(self.socket.as_fd(), spare) {
+            Ok(n) => {
+                self.rx.filled(n);
+                Poll::Ready(Ok(n))
+            }
+            Err(Errno::AGAIN) => {
                 self.reg.wait(cx);
-                return Poll::Pending;
+                Poll::Pending
             }
-            match rustix::net::recv(&self.socket, &mut *spare, RecvFlags::DONTWAIT) {
-                Ok((n, _)) => {
-                    if n > 0 && n < spare.len() {
-                        // Drained: the next edge tells when more arrives.
-                        // (End of stream stays readable: reads return 0.)
-                        io.read_short();
-                    }
-                    self.rx.filled(n);
-                    return Poll::Ready(Ok(n));
-                }
-                Err(Errno::AGAIN) => io.readable.set(false),
-                Err(Errno::INTR) => {}
-                Err(e) => return Poll::Ready(Err(e.into())),
-            }
+            Err(e) => Poll::Ready(Err(e.into())),
         }
     }
 
