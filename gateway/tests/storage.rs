@@ -154,6 +154,29 @@ fn history_and_resume_with_the_memory_store() {
     history_and_resume(&server);
 }
 
+/// The memory store's homes ack before the worker has written (it cannot
+/// fail): a `history` sent after the ack, from a connection on any shard,
+/// must still find the message.
+#[test]
+fn an_acked_message_is_in_history_at_once_with_the_memory_store() {
+    let server = chat_server(&["--shards", "4"]);
+    let mut publisher = Chat::connect(&server, "alice");
+    let mut readers: Vec<Chat> = (0..4).map(|_| Chat::connect(&server, "bob")).collect();
+    for room in 0..8 {
+        join(&mut publisher, &format!("fresh-{room}"));
+    }
+    for round in 1..=25 {
+        for room in 0..8 {
+            let room = format!("fresh-{room}");
+            let seq = publish(&mut publisher, &room, &format!("m{round}"));
+            assert_eq!(seq, round);
+            let reader = &mut readers[(round as usize + room.len()) % 4];
+            let (seqs, _) = history(reader, json!({"type":"history","room":room,"limit":1}));
+            assert_eq!(seqs, vec![seq], "history of {room} right after the ack");
+        }
+    }
+}
+
 #[test]
 fn history_and_resume_with_redis() {
     let redis = RedisServer::start();

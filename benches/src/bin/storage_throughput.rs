@@ -135,7 +135,7 @@ fn run(args: &Args, batch: usize) -> (f64, u64) {
                 0,
                 Op::Append {
                     record,
-                    ack_to: to,
+                    ack_to: Some(to),
                     fanout: None,
                 },
             );

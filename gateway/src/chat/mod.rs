@@ -1118,6 +1118,9 @@ fn dispatch_request(shard: &Shard, req: Request) {
             let Some(home) = homes.get_mut(&room) else {
                 return;
             };
+            // Acking here saves the worker's round trip, which a publisher
+            // with a window of publishes in flight waits for.
+            let ack_here = chat.cluster.is_none() && chat.storage.acks_at_home();
             match home.room.sequence(&user, &id, shard.clock.get()) {
                 Sequenced::New(seq) => {
                     m.publishes.inc();
@@ -1136,6 +1139,7 @@ fn dispatch_request(shard: &Shard, req: Request) {
                     };
                     let epoch = home.epoch.clone();
                     drop(homes);
+                    let ack = ack_here.then(|| proto::ack(&id, &room, seq, false, true));
                     let record = Record {
                         room,
                         seq,
@@ -1145,19 +1149,27 @@ fn dispatch_request(shard: &Shard, req: Request) {
                         body,
                         epoch,
                     };
-                    // The ack comes from the worker once the message is stored.
+                    // The ack comes from the worker once the message is
+                    // stored, or from here once the worker has it.
                     chat.storage.send(
                         chat.me,
                         Op::Append {
                             record,
-                            ack_to: conn,
+                            ack_to: (!ack_here).then_some(conn),
                             fanout,
                         },
                     );
+                    if let Some(ack) = ack {
+                        chat.to_conn(shard, conn, ack);
+                    }
                 }
                 Sequenced::Duplicate(seq) => {
                     drop(homes);
                     m.duplicate_publishes.inc();
+                    if ack_here {
+                        chat.to_conn(shard, conn, proto::ack(&id, &room, seq, true, true));
+                        return;
+                    }
                     chat.storage.send(
                         chat.me,
                         Op::DuplicateAck {

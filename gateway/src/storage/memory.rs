@@ -138,6 +138,13 @@ impl Backend for MemoryStore {
         false
     }
 
+    /// Appends only push to a map in this process. A conflict takes two
+    /// homes numbering one room, which only a cluster has, and homes in a
+    /// cluster never ack at home.
+    fn writes_cannot_fail(&self) -> bool {
+        true
+    }
+
     fn presence(&mut self, _ops: &[PresenceOp]) -> Result<(), StoreError> {
         Ok(())
     }

@@ -134,6 +134,12 @@ pub trait Backend: Send {
     fn fetch(&mut self, room: &str, q: Query) -> Result<(RoomMeta, Vec<Record>), StoreError>;
     /// Does this store keep presence (so presence queries go to it)?
     fn keeps_presence(&self) -> bool;
+    /// Can no write fail, and none conflict outside a cluster (the store
+    /// lives in this process)? Then a message handed to the worker is as
+    /// good as stored, and homes outside a cluster ack it themselves.
+    fn writes_cannot_fail(&self) -> bool {
+        false
+    }
     fn presence(&mut self, ops: &[PresenceOp]) -> Result<(), StoreError>;
     /// Users present in a room (each once).
     fn presence_list(&mut self, room: &str) -> Result<Vec<String>, StoreError>;
@@ -146,10 +152,11 @@ pub trait Backend: Send {
 /// Work for the storage worker.
 #[derive(Debug)]
 pub enum Op {
-    /// Store a sequenced message and then ack it to `ack_to`.
+    /// Store a sequenced message and then ack it to `ack_to` (`None`: the
+    /// home acked it already, see [`Storage::acks_at_home`]).
     Append {
         record: Record,
-        ack_to: ConnRef,
+        ack_to: Option<ConnRef>,
         /// In a cluster: the message's frame, sent back as
         /// [`Reply::Stored`] once it is stored, for the fan-out.
         fanout: Option<Arc<[u8]>>,
@@ -331,6 +338,7 @@ pub struct Storage {
     inboxes: Arc<[Inbox]>,
     cap: usize,
     keeps_presence: bool,
+    acks_at_home: bool,
     /// Set by the worker while neither the store nor the spill file takes
     /// writes: shards refuse publishes instead of sequencing them.
     failing: Arc<AtomicBool>,
@@ -405,6 +413,16 @@ impl Storage {
     pub fn keeps_presence(&self) -> bool {
         self.keeps_presence
     }
+
+    /// Writes cannot fail, nor conflict outside a cluster (the embedded
+    /// memory store): a home that is not in a cluster acks a publish
+    /// `stored:true` as soon as it has handed the message to the worker,
+    /// instead of after the worker's round trip. A `history` sent after such
+    /// an ack still sees the message: its read enters the worker's one FIFO
+    /// channel after the write did.
+    pub fn acks_at_home(&self) -> bool {
+        self.acks_at_home
+    }
 }
 
 /// The running worker.
@@ -449,6 +467,7 @@ pub fn start_with(
     let inboxes: Arc<[Inbox]> = (0..shards).map(|_| Inbox::new()).collect();
     let metrics = Arc::new(StorageMetrics::default());
     let keeps_presence = backend.keeps_presence();
+    let acks_at_home = backend.writes_cannot_fail();
     let failing = Arc::new(AtomicBool::new(false));
     let spill = match &config.kind {
         StoreKind::Memory => None,
@@ -480,6 +499,7 @@ pub fn start_with(
             inboxes,
             cap,
             keeps_presence,
+            acks_at_home,
             failing,
             metrics,
         },

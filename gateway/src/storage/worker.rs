@@ -54,7 +54,8 @@ enum State {
 enum PendingAck {
     New {
         from: u16,
-        to: ConnRef,
+        /// `None`: the home acked it.
+        to: Option<ConnRef>,
         index: usize,
         fanout: Option<Arc<[u8]>>,
     },
@@ -366,8 +367,10 @@ impl Worker {
                         id: r.id.clone(),
                         seq: r.seq,
                     });
-                    let frame = proto::error(ErrorCode::RoomMoving, Some(&r.id), Some(&r.room));
-                    self.reply_via(*from, *to, frame);
+                    if let Some(to) = to {
+                        let frame = proto::error(ErrorCode::RoomMoving, Some(&r.id), Some(&r.room));
+                        self.reply_via(*from, *to, frame);
+                    }
                     continue;
                 }
             }
@@ -388,6 +391,7 @@ impl Worker {
                             frame,
                         });
                     }
+                    let Some(to) = to else { continue };
                     (from, to, proto::ack(&r.id, &r.room, r.seq, false, stored))
                 }
                 PendingAck::Duplicate {

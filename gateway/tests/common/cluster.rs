@@ -9,11 +9,22 @@ use std::{
 
 use super::{chat::SECRET, eventually, http};
 
+/// A port for a child process to listen on. Taken below Linux's ephemeral
+/// range (32768 and up): a port the kernel handed out and we released could
+/// become the source port of any outgoing connection (a node's mesh or
+/// Redis link) before the child binds it. Each test process walks its own
+/// stretch of the range, one port per call, skipping ports in use.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = 20_000 + (std::process::id() % 100) as u16 * 120;
+    for _ in 0..120 {
+        let port = base + NEXT.fetch_add(1, Ordering::Relaxed) % 120;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 127.0.0.1:{base}..{}", base + 120)
 }
 
 pub struct Node {
