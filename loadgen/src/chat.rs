@@ -97,6 +97,7 @@ use crate::{
     config::{ChatPlan, Target},
     exec::{self, Gate},
     report::{self, JsonLine, Latency},
+    scan::{self, Body},
 };
 
 /// The subprotocol offered in every upgrade.
@@ -357,14 +358,6 @@ struct Incoming<'a> {
     /// `joined` after a join with a resume point.
     recovered: Option<bool>,
     missed: Option<u64>,
-}
-
-/// The fields of a publish body this client reads; `pad` is skipped.
-#[derive(Debug, Deserialize)]
-struct Body {
-    t: Option<u64>,
-    p: Option<u64>,
-    n: Option<u64>,
 }
 
 /// Appends one masked `publish` text frame whose `body` is `size` bytes
@@ -910,6 +903,22 @@ impl State {
 
     /// One whole text message from the server.
     fn on_message(&mut self, bytes: &[u8], now: Instant) {
+        if let Some(m) = scan::msg(bytes) {
+            let m = Incoming {
+                kind: "msg",
+                room: m.room,
+                seq: m.seq,
+                id: m.id,
+                body: m.body,
+                code: None,
+                message: None,
+                duplicate: false,
+                epoch: None,
+                recovered: None,
+                missed: None,
+            };
+            return self.on_msg(&m, now);
+        }
         let m: Incoming = match serde_json::from_slice(bytes) {
             Ok(m) => m,
             Err(e) => {

@@ -17,6 +17,8 @@
 //! - `reactor`: each executor's epoll set of client sockets and the task
 //!   that wakes the connections (so the server is not charged for
 //!   interrupting loadgen).
+//! - `scan`: the fast path that reads `msg` frames without serde (serde
+//!   still reads everything else, and anything unusual).
 //! - `report`: percentiles, the human lines and the one-line JSON record.
 //! - `sys`: the crate's only `unsafe`: socket and rlimit knobs.
 //!
@@ -36,6 +38,7 @@ pub mod exec;
 pub mod hold;
 mod reactor;
 pub mod report;
+mod scan;
 mod sys;
 
 use std::sync::{atomic::AtomicBool, Arc};
