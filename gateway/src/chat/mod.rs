@@ -1139,7 +1139,7 @@ fn dispatch_request(shard: &Shard, req: Request) {
                     };
                     let epoch = home.epoch.clone();
                     drop(homes);
-                    let ack = ack_here.then(|| proto::ack(&id, &room, seq, false, true));
+                    let ack = ack_here.then(|| (id.clone(), room.clone()));
                     let record = Record {
                         room,
                         seq,
@@ -1151,7 +1151,7 @@ fn dispatch_request(shard: &Shard, req: Request) {
                     };
                     // The ack comes from the worker once the message is
                     // stored, or from here once the worker has it.
-                    chat.storage.send(
+                    let handed = chat.storage.send(
                         chat.me,
                         Op::Append {
                             record,
@@ -1159,8 +1159,9 @@ fn dispatch_request(shard: &Shard, req: Request) {
                             fanout,
                         },
                     );
-                    if let Some(ack) = ack {
-                        chat.to_conn(shard, conn, ack);
+                    if let Some((id, room)) = ack {
+                        let frame = proto::ack(&id, &room, seq, false, handed);
+                        chat.to_conn(shard, conn, frame);
                     }
                 }
                 Sequenced::Duplicate(seq) => {

@@ -384,17 +384,20 @@ impl Storage {
     /// Hands `op` over after the caller checked [`Storage::has_room`] (or,
     /// for loads, the doubled bound). Every op is gated so, which keeps the
     /// channel (room for twice the bound per shard, and more) from filling:
-    /// this never blocks.
-    pub fn send(&self, from: usize, op: Op) {
+    /// this never blocks. False if the op was dropped all the same (a bound
+    /// was not checked, or the worker is gone).
+    pub fn send(&self, from: usize, op: Op) -> bool {
         self.pending[from].fetch_add(1, Ordering::AcqRel);
-        if let Err(e) = self.tx.try_send((from as u16, op)) {
-            self.pending[from].fetch_sub(1, Ordering::AcqRel);
-            if e.is_full() {
-                log::error!(
-                    "storage: channel full, an operation was dropped (a bound was not checked)"
-                );
-            }
+        let Err(e) = self.tx.try_send((from as u16, op)) else {
+            return true;
+        };
+        self.pending[from].fetch_sub(1, Ordering::AcqRel);
+        if e.is_full() {
+            log::error!(
+                "storage: channel full, an operation was dropped (a bound was not checked)"
+            );
         }
+        false
     }
 
     /// Neither the store nor the spill file takes writes.
