@@ -491,14 +491,37 @@ fn hard_cap_server() -> TestServer {
     ])
 }
 
+/// Shrinks the member's receive buffer: with it never reading, the server's
+/// queue for it grows at once.
+fn stall(member: &Chat) {
+    socket2::SockRef::from(member.ws.get_ref())
+        .set_recv_buffer_size(4096)
+        .unwrap();
+}
+
+/// The one stalled member was closed as a slow consumer and no room's feed
+/// holds frames for it any more.
+fn assert_cut_off_and_let_go(server: &TestServer, why: &str) {
+    assert!(
+        eventually(Duration::from_secs(5), || server
+            .metric("corecast_slow_consumer_closes_total", "")
+            == 1),
+        "{why}: the stalled member is past its 256 KiB hard cap"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || server
+            .metric("corecast_room_feed_bytes", "")
+            == 0),
+        "{why}: no room holds frames for it"
+    );
+}
+
 #[test]
 fn a_member_past_the_hard_cap_is_cut_off_and_its_frames_let_go() {
     let server = hard_cap_server();
     let mut stalled = Chat::connect(&server, "stalled");
     stalled.join("wide");
-    socket2::SockRef::from(stalled.ws.get_ref())
-        .set_recv_buffer_size(4096)
-        .unwrap();
+    stall(&stalled);
     let mut publisher = Chat::connect(&server, "pub");
     publisher.join("wide");
     let body = "z".repeat(8000);
@@ -508,19 +531,7 @@ fn a_member_past_the_hard_cap_is_cut_off_and_its_frames_let_go() {
         // Read our own copy too: the publisher keeps up.
         while publisher.recv_type("msg")["seq"] != i + 1 {}
     }
-    assert!(
-        eventually(Duration::from_secs(5), || server
-            .metric("corecast_slow_consumer_closes_total", "")
-            == 1),
-        "12 MB went by: the stalled member is over its 256 KiB hard cap"
-    );
-    // Nobody still has to send anything: the feed holds nothing.
-    assert!(
-        eventually(Duration::from_secs(5), || server
-            .metric("corecast_room_feed_bytes", "")
-            == 0),
-        "the room's frames are let go"
-    );
+    assert_cut_off_and_let_go(&server, "12 MB went by");
     drop(stalled);
 }
 
@@ -537,27 +548,14 @@ fn a_stalled_member_of_many_rooms_is_closed_and_no_room_keeps_its_frames() {
         stalled.join(room);
         publisher.join(room);
     }
-    socket2::SockRef::from(stalled.ws.get_ref())
-        .set_recv_buffer_size(4096)
-        .unwrap();
+    stall(&stalled);
     let body = "w".repeat(8000);
     for i in 0..1600 {
         let room = &rooms[i % rooms.len()];
         publisher.send(json!({"type":"publish","room":room,"id":i.to_string(),"body":body}));
         while publisher.recv_type("msg")["id"] != i.to_string().as_str() {}
     }
-    assert!(
-        eventually(Duration::from_secs(5), || server
-            .metric("corecast_slow_consumer_closes_total", "")
-            == 1),
-        "12 MB over 8 rooms: the stalled member is past its hard cap"
-    );
-    assert!(
-        eventually(Duration::from_secs(5), || server
-            .metric("corecast_room_feed_bytes", "")
-            == 0),
-        "no room holds frames for it"
-    );
+    assert_cut_off_and_let_go(&server, "12 MB over 8 rooms");
     drop(stalled);
 }
 
