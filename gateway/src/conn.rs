@@ -95,6 +95,8 @@ pub struct ConnShared {
     /// Its place in the feed of each room it is in on this shard: room
     /// frames are sent from the feeds' bytes, after `out`.
     feeds: RefCell<Vec<Cursor>>,
+    /// On the shard's list for the next flush round (see `flush`).
+    pub flush_pending: Cell<bool>,
 }
 
 impl ConnShared {
@@ -113,6 +115,7 @@ impl ConnShared {
             chat: RefCell::new(None),
             congestion_epoch: Cell::new(0),
             feeds: RefCell::new(Vec::new()),
+            flush_pending: Cell::new(false),
         }
     }
 

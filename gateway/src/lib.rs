@@ -11,6 +11,8 @@
 //!   back-pressure.
 //! - `feed`: a room's frames on one shard, sent from the same bytes to
 //!   every local member.
+//! - `flush`: flush rounds: room members are woken a slice at a time, and
+//!   connections with input are read between slices.
 //! - [`chat`]: the `corecast.v1` chat endpoint: sessions, rooms homed on
 //!   shards, cross-shard fan-out over glommio's channel mesh, direct
 //!   messages, presence.
@@ -34,6 +36,7 @@ pub mod chat;
 pub mod config;
 mod conn;
 mod feed;
+mod flush;
 mod inbox;
 pub mod mesh;
 pub mod metrics;

@@ -37,6 +37,7 @@ use crate::{
     chat::{self, ChatShard, Delivery, Request},
     config::Limits,
     conn::{self, ConnShared},
+    flush::{self, Flusher},
     metrics::ShardMetrics,
     readiness::{self, Poller, Waiter},
 };
@@ -60,11 +61,31 @@ pub struct Shard {
     pub chat: ChatShard,
     /// The listener's readiness and the acceptor waiting on it.
     pub accepting: Waiter,
+    /// Room members waiting for the next flush round.
+    pub flusher: Flusher,
 }
 
 impl Shard {
     pub fn metrics(&self) -> &ShardMetrics {
         &self.all_metrics[self.id]
+    }
+}
+
+/// Hands one epoll event to whoever waits for it: the acceptor, or the
+/// connection the token names (if it is still the same connection).
+pub fn on_event(shard: &Shard, token: u64, flags: rustix::event::epoll::EventFlags) {
+    if token == readiness::LISTENER {
+        if shard.accepting.io.set(flags) {
+            shard.accepting.wake();
+        }
+        return;
+    }
+    let (key, gen) = readiness::split_token(token);
+    let conns = shard.conns.borrow();
+    if let Some(c) = conns.get(key).filter(|c| c.gen == gen) {
+        if c.ready.io.set(flags) {
+            c.wake();
+        }
     }
 }
 
@@ -146,12 +167,15 @@ pub async fn run(setup: ShardSetup) {
         next_gen: Cell::new(0),
         chat: ChatShard::new(settings, req_tx, del_tx, storage, node, mesh),
         accepting: Waiter::default(),
+        flusher: Flusher::default(),
     });
     chat::spawn_tasks(&shard, req_rx, del_rx);
-    // The epoll set belongs to these two tasks only, so it is closed when
-    // both are gone (a task still waiting when the executor ends is never
-    // dropped, and other tasks keep the shard alive).
+    // The epoll set belongs to these three tasks only (the flusher just
+    // collects from it between slices), so it is closed when all are gone
+    // (a task still waiting when the executor ends is never dropped, and
+    // other tasks keep the shard alive).
     let poller = Rc::new(poller);
+    let flusher = glommio::spawn_local(flush::run(shard.clone(), poller.clone()));
     let dispatcher = glommio::spawn_local(dispatch(shard.clone(), poller.clone()));
     let acceptor = glommio::spawn_local(accept_loop(shard.clone(), poller, listener));
     let tick = tick(&limits);
@@ -185,6 +209,7 @@ pub async fn run(setup: ShardSetup) {
     // here. Returning ends the executor, which drops every remaining
     // connection task and with it its socket.
     dispatcher.cancel().await;
+    flusher.cancel().await;
 }
 
 /// Refreshes the clock and wakes the connections whose deadline passed.
@@ -207,21 +232,7 @@ fn sweep(shard: &Shard) {
 /// Collects the epoll set's events and wakes whoever waited for them.
 async fn dispatch(shard: Rc<Shard>, poller: Rc<Poller>) {
     let mut last_warning: Option<Instant> = None;
-    let on_event = |token, flags| {
-        if token == readiness::LISTENER {
-            if shard.accepting.io.set(flags) {
-                shard.accepting.wake();
-            }
-            return;
-        }
-        let (key, gen) = readiness::split_token(token);
-        let conns = shard.conns.borrow();
-        if let Some(c) = conns.get(key).filter(|c| c.gen == gen) {
-            if c.ready.io.set(flags) {
-                c.wake();
-            }
-        }
-    };
+    let on_event = |token, flags| on_event(&shard, token, flags);
     let on_error = |what: String| warn_sometimes(&shard, &mut last_warning, &what);
     poller.dispatch(on_event, on_error).await;
 }

@@ -44,29 +44,12 @@ fn every_member_on_every_shard_gets_every_message_once_in_one_order() {
     let mut acks: HashMap<String, u64> = HashMap::new();
     let mut orders = Vec::new();
     for (i, m) in members.iter_mut().enumerate() {
-        let mut order = Vec::new();
-        while order.len() < 100 {
-            let v = m.recv();
-            match v["type"].as_str().unwrap() {
-                "msg" => {
-                    assert_eq!(
-                        v["seq"].as_u64().unwrap(),
-                        order.len() as u64 + 1,
-                        "member {i}: gapless, in order"
-                    );
-                    order.push(v["id"].as_str().unwrap().to_string());
-                }
-                "ack" => {
-                    acks.insert(
-                        v["id"].as_str().unwrap().to_string(),
-                        v["seq"].as_u64().unwrap(),
-                    );
-                }
-                "presence_event" => {}
-                other => panic!("member {i}: unexpected {other}: {v}"),
-            }
-        }
-        orders.push(order);
+        orders.push(receive_in_order(m, i, 100, |v| {
+            acks.insert(
+                v["id"].as_str().unwrap().to_string(),
+                v["seq"].as_u64().unwrap(),
+            );
+        }));
     }
     // Acks may trail the messages on the publishers' own connections.
     for p in 0..4 {
@@ -111,6 +94,35 @@ fn every_member_on_every_shard_gets_every_message_once_in_one_order() {
         server.metric("corecast_deliveries_total", ""),
         100 * 40 + 820
     );
+}
+
+/// Reads member `i`'s frames until it has `count` room messages, checking
+/// that their seqs run 1, 2, 3, ...; returns their ids in that order.
+/// Acks go to `on_ack`, presence events are skipped.
+fn receive_in_order(
+    m: &mut Chat,
+    i: usize,
+    count: usize,
+    mut on_ack: impl FnMut(&Value),
+) -> Vec<String> {
+    let mut order = Vec::new();
+    while order.len() < count {
+        let v = m.recv();
+        match v["type"].as_str().unwrap() {
+            "msg" => {
+                assert_eq!(
+                    v["seq"].as_u64().unwrap(),
+                    order.len() as u64 + 1,
+                    "member {i}: gapless, in order"
+                );
+                order.push(v["id"].as_str().unwrap().to_string());
+            }
+            "ack" => on_ack(&v),
+            "presence_event" => {}
+            other => panic!("member {i}: unexpected {other}: {v}"),
+        }
+    }
+    order
 }
 
 #[test]
@@ -610,4 +622,37 @@ fn only_one_close_frame_when_a_violation_follows_our_close() {
     let mut rest = Vec::new();
     let _ = std::io::Read::read_to_end(&mut s, &mut rest);
     assert!(rest.is_empty(), "bytes after our close frame: {rest:x?}");
+}
+
+/// A room with more members on one shard than a flush round wakes at a
+/// time: publishers are read between the round's slices, and still every
+/// member gets every message once, in one order.
+#[test]
+fn a_room_larger_than_a_flush_slice_gets_every_message_in_order() {
+    let server = chat_server(&["--shards", "1"]);
+    let mut members: Vec<Chat> = (0..150)
+        .map(|i| Chat::connect(&server, &format!("user-{i}")))
+        .collect();
+    for m in members.iter_mut() {
+        m.join("big");
+    }
+    // Three publishers, each sending its next message without waiting for
+    // the acks, so they are read while earlier rounds are going out.
+    let publishers = [0, 70, 149];
+    for n in 0..40 {
+        for &p in &publishers {
+            members[p].send(
+                json!({"type":"publish","room":"big","id":format!("p{p}-{n}"),"body":{"n":n}}),
+            );
+        }
+    }
+    let mut first: Option<Vec<String>> = None;
+    for (i, m) in members.iter_mut().enumerate() {
+        let order = receive_in_order(m, i, 120, |_| {});
+        match &first {
+            None => first = Some(order),
+            Some(f) => assert_eq!(&order, f, "member {i}: the same order as member 0"),
+        }
+    }
+    assert_eq!(server.metric("corecast_publishes_total", ""), 120);
 }

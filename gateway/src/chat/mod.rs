@@ -1401,7 +1401,7 @@ fn handle_delivery(shard: &Shard, d: Delivery) {
             // Members still resuming hold the frame, whether or not the
             // shard has members that already receive the room.
             hold_for_recovering(shard, &room, &frame);
-            // Waking, cutting off and timing members touches only their
+            // Scheduling, cutting off and timing members touches only their
             // own flags and cursors, never the room table, so the borrow
             // can stay.
             let rooms = chat.local_rooms.borrow();
@@ -1412,7 +1412,7 @@ fn handle_delivery(shard: &Shard, d: Delivery) {
             if local.feed.push(frame) {
                 for &(key, gen) in &local.members {
                     if let Some(c) = lookup_key(shard, key, gen) {
-                        c.wake();
+                        shard.flusher.schedule(&c, key, gen);
                     }
                 }
             }
