@@ -11,18 +11,26 @@
 //! that many frames. Reading publishers during the round lets the frames of
 //! several of their turns ride in each member's one `send`.
 //!
-//! The interleaving is a preference, not a promise: it stops while the
-//! shard's room feeds hold more than half an outbound budget (see
-//! [`Flusher::interleave`]), and rounds then run as if publishers were read
-//! once per round. So a member's backlog grows no faster than the feeds
-//! allow, and nobody is closed as a slow consumer for the shard's choice.
+//! The interleaving is a preference, not a promise: a read between slices
+//! starts only while the shard's room feeds hold less than half an outbound
+//! budget (see [`Flusher::interleave`]); above that, rounds run as if
+//! publishers were read once per round, as before flush rounds. That is a
+//! soft bound on what the extra turns add to members' backlogs, not a hard
+//! one: one read can take in more than the rest of the half budget, and
+//! frames a member already moved into its own output (behind an ack, say)
+//! are no longer counted in the feeds. The hard bounds stay where they
+//! were: the outbound budget, the slow-consumer timeout and the 4× cap.
 //!
 //! # Invariants
 //! - Owned by one shard; `!Send` (`RefCell`, `Rc`).
-//! - A connection is on the list at most once (`ConnShared::flush_pending`),
-//!   so the list is bounded by the shard's connections; it never refuses.
-//! - Each round wakes each listed member once, in list order; a member woken
-//!   by a frame that arrives during a round goes on the next round's list.
+//! - A connection is on the list at most once (`ConnShared::flush_pending`):
+//!   one entry per connection per round, plus the entries of connections
+//!   that closed since (the round skips them by generation). It never
+//!   refuses.
+//! - The flusher wakes each listed member once per round, in list order; a
+//!   member scheduled by a frame that arrives after its slice was woken goes
+//!   on the next round's list. (A member may also send in between, woken by
+//!   its own input or socket: the flusher's wake then finds little to do.)
 //! - Only wakes: a member's task does its own `send`, so its output order,
 //!   its back-pressure and its slow-consumer clock are unchanged.
 //! - Never blocks: the collect between slices is `epoll_wait` with a zero
@@ -65,9 +73,9 @@ impl Flusher {
     }
 
     /// Whether to read input between slices now: only while the room feeds
-    /// hold less than half an outbound budget. A member's backlog is at
-    /// most what its rooms' feeds hold, so the extra turns can never take
-    /// a member that keeps reading past its budget.
+    /// hold less than half an outbound budget, so the extra turns stop
+    /// adding to members' backlogs once those are large (a soft bound, see
+    /// the module's doc).
     fn interleave(shard: &Shard) -> bool {
         shard.chat.feed_bytes.get() < (shard.limits.outbound_budget_bytes / 2) as u64
     }
@@ -88,6 +96,8 @@ pub async fn run(shard: Rc<Shard>, poller: Rc<Poller>) {
         })
         .await;
         let round = std::mem::take(&mut *flusher.next.borrow_mut());
+        let m = shard.metrics();
+        m.flush_rounds.inc();
         let slices = round.len().div_ceil(SLICE);
         for (i, slice) in round.chunks(SLICE).enumerate() {
             wake_slice(&shard, slice);
@@ -95,6 +105,7 @@ pub async fn run(shard: Rc<Shard>, poller: Rc<Poller>) {
                 break;
             }
             if Flusher::interleave(&shard) {
+                m.flush_reads_between_slices.inc();
                 // Errors are the dispatcher's to report; it collects next.
                 let _ = poller.collect(|token, flags| shard::on_event(&shard, token, flags));
             }

@@ -122,6 +122,10 @@ pub struct ShardMetrics {
     /// Bytes of room frames held for local members that have not sent
     /// them (gauge, refreshed every sweeper tick).
     pub room_feed_bytes: Counter,
+    /// Flush rounds run, and the times a round read sockets with input
+    /// between two of its slices (see `flush`).
+    pub flush_rounds: Counter,
+    pub flush_reads_between_slices: Counter,
     /// Publishes sequenced by this shard as a room's home.
     pub publishes: Counter,
     /// Retried publishes answered with their original ack.
@@ -180,7 +184,7 @@ pub fn render(
         &'static str,
         fn(&ShardMetrics) -> &Counter,
     );
-    let simple: [Series; 29] = [
+    let simple: [Series; 31] = [
         (
             "corecast_io_buffers_lent",
             "gauge",
@@ -288,6 +292,18 @@ pub fn render(
             "gauge",
             "Bytes of room frames held once per shard for the local members that have not sent them yet (refreshed every sweeper tick).",
             |m| &m.room_feed_bytes,
+        ),
+        (
+            "corecast_flush_rounds_total",
+            "counter",
+            "Flush rounds: passes that wake the room members with new frames, 64 at a time.",
+            |m| &m.flush_rounds,
+        ),
+        (
+            "corecast_flush_reads_between_slices_total",
+            "counter",
+            "Times a flush round read the sockets with input (publishers) between two of its slices.",
+            |m| &m.flush_reads_between_slices,
         ),
         (
             "corecast_publishes_total",

@@ -625,7 +625,7 @@ fn only_one_close_frame_when_a_violation_follows_our_close() {
 }
 
 /// A room with more members on one shard than a flush round wakes at a
-/// time: publishers are read between the round's slices, and still every
+/// time: the round runs in slices with reads in between, and still every
 /// member gets every message once, in one order.
 #[test]
 fn a_room_larger_than_a_flush_slice_gets_every_message_in_order() {
@@ -655,4 +655,7 @@ fn a_room_larger_than_a_flush_slice_gets_every_message_in_order() {
         }
     }
     assert_eq!(server.metric("corecast_publishes_total", ""), 120);
+    // Rounds of 150 members run in three slices, with reads in between.
+    assert!(server.metric("corecast_flush_rounds_total", "") > 0);
+    assert!(server.metric("corecast_flush_reads_between_slices_total", "") > 0);
 }
