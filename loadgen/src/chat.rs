@@ -904,19 +904,6 @@ impl State {
     /// One whole text message from the server.
     fn on_message(&mut self, bytes: &[u8], now: Instant) {
         if let Some(m) = scan::msg(bytes) {
-            let m = Incoming {
-                kind: "msg",
-                room: m.room,
-                seq: m.seq,
-                id: m.id,
-                body: m.body,
-                code: None,
-                message: None,
-                duplicate: false,
-                epoch: None,
-                recovered: None,
-                missed: None,
-            };
             return self.on_msg(&m, now);
         }
         let m: Incoming = match serde_json::from_slice(bytes) {
@@ -927,7 +914,15 @@ impl State {
             }
         };
         match m.kind {
-            "msg" => self.on_msg(&m, now),
+            "msg" => self.on_msg(
+                &scan::Msg {
+                    room: m.room.map(str::as_bytes),
+                    seq: m.seq,
+                    id: m.id.map(str::as_bytes),
+                    body: m.body,
+                },
+                now,
+            ),
             "ack" => self.on_ack(&m, now),
             "error" => {
                 self.ctx.count(|c| c.errors += 1);
@@ -953,7 +948,7 @@ impl State {
         }
     }
 
-    fn on_msg(&mut self, m: &Incoming, now: Instant) {
+    fn on_msg(&mut self, m: &scan::Msg, now: Instant) {
         if !self.started {
             // The gate opened on this thread and a publisher was quicker
             // than this connection's switch to running: the message is ours.
@@ -966,10 +961,10 @@ impl State {
         let (Some(seq), Some(body)) = (m.seq, m.body.as_ref()) else {
             return self.bad_frame(&"a msg without seq or body");
         };
-        if m.room != Some(room.as_str()) {
+        if m.room != Some(room.as_bytes()) {
             return self.bad_frame(&format_args!(
                 "a msg for room {:?} on a connection in {room}",
-                m.room
+                m.room.map(String::from_utf8_lossy)
             ));
         }
         if self.skip > 0 && seq <= self.skip_upto {
