@@ -12,14 +12,19 @@
 //! several of their turns ride in each member's one `send`.
 //!
 //! The interleaving is a preference, not a promise: a read between slices
-//! starts only while the shard's room feeds hold less than half an outbound
-//! budget (see [`Flusher::interleave`]); above that, rounds run as if
-//! publishers were read once per round, as before flush rounds. That is a
-//! soft bound on what the extra turns add to members' backlogs, not a hard
-//! one: one read can take in more than the rest of the half budget, and
-//! frames a member already moved into its own output (behind an ack, say)
-//! are no longer counted in the feeds. The hard bounds stay where they
-//! were: the outbound budget, the slow-consumer timeout and the 4× cap.
+//! starts only while less than half an outbound budget of room frames was
+//! appended on the shard since the round began (see [`Flusher::interleave`]);
+//! past that, the rest of the round runs as if publishers were read once per
+//! round, as before flush rounds. A member that keeps reading sent
+//! everything up to its slice of the last round, so what it has queued is
+//! what came after: the extra turns of a round add at most about half a
+//! budget to it.
+//! That is a soft bound, not a hard one (one read can take in more than the
+//! rest of the half budget); the hard bounds stay where they were: the
+//! outbound budget, the slow-consumer timeout and the 4× cap. Counting what
+//! the round appended, not what the feeds hold, keeps one member that stopped
+//! reading (whose backlog the feeds hold until it is closed) from turning
+//! the interleaving off for the whole shard.
 //!
 //! # Invariants
 //! - Owned by one shard; `!Send` (`RefCell`, `Rc`).
@@ -37,7 +42,7 @@
 //!   timeout; no `RefCell` borrow is held across an `.await`.
 
 use std::{
-    cell::RefCell,
+    cell::{Cell, RefCell},
     future::poll_fn,
     rc::Rc,
     task::{Poll, Waker},
@@ -58,6 +63,10 @@ pub struct Flusher {
     /// `(slab key, generation)` of each member to wake.
     next: RefCell<Vec<(u32, u32)>>,
     waker: RefCell<Option<Waker>>,
+    /// Bytes of room frames ever appended to the shard's feeds, and the
+    /// count when the current round began.
+    appended: Cell<u64>,
+    round_began: Cell<u64>,
 }
 
 impl Flusher {
@@ -72,12 +81,23 @@ impl Flusher {
         }
     }
 
-    /// Whether to read input between slices now: only while the room feeds
-    /// hold less than half an outbound budget, so the extra turns stop
-    /// adding to members' backlogs once those are large (a soft bound, see
-    /// the module's doc).
-    fn interleave(shard: &Shard) -> bool {
-        shard.chat.feed_bytes.get() < (shard.limits.outbound_budget_bytes / 2) as u64
+    /// Takes the members of the round that starts now.
+    fn begin_round(&self) -> Vec<(u32, u32)> {
+        self.round_began.set(self.appended.get());
+        std::mem::take(&mut *self.next.borrow_mut())
+    }
+
+    /// Counts a room frame appended to one of the shard's feeds.
+    pub fn appended(&self, bytes: usize) {
+        self.appended.set(self.appended.get() + bytes as u64);
+    }
+
+    /// Whether to read input between slices now: only while the round has
+    /// seen less than half an outbound budget of room frames appended, so
+    /// the extra turns stop adding to members' backlogs once the round is
+    /// large (a soft bound, see the module's doc).
+    fn interleave(&self, budget: usize) -> bool {
+        self.appended.get() - self.round_began.get() < (budget / 2) as u64
     }
 }
 
@@ -95,7 +115,7 @@ pub async fn run(shard: Rc<Shard>, poller: Rc<Poller>) {
             }
         })
         .await;
-        let round = std::mem::take(&mut *flusher.next.borrow_mut());
+        let round = flusher.begin_round();
         let m = shard.metrics();
         m.flush_rounds.inc();
         let slices = round.len().div_ceil(SLICE);
@@ -104,7 +124,7 @@ pub async fn run(shard: Rc<Shard>, poller: Rc<Poller>) {
             if i + 1 == slices {
                 break;
             }
-            if Flusher::interleave(&shard) {
+            if flusher.interleave(shard.limits.outbound_budget_bytes) {
                 m.flush_reads_between_slices.inc();
                 // Errors are the dispatcher's to report; it collects next.
                 let _ = poller.collect(|token, flags| shard::on_event(&shard, token, flags));
@@ -138,4 +158,26 @@ async fn yield_now() {
         }
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_what_the_round_appends_stops_the_reads_between_slices() {
+        let budget = 64 * 1024;
+        let f = Flusher::default();
+        // A backlog appended before the round (a member that stopped
+        // reading, say) does not count against it.
+        f.appended(10 * budget);
+        f.begin_round();
+        assert!(f.interleave(budget));
+        f.appended(budget / 2 - 1);
+        assert!(f.interleave(budget), "under half a budget this round");
+        f.appended(1);
+        assert!(!f.interleave(budget), "half a budget appended this round");
+        f.begin_round();
+        assert!(f.interleave(budget), "the next round starts from zero");
+    }
 }

@@ -1409,6 +1409,7 @@ fn handle_delivery(shard: &Shard, d: Delivery) {
                 return;
             };
             shard.metrics().deliveries.add(local.members.len() as u64);
+            shard.flusher.appended(frame.len());
             if local.feed.push(frame) {
                 for &(key, gen) in &local.members {
                     if let Some(c) = lookup_key(shard, key, gen) {
