@@ -13,18 +13,19 @@
 //!
 //! The interleaving is a preference, not a promise: a read between slices
 //! starts only while less than half an outbound budget of room frames was
-//! appended on the shard since the round began (see [`Flusher::interleave`]);
-//! past that, the rest of the round runs as if publishers were read once per
-//! round, as before flush rounds. A member that keeps reading sent
-//! everything up to its slice of the last round, so what it has queued is
-//! what came after: the extra turns of a round add at most about half a
-//! budget to it.
+//! appended on the shard since the round began, or the shard's feeds hold
+//! less than half a budget in all (see [`Flusher::interleave`]); otherwise
+//! the rest of the round runs as if publishers were read once per round, as
+//! before flush rounds. A member that keeps reading sent everything up to
+//! its slice of the last round, so what it has queued is what came after:
+//! the extra turns of a round add at most about half a budget to it; and
+//! feeds that hold less than half a budget hold less than that for anyone.
 //! That is a soft bound, not a hard one (one read can take in more than the
 //! rest of the half budget); the hard bounds stay where they were: the
 //! outbound budget, the slow-consumer timeout and the 4× cap. Counting what
-//! the round appended, not what the feeds hold, keeps one member that stopped
-//! reading (whose backlog the feeds hold until it is closed) from turning
-//! the interleaving off for the whole shard.
+//! the round appended, not only what the feeds hold, keeps one member that
+//! stopped reading (whose backlog the feeds hold until it is closed) from
+//! turning the interleaving off for the whole shard.
 //!
 //! # Invariants
 //! - Owned by one shard; `!Send` (`RefCell`, `Rc`).
@@ -92,12 +93,15 @@ impl Flusher {
         self.appended.set(self.appended.get() + bytes as u64);
     }
 
-    /// Whether to read input between slices now: only while the round has
-    /// seen less than half an outbound budget of room frames appended, so
-    /// the extra turns stop adding to members' backlogs once the round is
-    /// large (a soft bound, see the module's doc).
-    fn interleave(&self, budget: usize) -> bool {
-        self.appended.get() - self.round_began.get() < (budget / 2) as u64
+    /// Whether to read input between slices now: while the round has seen
+    /// less than half an outbound budget of room frames appended, or the
+    /// shard's feeds (`held`) hold less than that in all. Either keeps
+    /// reading members' backlogs small (a soft bound, see the module's
+    /// doc); the first also while one member that stopped reading makes the
+    /// feeds hold a lot.
+    fn interleave(&self, budget: usize, held: u64) -> bool {
+        let half = (budget / 2) as u64;
+        self.appended.get() - self.round_began.get() < half || held < half
     }
 }
 
@@ -124,7 +128,10 @@ pub async fn run(shard: Rc<Shard>, poller: Rc<Poller>) {
             if i + 1 == slices {
                 break;
             }
-            if flusher.interleave(shard.limits.outbound_budget_bytes) {
+            if flusher.interleave(
+                shard.limits.outbound_budget_bytes,
+                shard.chat.feed_bytes.get(),
+            ) {
                 m.flush_reads_between_slices.inc();
                 // Errors are the dispatcher's to report; it collects next.
                 let _ = poller.collect(|token, flags| shard::on_event(&shard, token, flags));
@@ -167,17 +174,25 @@ mod tests {
     #[test]
     fn only_what_the_round_appends_stops_the_reads_between_slices() {
         let budget = 64 * 1024;
+        // The feeds hold a stalled member's backlog: more than the budget.
+        let held = 4 * budget as u64;
         let f = Flusher::default();
-        // A backlog appended before the round (a member that stopped
-        // reading, say) does not count against it.
+        // A backlog appended before the round does not count against it.
         f.appended(10 * budget);
         f.begin_round();
-        assert!(f.interleave(budget));
+        assert!(f.interleave(budget, held));
         f.appended(budget / 2 - 1);
-        assert!(f.interleave(budget), "under half a budget this round");
+        assert!(f.interleave(budget, held), "under half a budget this round");
         f.appended(1);
-        assert!(!f.interleave(budget), "half a budget appended this round");
+        assert!(!f.interleave(budget, held), "half a budget this round");
+        assert!(
+            f.interleave(budget, budget as u64 / 2 - 1),
+            "the feeds hold little: members have little queued"
+        );
         f.begin_round();
-        assert!(f.interleave(budget), "the next round starts from zero");
+        assert!(
+            f.interleave(budget, held),
+            "the next round starts from zero"
+        );
     }
 }
