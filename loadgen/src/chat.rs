@@ -918,7 +918,6 @@ impl State {
                 &scan::Msg {
                     room: m.room.map(str::as_bytes),
                     seq: m.seq,
-                    id: m.id.map(str::as_bytes),
                     body: m.body,
                 },
                 now,
