@@ -84,9 +84,27 @@ pub struct Config {
     pub slow_consumer_timeout_ms: u64,
 
     /// On SIGINT/SIGTERM, how long to wait for clients to finish the close
-    /// handshake before exiting, in ms.
+    /// handshake before exiting, in ms. It also bounds the stop: a shard
+    /// still running this long after the close began is left behind and
+    /// the process exits 1, naming it.
     #[arg(long, env = "CORECAST_DRAIN_TIMEOUT_MS", default_value_t = 10_000)]
     pub drain_timeout_ms: u64,
+
+    /// On SIGINT/SIGTERM, how long `/readyz` answers 503 `draining` while
+    /// the listeners stay open and every client is still served, in ms;
+    /// then clients get close 1001 and the listeners close. Gives a load
+    /// balancer time to see the failing check and stop sending new
+    /// connections (Kubernetes: 5000-15000; HAProxy-style checks: at least
+    /// `inter` × `fall`). 0 (the default) closes at once.
+    #[arg(long, env = "CORECAST_DRAIN_DELAY_MS", default_value_t = 0)]
+    pub drain_delay_ms: u64,
+
+    /// How long the shards have to start (connect their cross-shard rings
+    /// and watch their listeners), in ms. A start takes milliseconds; one
+    /// that does not finish in time exits 1 naming the shards still
+    /// starting, rather than holding the port and answering nobody.
+    #[arg(long, env = "CORECAST_START_TIMEOUT_MS", default_value_t = 10_000)]
+    pub start_timeout_ms: u64,
 
     /// HS256 secret that access tokens for /ws are signed with (at least 32
     /// bytes). Without it only --allow-anonymous clients get in.
@@ -97,7 +115,8 @@ pub struct Config {
     #[arg(long, env = "CORECAST_JWT_LEEWAY_S", default_value_t = 30)]
     pub jwt_leeway_s: u64,
 
-    /// Development only: let /ws clients without a token in as `anon-N`.
+    /// Development only: let /ws clients without a token in as
+    /// `anon-<shard>.<n>` (in a cluster `anon-<node-id>.<shard>.<n>`).
     #[arg(long, env = "CORECAST_ALLOW_ANONYMOUS")]
     pub allow_anonymous: bool,
 
@@ -428,6 +447,8 @@ pub struct Limits {
     pub outbound_budget_bytes: usize,
     pub slow_consumer_timeout: Duration,
     pub drain_timeout: Duration,
+    pub drain_delay: Duration,
+    pub start_timeout: Duration,
 }
 
 /// Where each shard runs.
@@ -465,6 +486,7 @@ impl Config {
             );
         }
         for (name, v) in [
+            ("--start-timeout-ms", self.start_timeout_ms),
             ("--handshake-timeout-ms", self.handshake_timeout_ms),
             ("--idle-timeout-ms", self.idle_timeout_ms),
             ("--close-timeout-ms", self.close_timeout_ms),
@@ -479,6 +501,17 @@ impl Config {
                 "--ping-interval-ms ({}) must be below --idle-timeout-ms ({}) or the idle timeout fires before a ping can be answered",
                 self.ping_interval_ms, self.idle_timeout_ms
             ));
+        }
+        for (name, v) in [
+            ("--drain-delay-ms", self.drain_delay_ms),
+            ("--drain-timeout-ms", self.drain_timeout_ms),
+            ("--start-timeout-ms", self.start_timeout_ms),
+        ] {
+            if v > 3_600_000 {
+                return err(format!(
+                    "{name} ({v}) is over an hour: the value is in milliseconds"
+                ));
+            }
         }
         if self.backlog == 0 {
             return err("--backlog must be at least 1".into());
@@ -517,6 +550,8 @@ impl Config {
             outbound_budget_bytes: self.outbound_budget_bytes,
             slow_consumer_timeout: ms(self.slow_consumer_timeout_ms),
             drain_timeout: ms(self.drain_timeout_ms),
+            drain_delay: ms(self.drain_delay_ms),
+            start_timeout: ms(self.start_timeout_ms),
         })
     }
 

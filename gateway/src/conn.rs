@@ -662,7 +662,7 @@ impl Conn {
             },
             "/healthz" => self.reply(200, "text/plain; charset=utf-8", b"ok\n"),
             "/readyz" => {
-                if self.shard.draining.get() {
+                if self.shard.draining() {
                     self.reply(503, "text/plain; charset=utf-8", b"draining\n")
                 } else if !self.shard.chat.cluster_ready() {
                     self.reply(
@@ -679,7 +679,7 @@ impl Conn {
                     &self.shard.all_metrics,
                     Some(&self.shard.chat.storage),
                     self.shard.chat.mesh(),
-                    self.shard.draining.get(),
+                    self.shard.draining(),
                 );
                 self.reply(
                     200,
@@ -709,7 +709,11 @@ impl Conn {
 
     fn refuse(&mut self, r: Refusal) {
         self.m().handshake_failed(r);
-        self.push(|out| r.write_response(out));
+        let head = self
+            .inbuf
+            .as_ref()
+            .is_some_and(|b| handshake::is_head(b.filled()));
+        self.push(|out| r.write_response_to(out, head));
         self.close_after_flush();
     }
 

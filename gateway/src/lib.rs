@@ -20,6 +20,8 @@
 //!   and presence in memory or Redis, circuit breaker and spill file.
 //! - [`mesh`]: the cross-node ZeroMQ PUB/SUB mesh thread, node liveness
 //!   and the Redis node registry.
+//! - `rings`: the cross-shard rings, one per ordered pair of shards,
+//!   built before the shards start.
 //! - `inbox`: a shard's mailbox from a helper thread.
 //! - [`readiness`]: a shard's epoll set: which sockets have input or room
 //!   (loadgen's executors use it too).
@@ -41,6 +43,7 @@ mod inbox;
 pub mod mesh;
 pub mod metrics;
 pub mod readiness;
+mod rings;
 pub mod server;
 mod shard;
 pub mod shutdown;
@@ -51,17 +54,18 @@ pub mod ws;
 use std::net::SocketAddr;
 
 pub use config::Config;
-pub use server::{run, Server};
+pub use server::{run, Fault, Server};
 
 /// Why the gateway could not start or stopped badly.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("invalid configuration: {0}")]
     Config(#[from] config::ConfigError),
-    #[error("bind {addr}: {source}{hint}")]
+    #[error("bind {addr}: {what}{hint}")]
     Bind {
         addr: SocketAddr,
-        source: std::io::Error,
+        /// What the kernel said, in words.
+        what: String,
         hint: &'static str,
     },
     #[error("storage: {0}")]
@@ -72,4 +76,12 @@ pub enum Error {
     Executor { shard: usize, message: String },
     #[error("shard {shard} failed: {message}")]
     ShardFailed { shard: usize, message: String },
+    #[error("shards {shards:?} did not start within {timeout_ms} ms ({stuck}); stopped the node")]
+    StartTimeout {
+        shards: Vec<usize>,
+        timeout_ms: u64,
+        stuck: String,
+    },
+    #[error("shards {shards:?} did not stop within the drain timeout; exited without them (the log says what they were doing)")]
+    StopDeadline { shards: Vec<usize> },
 }

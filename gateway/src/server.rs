@@ -13,19 +13,20 @@ use std::{
     net::SocketAddr,
     os::fd::OwnedFd,
     sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
+        atomic::{AtomicBool, AtomicU8, Ordering},
+        mpsc, Arc,
     },
+    time::{Duration, Instant},
 };
 
-use glommio::{channels::channel_mesh::MeshBuilder, LocalExecutorBuilder, Placement};
+use glommio::{LocalExecutorBuilder, Placement};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::{
     chat,
     config::{Config, Limits, ShardPlan},
     metrics::ShardMetrics,
-    shard,
+    rings, shard,
     shutdown::{self, Trigger},
     Error,
 };
@@ -43,6 +44,18 @@ pub struct Server {
     mesh: Option<crate::mesh::MeshConfig>,
     listeners: Vec<OwnedFd>,
     local_addr: SocketAddr,
+    fault: Option<Fault>,
+}
+
+/// A fault a test injects into one shard, to check what the node does when
+/// a shard is stuck. Not for production use.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The shard waits forever before connecting its rings.
+    StallStart(usize),
+    /// The shard waits forever once told to stop, before it closes anything.
+    IgnoreStop(usize),
 }
 
 impl Server {
@@ -52,17 +65,25 @@ impl Server {
         let plan = config.placement()?;
         let storage = config.storage()?;
         let mesh = config.mesh(&storage)?;
+        crate::storage::check(&storage)?;
         let addr = config.listen;
         let bind_err = |source: io::Error| {
-            let hint = match source.kind() {
-                io::ErrorKind::AddrInUse => " (is another gateway running? pass --listen)",
-                io::ErrorKind::PermissionDenied => {
-                    " (ports below 1024 need privileges; pick another port)"
-                }
-                io::ErrorKind::AddrNotAvailable => " (that address is not on this machine)",
-                _ => "",
+            let (what, hint) = match source.kind() {
+                io::ErrorKind::AddrInUse => (
+                    "address in use".to_string(),
+                    " (is another gateway running? pass --listen)",
+                ),
+                io::ErrorKind::PermissionDenied => (
+                    "permission denied".to_string(),
+                    " (ports below 1024 need privileges; pick another port)",
+                ),
+                io::ErrorKind::AddrNotAvailable => (
+                    "address not available".to_string(),
+                    " (that address is not on this machine)",
+                ),
+                _ => (source.to_string(), ""),
             };
-            Error::Bind { addr, source, hint }
+            Error::Bind { addr, what, hint }
         };
         if addr.port() != 0 {
             // SO_REUSEPORT would let us share the port with another process
@@ -91,7 +112,15 @@ impl Server {
             mesh,
             listeners,
             local_addr,
+            fault: None,
         })
+    }
+
+    /// Injects a fault into one shard (tests only).
+    #[doc(hidden)]
+    pub fn inject(mut self, fault: Fault) -> Server {
+        self.fault = Some(fault);
+        self
     }
 
     /// The address the listeners are bound to (useful with port 0).
@@ -99,9 +128,11 @@ impl Server {
         self.local_addr
     }
 
-    /// Runs the shards until `shutdown` completes, then drains: stops
-    /// accepting, closes every WebSocket with 1001, waits up to the drain
-    /// timeout, returns.
+    /// Runs the shards until `shutdown` completes, then drains: `/readyz`
+    /// answers 503 for the drain delay while everything else goes on, then
+    /// the shards stop accepting, close every WebSocket with 1001 and wait
+    /// up to the drain timeout. A shard still running half a second after
+    /// that is left behind and named in [`Error::StopDeadline`].
     pub fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         let Server {
             config,
@@ -111,6 +142,7 @@ impl Server {
             mesh,
             listeners,
             local_addr,
+            fault,
         } = self;
         log::info!(
             "corecast gateway {} listening on {local_addr}: {} shards, {}; backlog {}",
@@ -123,7 +155,7 @@ impl Server {
             config.backlog
         );
         log::info!(
-            "limits: max_frame_bytes={} max_message_bytes={} max_header_bytes={} handshake_timeout_ms={} idle_timeout_ms={} ping_interval_ms={} close_timeout_ms={} outbound_budget_bytes={} slow_consumer_timeout_ms={} drain_timeout_ms={}",
+            "limits: max_frame_bytes={} max_message_bytes={} max_header_bytes={} handshake_timeout_ms={} idle_timeout_ms={} ping_interval_ms={} close_timeout_ms={} outbound_budget_bytes={} slow_consumer_timeout_ms={} drain_delay_ms={} drain_timeout_ms={}",
             config.max_frame_bytes,
             config.max_message_bytes,
             config.max_header_bytes,
@@ -133,6 +165,7 @@ impl Server {
             config.close_timeout_ms,
             config.outbound_budget_bytes,
             config.slow_consumer_timeout_ms,
+            config.drain_delay_ms,
             config.drain_timeout_ms
         );
         let metrics: Arc<[ShardMetrics]> =
@@ -153,29 +186,35 @@ impl Server {
             },
             None => (None, None),
         };
-        let requests = MeshBuilder::full(plan.shards, chat::RING_SLOTS);
-        let deliveries = MeshBuilder::full(plan.shards, chat::RING_SLOTS);
-        let stop = Arc::new(AtomicBool::new(false));
+        let mut requests = rings::build(plan.shards, chat::RING_SLOTS).into_iter();
+        let mut deliveries = rings::build(plan.shards, chat::RING_SLOTS).into_iter();
+        let node_state = Arc::new(NodeState::new(plan.shards));
         let (exited, any_exited) = shutdown::channel();
+        let (exits_tx, exits) = mpsc::channel();
         let mut handles = Vec::with_capacity(plan.shards);
         for (id, listener) in listeners.into_iter().enumerate() {
             let placement = match &plan.pinned {
                 Some(cpus) => Placement::Fixed(cpus[id]),
                 None => Placement::Unbound,
             };
-            let guard = ExitGuard(exited.clone());
+            let guard = ExitGuard {
+                id,
+                exits: exits_tx.clone(),
+                fired: exited.clone(),
+            };
             let setup = shard::ShardSetup {
                 id,
                 listener,
                 limits,
                 all_metrics: metrics.clone(),
-                stop: stop.clone(),
+                node_state: node_state.clone(),
                 chat: chat_settings.clone(),
-                requests: requests.clone(),
-                deliveries: deliveries.clone(),
+                requests: requests.next().expect("one set of rings per shard"),
+                deliveries: deliveries.next().expect("one set of rings per shard"),
                 storage: store.clone(),
                 node,
                 mesh: mesh.clone(),
+                fault,
             };
             let spawned = LocalExecutorBuilder::new(placement)
                 .name(&format!("shard-{id}"))
@@ -187,7 +226,7 @@ impl Server {
             match spawned {
                 Ok(h) => handles.push(h),
                 Err(e) => {
-                    stop.store(true, Ordering::Release);
+                    node_state.close();
                     for h in handles {
                         let _ = h.join();
                     }
@@ -204,7 +243,17 @@ impl Server {
                 }
             }
         }
-        let early_exit = futures_lite::future::block_on(futures_lite::future::or(
+        drop(exits_tx);
+        if let Err(e) = wait_for_start(&node_state, &exits, limits.start_timeout) {
+            node_state.close();
+            let _ = wait_for_shards(handles, None, &exits, limits.drain_timeout + STOP_GRACE);
+            worker.stop(&store);
+            if let Some(t) = mesh_thread {
+                t.stop();
+            }
+            return Err(e);
+        }
+        let mut early_exit = futures_lite::future::block_on(futures_lite::future::or(
             async {
                 shutdown.await;
                 false
@@ -214,6 +263,23 @@ impl Server {
                 true
             },
         ));
+        let mut ended_early = None;
+        if !early_exit && !limits.drain_delay.is_zero() {
+            node_state.draining.store(true, Ordering::Release);
+            log::info!(
+                "draining: /readyz answers 503 for {} ms while the listeners stay open and clients are served",
+                limits.drain_delay.as_millis()
+            );
+            // A shard that ends during the delay ends it.
+            match exits.recv_timeout(limits.drain_delay) {
+                Ok(id) => {
+                    ended_early = Some(id);
+                    early_exit = true;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => early_exit = true,
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+        }
         if early_exit {
             log::error!("a shard stopped unexpectedly; shutting the node down");
         } else {
@@ -222,19 +288,31 @@ impl Server {
                 limits.drain_timeout.as_millis()
             );
         }
-        stop.store(true, Ordering::Release);
-        let mut result = Ok(());
-        for (id, h) in handles.into_iter().enumerate() {
-            if let Err(e) = h.join() {
-                result = Err(Error::ShardFailed {
-                    shard: id,
-                    message: e.to_string(),
-                });
+        node_state.close();
+        let unfinished = wait_for_shards(
+            handles,
+            ended_early,
+            &exits,
+            limits.drain_timeout + STOP_GRACE,
+        );
+        let mut result = match unfinished {
+            Ok(()) => Ok(()),
+            Err(Unfinished::Failed { shard, message }) => {
+                Err(Error::ShardFailed { shard, message })
             }
-        }
-        // The shards are gone: the worker writes what it holds, then stops.
-        // The store first: the other nodes take this node's rooms over once
-        // the mesh stops, and must find every message it sequenced stored.
+            Err(Unfinished::Running(shards)) => {
+                log::error!(
+                    "shards {shards:?} did not stop within the drain timeout ({} ms) plus {} ms: exiting without them",
+                    limits.drain_timeout.as_millis(),
+                    STOP_GRACE.as_millis()
+                );
+                Err(Error::StopDeadline { shards })
+            }
+        };
+        // The shards are gone (or left behind): the worker writes what it
+        // holds, then stops. The store first: the other nodes take this
+        // node's rooms over once the mesh stops, and must find every message
+        // it sequenced stored.
         worker.stop(&store);
         if let Some(t) = mesh_thread {
             t.stop();
@@ -252,12 +330,193 @@ impl Server {
     }
 }
 
-/// Fires when a shard's thread ends, however it ends (including a panic).
-struct ExitGuard(Trigger);
+/// What `run` and the shards tell each other about starting and stopping.
+#[derive(Debug)]
+pub struct NodeState {
+    /// `/readyz` answers 503 `draining`; everything else goes on (set by
+    /// `run`).
+    pub draining: AtomicBool,
+    /// Close: stop accepting, close every connection with 1001, end (set by
+    /// `run`).
+    pub stop: AtomicBool,
+    /// Per shard, how far its start got ([`Stage`]; set by the shard).
+    stages: Box<[AtomicU8]>,
+}
+
+/// How far a shard's start got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Stage {
+    /// The thread is being set up (io_uring rings, registered memory).
+    Spawned,
+    /// Connecting its cross-shard rings: waits for every other shard.
+    Rings,
+    /// Creating its epoll set and watching its listener.
+    Epoll,
+    /// Accepting and serving.
+    Serving,
+}
+
+impl Stage {
+    fn from_u8(v: u8) -> Stage {
+        match v {
+            0 => Stage::Spawned,
+            1 => Stage::Rings,
+            2 => Stage::Epoll,
+            _ => Stage::Serving,
+        }
+    }
+
+    fn doing(self) -> &'static str {
+        match self {
+            Stage::Spawned => "setting up its executor",
+            Stage::Rings => "connecting its cross-shard rings",
+            Stage::Epoll => "watching its listener",
+            Stage::Serving => "serving",
+        }
+    }
+}
+
+impl NodeState {
+    fn new(shards: usize) -> NodeState {
+        NodeState {
+            draining: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            stages: (0..shards)
+                .map(|_| AtomicU8::new(Stage::Spawned as u8))
+                .collect(),
+        }
+    }
+
+    pub fn set_stage(&self, shard: usize, stage: Stage) {
+        self.stages[shard].store(stage as u8, Ordering::Release);
+    }
+
+    fn stage(&self, shard: usize) -> Stage {
+        Stage::from_u8(self.stages[shard].load(Ordering::Acquire))
+    }
+
+    fn close(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.stop.store(true, Ordering::Release);
+    }
+}
+
+/// Waits until every shard serves. A shard that ends first, or one still
+/// starting at `limit`, fails the start.
+fn wait_for_start(
+    state: &NodeState,
+    exits: &mpsc::Receiver<usize>,
+    limit: Duration,
+) -> Result<(), Error> {
+    let shards = state.stages.len();
+    let deadline = Instant::now() + limit;
+    loop {
+        if (0..shards).all(|i| state.stage(i) == Stage::Serving) {
+            log::info!("all {shards} shards serving");
+            return Ok(());
+        }
+        match exits.recv_timeout(Duration::from_millis(2)) {
+            Ok(id) => {
+                return Err(Error::ShardFailed {
+                    shard: id,
+                    message: format!("ended while {}", state.stage(id).doing()),
+                })
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(Error::ShardFailed {
+                    shard: usize::MAX,
+                    message: "every shard ended while starting".into(),
+                })
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        if Instant::now() >= deadline {
+            let stuck: Vec<usize> = (0..shards)
+                .filter(|&i| state.stage(i) != Stage::Serving)
+                .collect();
+            let doing = stuck
+                .iter()
+                .map(|&i| format!("shard {i} {}", state.stage(i).doing()))
+                .collect::<Vec<_>>()
+                .join(", ");
+            log::error!(
+                "start failed: {doing} after {} ms; stopping the node",
+                limit.as_millis()
+            );
+            return Err(Error::StartTimeout {
+                shards: stuck,
+                timeout_ms: limit.as_millis() as u64,
+                stuck: doing,
+            });
+        }
+    }
+}
+
+/// How long past the drain timeout `run` waits for a shard's thread: the
+/// shard gives up on close handshakes at the drain timeout itself, and its
+/// executor then only drops what is left.
+const STOP_GRACE: Duration = Duration::from_millis(500);
+
+/// Says when a shard's thread ends, however it ends (including a panic).
+struct ExitGuard {
+    id: usize,
+    exits: mpsc::Sender<usize>,
+    fired: Trigger,
+}
 
 impl Drop for ExitGuard {
     fn drop(&mut self) {
-        self.0.fire();
+        let _ = self.exits.send(self.id);
+        self.fired.fire();
+    }
+}
+
+enum Unfinished {
+    /// A shard's thread panicked.
+    Failed { shard: usize, message: String },
+    /// These shards were still running at the deadline.
+    Running(Vec<usize>),
+}
+
+/// Joins every shard thread that ends within `limit`; the others are
+/// detached and named.
+fn wait_for_shards(
+    handles: Vec<glommio::ExecutorJoinHandle<()>>,
+    ended: Option<usize>,
+    exits: &mpsc::Receiver<usize>,
+    limit: Duration,
+) -> Result<(), Unfinished> {
+    let deadline = Instant::now() + limit;
+    let mut done = vec![false; handles.len()];
+    if let Some(id) = ended {
+        done[id] = true;
+    }
+    while done.iter().any(|d| !d) {
+        match exits.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(id) => done[id] = true,
+            Err(_) => break,
+        }
+    }
+    let mut failed = None;
+    let mut running = Vec::new();
+    for (id, h) in handles.into_iter().enumerate() {
+        if !done[id] {
+            running.push(id);
+            continue;
+        }
+        // Its guard is gone, so the thread is at its very end.
+        if let Err(e) = h.join() {
+            failed.get_or_insert(Unfinished::Failed {
+                shard: id,
+                message: e.to_string(),
+            });
+        }
+    }
+    match failed {
+        Some(f) => Err(f),
+        None if running.is_empty() => Ok(()),
+        None => Err(Unfinished::Running(running)),
     }
 }
 

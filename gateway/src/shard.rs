@@ -18,10 +18,7 @@ use std::{
     io,
     os::fd::{AsFd, OwnedFd},
     rc::Rc,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
+    sync::{atomic::Ordering, Arc},
     task::Poll,
     time::{Duration, Instant},
 };
@@ -29,8 +26,6 @@ use std::{
 use glommio::timer::Timer;
 use rustix::{io::Errno, net::SocketFlags};
 use slab::Slab;
-
-use glommio::channels::channel_mesh::FullMesh;
 
 use crate::{
     buf::BufPool,
@@ -40,6 +35,8 @@ use crate::{
     flush::{self, Flusher},
     metrics::ShardMetrics,
     readiness::{self, Poller, Waiter},
+    rings::ShardRings,
+    server::{Fault, NodeState, Stage},
 };
 
 /// State every connection of the shard shares.
@@ -54,8 +51,8 @@ pub struct Shard {
     /// Coarse clock, refreshed every tick; read on the hot path instead of
     /// asking the kernel for the time on every read.
     pub clock: Cell<Instant>,
-    /// Set once the server started shutting down.
-    pub draining: Cell<bool>,
+    /// The node's stop, as `run` sets it.
+    pub node_state: Arc<NodeState>,
     /// Generation of the last connection accepted (see `ConnShared::gen`).
     pub next_gen: Cell<u32>,
     pub chat: ChatShard,
@@ -68,6 +65,11 @@ pub struct Shard {
 impl Shard {
     pub fn metrics(&self) -> &ShardMetrics {
         &self.all_metrics[self.id]
+    }
+
+    /// The node is stopping: `/readyz` says 503 `draining`.
+    pub fn draining(&self) -> bool {
+        self.node_state.draining.load(Ordering::Acquire)
     }
 }
 
@@ -112,14 +114,15 @@ pub struct ShardSetup {
     pub listener: OwnedFd,
     pub limits: Limits,
     pub all_metrics: Arc<[ShardMetrics]>,
-    pub stop: Arc<AtomicBool>,
+    pub node_state: Arc<NodeState>,
     pub chat: chat::Settings,
-    pub requests: FullMesh<Request>,
-    pub deliveries: FullMesh<Delivery>,
+    pub requests: ShardRings<Request>,
+    pub deliveries: ShardRings<Delivery>,
     pub storage: crate::storage::Storage,
     /// This node's tag, and the mesh when the node runs in a cluster.
     pub node: crate::mesh::NodeTag,
     pub mesh: Option<crate::mesh::Mesh>,
+    pub fault: Option<Fault>,
 }
 
 /// Runs a shard until `stop` is set and its connections have drained.
@@ -129,22 +132,24 @@ pub async fn run(setup: ShardSetup) {
         listener,
         limits,
         all_metrics,
-        stop,
+        node_state,
         chat: settings,
         requests,
         deliveries,
         storage,
         node,
         mesh,
+        fault,
     } = setup;
-    // Every shard joins both meshes before any accepts: a join completes
-    // once all peers have joined.
-    let (Ok((req_tx, req_rx)), Ok((del_tx, del_rx))) =
-        (requests.join().await, deliveries.join().await)
-    else {
-        log::error!("shard {id}: could not join the cross-shard rings");
-        return;
-    };
+    if fault == Some(Fault::StallStart(id)) {
+        std::future::pending::<()>().await;
+    }
+    // Every shard connects its rings before any accepts: a connect
+    // completes once the peer on the other end connected too.
+    node_state.set_stage(id, Stage::Rings);
+    let (req_tx, req_rx) = requests.connect().await;
+    let (del_tx, del_rx) = deliveries.connect().await;
+    node_state.set_stage(id, Stage::Epoll);
     let poller = match Poller::new() {
         Ok(p) => p,
         Err(e) => {
@@ -163,7 +168,7 @@ pub async fn run(setup: ShardSetup) {
         pool: BufPool::default(),
         conns: RefCell::new(Slab::new()),
         clock: Cell::new(Instant::now()),
-        draining: Cell::new(false),
+        node_state: node_state.clone(),
         next_gen: Cell::new(0),
         chat: ChatShard::new(settings, req_tx, del_tx, storage, node, mesh),
         accepting: Waiter::default(),
@@ -178,16 +183,19 @@ pub async fn run(setup: ShardSetup) {
     let flusher = glommio::spawn_local(flush::run(shard.clone(), poller.clone()));
     let dispatcher = glommio::spawn_local(dispatch(shard.clone(), poller.clone()));
     let acceptor = glommio::spawn_local(accept_loop(shard.clone(), poller, listener));
+    node_state.set_stage(id, Stage::Serving);
     let tick = tick(&limits);
-    while !stop.load(Ordering::Acquire) {
+    while !node_state.stop.load(Ordering::Acquire) {
         Timer::new(tick).await;
         sweep(&shard);
+    }
+    if fault == Some(Fault::IgnoreStop(id)) {
+        std::future::pending::<()>().await;
     }
 
     // Drain: stop accepting (dropping the task closes the listener; the
     // kernel moves new connections to the other shards' listeners while
     // they last), then ask every connection to close with 1001.
-    shard.draining.set(true);
     drop(acceptor);
     for (_, c) in shard.conns.borrow().iter() {
         c.shutdown.set(true);

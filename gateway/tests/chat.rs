@@ -356,6 +356,8 @@ fn bad_requests_get_error_frames_and_the_connection_stays() {
     }
     c.ws.send(Message::text("not json")).unwrap();
     assert_eq!(c.recv_type("error")["code"], "bad_request");
+    // Every error frame so far is counted, the unparseable ones included.
+    assert_eq!(server.metric("corecast_chat_errors_total", ""), 7);
     c.join("a");
     c.send(json!({"type":"join","room":"a"}));
     assert_eq!(c.recv_type("error")["code"], "already_joined");

@@ -185,5 +185,11 @@ fn bind_conflict_is_a_clear_error() {
         .err()
         .expect("port is taken");
     let text = err.to_string();
-    assert!(text.contains("is another gateway running"), "{text}");
+    assert_eq!(
+        text,
+        format!(
+            "bind {}: address in use (is another gateway running? pass --listen)",
+            server.addr
+        )
+    );
 }

@@ -46,16 +46,14 @@ use corecast_router::{
     home_shard,
     room::{HomeRoom, Sequenced},
 };
-use glommio::{
-    channels::channel_mesh::{Receivers, Senders},
-    GlommioError, ResourceType,
-};
+use glommio::{GlommioError, ResourceType};
 
 use crate::{
     auth::Verifier,
     conn::ConnShared,
     feed::{self, Feed},
     mesh::{Mesh, NodeTag},
+    rings::{Receivers, Senders},
     shard::Shard,
     storage::{self, Op, PresenceOp, Query, Record, Recover, Reply, RoomMeta, Storage},
 };

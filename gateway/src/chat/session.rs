@@ -210,6 +210,7 @@ pub fn on_text(shard: &Shard, conn: &ConnShared, me: ConnRef, text: &[u8]) -> Ou
                     "authentication required: send connect first",
                 );
             }
+            m.chat_errors.inc();
             conn.push_own(shard, &proto::error(ErrorCode::BadRequest, None, None));
             return Outcome::Continue;
         }

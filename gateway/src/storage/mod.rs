@@ -444,6 +444,23 @@ impl WorkerHandle {
     }
 }
 
+/// Checks what can be checked before the node binds anything: the spill
+/// directory of the `redis` store must be writable and not locked by
+/// another gateway.
+pub fn check(config: &StorageConfig) -> Result<(), StartError> {
+    match &config.kind {
+        StoreKind::Memory => Ok(()),
+        StoreKind::Redis { .. } => {
+            spill::check(&config.spill_dir, &config.node_id).map_err(|source| {
+                StartError::SpillDir {
+                    dir: config.spill_dir.clone(),
+                    source,
+                }
+            })
+        }
+    }
+}
+
 /// Starts the worker for `shards` shards.
 pub fn start(config: &StorageConfig, shards: usize) -> Result<(Storage, WorkerHandle), StartError> {
     let backend: Box<dyn Backend> = match &config.kind {

@@ -48,26 +48,38 @@ struct Line<'a> {
     epoch: std::borrow::Cow<'a, str>,
 }
 
-impl Spill {
-    /// Opens (or creates) `dir/<node>.spill` and locks it.
-    pub fn open(dir: &Path, node: &str) -> io::Result<Spill> {
-        std::fs::create_dir_all(dir)?;
-        let path = dir.join(format!("{node}.spill"));
-        let file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .open(&path)?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(io::Error::other(format!(
+/// Checks that `dir/<node>.spill` can be created, written and locked, and
+/// lets it go again: a start refuses an unusable spill directory before it
+/// binds anything.
+pub fn check(dir: &Path, node: &str) -> io::Result<()> {
+    open_locked(dir, node).map(drop)
+}
+
+fn open_locked(dir: &Path, node: &str) -> io::Result<(File, PathBuf)> {
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join(format!("{node}.spill"));
+    let file = OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .open(&path)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            return Err(io::Error::other(format!(
                 "{} is locked by another gateway (give each node its own --node-id or --spill-dir)",
                 path.display()
             )))
-            }
-            Err(std::fs::TryLockError::Error(e)) => return Err(e),
         }
+        Err(std::fs::TryLockError::Error(e)) => return Err(e),
+    }
+    Ok((file, path))
+}
+
+impl Spill {
+    /// Opens (or creates) `dir/<node>.spill` and locks it.
+    pub fn open(dir: &Path, node: &str) -> io::Result<Spill> {
+        let (file, path) = open_locked(dir, node)?;
         let mut len = file.metadata()?.len();
         if len > 0 {
             let whole = last_newline(&file, len)?;

@@ -123,32 +123,46 @@ impl Refusal {
             Refusal::UnsupportedSubprotocol => {
                 "unsupported subprotocol: this endpoint speaks corecast.v1"
             }
-            Refusal::NotFound => "no such path (try /ws, /echo, /healthz or /metrics)",
+            Refusal::NotFound => "no such path (try /ws, /echo, /healthz, /readyz or /metrics)",
             Refusal::Timeout => "request not received within the handshake timeout",
         }
     }
 
     /// Appends the full HTTP response for this refusal.
     pub fn write_response(self, out: &mut Vec<u8>) {
+        self.write_response_to(out, false)
+    }
+
+    /// Appends the HTTP response for this refusal; to a `HEAD` request
+    /// (`head`) without the body, which HTTP forbids there (RFC 9110 §9.3.2),
+    /// but with the `Content-Length` a `GET` would have had.
+    pub fn write_response_to(self, out: &mut Vec<u8>, head: bool) {
         let extra: &str = match self {
             Refusal::UnsupportedWsVersion => "Sec-WebSocket-Version: 13\r\n",
             Refusal::UpgradeRequired => "Upgrade: websocket\r\n",
             Refusal::MethodNotAllowed => "Allow: GET\r\n",
             _ => "",
         };
+        let mut body = self.reason().as_bytes().to_vec();
+        body.push(b'\n');
+        let before = out.len();
         write_response(
             out,
             self.status(),
             extra,
             "text/plain; charset=utf-8",
-            {
-                let mut body = self.reason().as_bytes().to_vec();
-                body.push(b'\n');
-                body
-            }
-            .as_slice(),
+            &body,
         );
+        if head {
+            out.truncate(out.len() - body.len());
+            debug_assert!(out[before..].ends_with(b"\r\n\r\n"));
+        }
     }
+}
+
+/// Whether `request` (the start of one) is a `HEAD` request.
+pub fn is_head(request: &[u8]) -> bool {
+    request.starts_with(b"HEAD ")
 }
 
 /// The parts of a request the gateway routes on.

@@ -25,12 +25,11 @@ pub struct TestServer {
 impl TestServer {
     /// Starts a gateway with the given extra flags.
     pub fn start(args: &[&str]) -> TestServer {
-        // RUST_LOG=info shows the gateway's log when a test is run by hand.
-        let _ = env_logger::try_init();
-        let mut argv = vec!["gateway", "--listen", "127.0.0.1:0"];
-        argv.extend_from_slice(args);
-        let config = Config::try_parse_from(argv).expect("valid test flags");
-        let server = Server::bind(config).expect("bind");
+        TestServer::start_bound(bind(args))
+    }
+
+    /// Runs a server that is already bound (with a fault injected, say).
+    pub fn start_bound(server: Server) -> TestServer {
         let addr = server.local_addr();
         let (trigger, fired) = shutdown::channel();
         let handle = std::thread::spawn(move || server.run(fired));
@@ -53,6 +52,23 @@ impl TestServer {
             .unwrap()
             .join()
             .expect("server thread panicked")
+    }
+
+    /// Fires shutdown (as SIGTERM does) without waiting.
+    pub fn begin_stop(&self) {
+        self.trigger.fire();
+    }
+
+    /// Waits up to `within` for `run` to return; None if it has not.
+    pub fn join_within(&mut self, within: Duration) -> Option<Result<(), Error>> {
+        let end = Instant::now() + within;
+        while !self.handle.as_ref()?.is_finished() {
+            if Instant::now() >= end {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Some(self.handle.take()?.join().expect("server thread panicked"))
     }
 
     /// Reads one sample from /metrics, summed over shards.
@@ -80,10 +96,20 @@ impl TestServer {
 impl Drop for TestServer {
     fn drop(&mut self) {
         self.trigger.fire();
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
+        // A server that cannot stop (the test failed) is left behind rather
+        // than hanging the test binary.
+        let _ = self.join_within(Duration::from_secs(30));
     }
+}
+
+/// Parses the flags and binds a gateway on 127.0.0.1:0 (not running yet).
+pub fn bind(args: &[&str]) -> Server {
+    // RUST_LOG=info shows the gateway's log when a test is run by hand.
+    let _ = env_logger::try_init();
+    let mut argv = vec!["gateway", "--listen", "127.0.0.1:0"];
+    argv.extend_from_slice(args);
+    let config = Config::try_parse_from(argv).expect("valid test flags");
+    Server::bind(config).expect("bind")
 }
 
 pub type Client = tungstenite::WebSocket<TcpStream>;
