@@ -14,7 +14,7 @@
 //! - `flush`: flush rounds: room members are woken a slice at a time, and
 //!   connections with input are read between slices.
 //! - [`chat`]: the `corecast.v1` chat endpoint: sessions, rooms homed on
-//!   shards, cross-shard fan-out over glommio's channel mesh, direct
+//!   shards, cross-shard fan-out over the rings, direct
 //!   messages, presence.
 //! - [`storage`]: the storage worker thread: history, resume, sequences
 //!   and presence in memory or Redis, circuit breaker and spill file.

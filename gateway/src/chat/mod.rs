@@ -13,7 +13,7 @@
 //! # Invariants
 //! - [`ChatShard`] is owned by one shard (`!Send`). Other shards reach it only
 //!   through [`Request`]s (to a home) and [`Delivery`]s (from a home), carried
-//!   by two glommio channel meshes; other nodes and the storage worker only
+//!   by two sets of rings (`rings`); other nodes and the storage worker only
 //!   through the shard's inboxes, drained by its own tasks. A request handler may send deliveries; a
 //!   delivery handler never sends anything across shards. So every chain is
 //!   connection → request mesh → home → delivery mesh → connection: a DAG.
