@@ -46,7 +46,7 @@ use crate::{
     },
     feed::{Cursor, Feed},
     metrics::{self, Initiator, ShardMetrics},
-    readiness::{self, Poller, Waiter},
+    readiness::{self, Peeked, Poller, Waiter},
     shard::Shard,
     ws::{
         self,
@@ -504,8 +504,17 @@ impl Conn {
                     return false;
                 }
                 // Chat input makes cross-shard work: while other shards are
-                // behind, let the client wait in its socket buffer.
-                if self.endpoint == Endpoint::Chat && self.shard.chat.congested() {
+                // behind, let the client wait in its socket buffer. Not the
+                // frames that make none: after our close, data is discarded
+                // and only the client's close is awaited; and a close or ping
+                // at the head of the input is read, so a storm of closes
+                // (which congests the shard with leave and offline work)
+                // still finishes its handshakes in time.
+                if self.endpoint == Endpoint::Chat
+                    && self.phase == Phase::Open
+                    && self.shard.chat.congested()
+                    && !self.control_frame_next()
+                {
                     self.shard
                         .chat
                         .wait_uncongested(cx.waker(), &self.shared.congestion_epoch);
@@ -514,6 +523,21 @@ impl Conn {
                 true
             }
             Phase::CloseAfterFlush => false,
+        }
+    }
+
+    /// Whether the next frame to decode is a control frame (close, ping,
+    /// pong), judged from the buffered head of a frame or else from one byte
+    /// peeked from the socket; also true at the end of the stream, which is
+    /// read to let the connection go.
+    fn control_frame_next(&self) -> bool {
+        if let Some(b) = self.inbuf.as_ref().and_then(|b| b.filled().first()) {
+            return ws::is_control_frame_start(*b);
+        }
+        match self.shared.ready.io.peek(self.socket.as_fd()) {
+            Peeked::Byte(b) => ws::is_control_frame_start(b),
+            Peeked::Nothing => false,
+            Peeked::EndOrError => true,
         }
     }
 

@@ -540,7 +540,7 @@ fn render_storage(out: &mut String, st: &crate::storage::Storage, shards: usize)
 fn render_mesh(out: &mut String, mesh: &crate::mesh::Mesh) {
     use std::sync::atomic::Ordering::Relaxed;
     let m = &mesh.metrics;
-    let series: [(&str, &str, &str, &AtomicU64); 14] = [
+    let series: [(&str, &str, &str, &AtomicU64); 16] = [
         (
             "corecast_mesh_sent_total",
             "counter",
@@ -588,6 +588,18 @@ fn render_mesh(out: &mut String, mesh: &crate::mesh::Mesh) {
             "counter",
             "Times the set of live nodes changed.",
             &m.membership_changes,
+        ),
+        (
+            "corecast_mesh_heartbeats_late_total",
+            "counter",
+            "Heartbeat ticks of this node's mesh thread that came half an interval or more late (the time is not counted against its peers).",
+            &m.heartbeats_late,
+        ),
+        (
+            "corecast_mesh_heartbeat_late_max_ms",
+            "gauge",
+            "The latest heartbeat tick of this node so far, in ms late.",
+            &m.heartbeat_late_max_ms,
         ),
         (
             "corecast_mesh_forwarded_total",

@@ -61,6 +61,17 @@ pub fn split_token(token: u64) -> (usize, u32) {
     ((token & 0xffff_ffff) as usize, (token >> 32) as u32)
 }
 
+/// What [`Io::peek`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peeked {
+    /// The next byte of input.
+    Byte(u8),
+    /// No input yet.
+    Nothing,
+    /// The peer closed its side, or the socket failed: a `recv` says which.
+    EndOrError,
+}
+
 /// What a socket's owner knows about its readiness.
 #[derive(Debug)]
 pub struct Io {
@@ -108,6 +119,26 @@ impl Io {
                     return Ok(n);
                 }
                 Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Looks at the next byte of input, leaving it in the socket
+    /// (`MSG_PEEK`). Nothing there yet clears the flag, as `recv` would.
+    pub fn peek(&self, fd: BorrowedFd<'_>) -> Peeked {
+        if !self.readable.get() {
+            return Peeked::Nothing;
+        }
+        let mut byte = [0u8; 1];
+        loop {
+            match rustix::net::recv(fd, &mut byte, RecvFlags::DONTWAIT | RecvFlags::PEEK) {
+                Err(Errno::INTR) => continue,
+                Err(Errno::AGAIN) => {
+                    self.readable.set(false);
+                    return Peeked::Nothing;
+                }
+                Ok((1, _)) => return Peeked::Byte(byte[0]),
+                Ok(_) | Err(_) => return Peeked::EndOrError,
             }
         }
     }

@@ -571,6 +571,7 @@ fn on_inbound(shard: &Shard, inbound: Inbound) {
 /// Starts the shard's mesh tasks: the inbox from the mesh thread, and the
 /// timer that asks homes again when a `Synced` is late.
 pub(super) fn spawn_tasks(shard: &std::rc::Rc<Shard>) {
+    use super::YIELD_EVERY;
     let Some(c) = &shard.chat.cluster else {
         return;
     };
@@ -579,8 +580,13 @@ pub(super) fn spawn_tasks(shard: &std::rc::Rc<Shard>) {
     glommio::spawn_local(async move {
         loop {
             let batch = std::future::poll_fn(|cx| mesh.inbox(s.chat.me).poll_recv(cx)).await;
-            for inbound in batch {
+            // A batch holds up to a SUB socket's high-water mark: give the
+            // shard's sockets a turn between slices of it.
+            for (i, inbound) in batch.into_iter().enumerate() {
                 on_inbound(&s, inbound);
+                if i % YIELD_EVERY == YIELD_EVERY - 1 {
+                    glommio::yield_if_needed().await;
+                }
             }
             s.chat.maybe_release(&s);
             glommio::yield_if_needed().await;

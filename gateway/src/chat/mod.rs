@@ -59,6 +59,11 @@ use crate::{
 };
 pub use session::Session;
 
+/// Items a task handles from one batch (mesh inbox, storage replies,
+/// presence refreshes) between two chances for the shard's other tasks to
+/// run: a batch can be thousands long, and the sockets must not wait for it.
+pub(crate) const YIELD_EVERY: usize = 64;
+
 /// Messages queued in a shard's outboxes above which it applies
 /// back-pressure, and below which it releases it.
 pub const OUTBOX_HIGH: usize = 8192;
@@ -747,8 +752,11 @@ pub fn spawn_tasks(
     glommio::spawn_local(async move {
         loop {
             let replies = poll_fn(|cx| s.chat.storage.inbox(s.chat.me).poll_recv(cx)).await;
-            for r in replies {
+            for (i, r) in replies.into_iter().enumerate() {
                 handle_reply(&s, r);
+                if i % YIELD_EVERY == YIELD_EVERY - 1 {
+                    glommio::yield_if_needed().await;
+                }
             }
             s.chat.maybe_release(&s);
             glommio::yield_if_needed().await;
@@ -820,10 +828,13 @@ fn spawn_presence_heartbeat(shard: &Rc<Shard>) {
                 .iter()
                 .map(|(room, h)| (room.clone(), h.room.users().cloned().collect()))
                 .collect();
-            for (room, users) in rooms {
+            for (i, (room, users)) in rooms.into_iter().enumerate() {
                 let op = Op::Presence(PresenceOp::Refresh { room, users });
                 if s.chat.storage.try_send(s.chat.me, op).is_err() {
                     break;
+                }
+                if i % YIELD_EVERY == YIELD_EVERY - 1 {
+                    glommio::yield_if_needed().await;
                 }
             }
         }

@@ -121,6 +121,10 @@ pub struct MeshMetrics {
     pub live_nodes: AtomicU64,
     /// Times the live set changed.
     pub membership_changes: AtomicU64,
+    /// Heartbeat ticks that came half an interval or more late.
+    pub heartbeats_late: AtomicU64,
+    /// The latest tick so far, in ms late (gauge).
+    pub heartbeat_late_max_ms: AtomicU64,
     /// Publishes sent to a home on another node.
     pub forwarded: AtomicU64,
     /// Gaps in a room's seqs seen by this node.

@@ -1,10 +1,12 @@
 //! The mesh thread: the only owner of the ZeroMQ sockets.
 //!
-//! One loop: drain the shards' commands (publish, subscribe), apply the
-//! registry's peer list, publish a heartbeat when due, then sleep in
-//! `zmq::poll` on every SUB socket and the wake-up socket until something
-//! arrives or the next heartbeat is due. Received messages are decoded and
-//! handed, batched, to the shard that owns their room or user.
+//! One loop: drain up to a batch of the shards' commands (publish,
+//! subscribe), apply the registry's peer list, read what the peers sent,
+//! publish a heartbeat when due (crediting the peers with however late the
+//! tick came), then, when the queues are empty, sleep in `zmq::poll` on
+//! every SUB socket and the wake-up socket until something arrives or the
+//! next heartbeat is due. Received messages are decoded and handed,
+//! batched, to the shard that owns their room or user.
 //!
 //! # Invariants
 //! - Only this thread touches the ZeroMQ sockets.
@@ -174,8 +176,13 @@ impl MeshThread {
                 self.apply_registry(list);
                 self.registry_seen = true;
             }
+            // Read what the peers sent on every turn, not only after a
+            // sleep: while the shards keep the queues full the loop never
+            // sleeps, and their heartbeats must still be heard.
+            self.receive();
             let now = Instant::now();
             if now >= self.next_heartbeat {
+                self.credit_own_stall(now - self.next_heartbeat, now);
                 self.heartbeat();
                 self.next_heartbeat = now + self.config.heartbeat;
                 self.update_live(now);
@@ -223,8 +230,12 @@ impl MeshThread {
         }
     }
 
+    /// Commands handled per turn of the loop, so that a flood of them (a
+    /// close storm's unsubscribes) cannot hold off reading and heartbeats.
+    const COMMAND_BATCH: usize = 4096;
+
     fn drain_commands(&mut self) {
-        loop {
+        for _ in 0..Self::COMMAND_BATCH {
             // Subscriptions first: a Sync must not overtake its subscription.
             let Ok(ctl) = self.ctl.try_recv() else {
                 match self.rx.try_recv() {
@@ -299,6 +310,37 @@ impl MeshThread {
             hears,
         };
         self.publish(&hb);
+    }
+
+    /// The heartbeat tick came `late`: this thread could not run (a busy
+    /// core, a long batch) and so could not listen either. The peers'
+    /// silence over that time is ours, not theirs: move every "last heard"
+    /// forward by it (never past now), so a starved node does not declare
+    /// its peers dead and move their rooms. A peer that really died while
+    /// we were stalled closed its connection, which the link's monitor
+    /// reports at once; one that hung is noticed `late` later.
+    fn credit_own_stall(&mut self, late: Duration, now: Instant) {
+        if late < self.config.heartbeat / 2 {
+            return;
+        }
+        let m = &self.mesh.metrics;
+        m.heartbeats_late.fetch_add(1, Relaxed);
+        m.heartbeat_late_max_ms
+            .fetch_max(late.as_millis() as u64, Relaxed);
+        if late >= self.config.node_timeout / 4 {
+            log::warn!(
+                "mesh: this node's heartbeat was {} ms late (a starved or blocked mesh thread); not counting that time against its peers",
+                late.as_millis()
+            );
+        }
+        for l in &mut self.links {
+            if let Some(t) = l.heard.as_mut() {
+                *t = (*t + late).min(now);
+            }
+        }
+        if self.live.is_none() {
+            self.started = (self.started + late).min(now);
+        }
     }
 
     fn heard_recently(&self, l: &Link, now: Instant) -> bool {
@@ -429,6 +471,11 @@ impl MeshThread {
                 };
                 if self.links[i].is_self {
                     continue;
+                }
+                // Anything from a known peer says it is alive: under load its
+                // heartbeat may sit behind thousands of messages.
+                if self.links[i].node.is_some() && self.links[i].heard.is_some() {
+                    self.links[i].heard = Some(Instant::now());
                 }
                 self.mesh.metrics.received.fetch_add(1, Relaxed);
                 let wire = match &parts[..] {

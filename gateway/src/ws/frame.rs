@@ -42,6 +42,13 @@ impl OpCode {
     }
 }
 
+/// Whether a frame whose first byte is `b0` is a control frame (opcode
+/// 0x8-0xF: close, ping, pong, or a reserved one the decoder refuses), read
+/// from the first byte alone.
+pub fn is_control_frame_start(b0: u8) -> bool {
+    b0 & 0x08 != 0
+}
+
 /// Which end of the connection this codec speaks for.
 ///
 /// A server only accepts masked frames and a client only unmasked ones
@@ -434,6 +441,25 @@ pub fn encode_close(out: &mut Vec<u8>, code: Option<u16>, reason: &str, mask: Op
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_frames_are_known_from_their_first_byte() {
+        let cases: &[(&str, u8, bool)] = &[
+            ("close", 0x88, true),
+            ("ping", 0x89, true),
+            ("pong", 0x8a, true),
+            ("reserved control 0xB", 0x8b, true),
+            ("close without FIN (refused later)", 0x08, true),
+            ("text", 0x81, false),
+            ("binary", 0x82, false),
+            ("continuation", 0x80, false),
+            ("text fragment", 0x01, false),
+            ("reserved data 0x3", 0x83, false),
+        ];
+        for (name, b0, control) in cases {
+            assert_eq!(is_control_frame_start(*b0), *control, "{name}");
+        }
+    }
 
     const LIMITS: Limits = Limits {
         max_frame_bytes: 1000,

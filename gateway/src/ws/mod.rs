@@ -9,8 +9,8 @@ mod mask;
 mod utf8;
 
 pub use frame::{
-    encode_close, encode_frame, encode_header, Decoder, Frame, Limits, OpCode, ProtocolError, Role,
-    MAX_HEADER_LEN,
+    encode_close, encode_frame, encode_header, is_control_frame_start, Decoder, Frame, Limits,
+    OpCode, ProtocolError, Role, MAX_HEADER_LEN,
 };
 pub use mask::apply_mask;
 pub use utf8::{InvalidUtf8, Utf8Validator};
