@@ -81,13 +81,18 @@ for k in 0 1 2; do
 done
 lgs=()
 live=$(curl -s "http://127.0.0.1:${ports[0]}/metrics" | awk '$1 == "corecast_mesh_live_nodes" {print $2}')
+# The closes at the end: every loadgen closes all of its connections at once
+# and gives the servers its --close-timeout-ms (2 s) to answer each close.
+json_sum() { python3 -c 'import json,sys; print(sum(json.load(open(f)).get(sys.argv[1], 0) for f in sys.argv[2:]))' "$@"; }
+clean=$(json_sum closed_cleanly "$work"/lg-*.json)
+missed=$(json_sum unclean_closes "$work"/lg-*.json)
 per_conn=$(( (during - before) * 1024 / (open > 0 ? open : 1) ))
 cat <<TABLE
-| nodes | loadgen processes | concurrent WebSockets held | RSS per node (MiB) | RSS before (3 nodes) | RSS holding (3 nodes) | user-space bytes per connection |
-|---|---|---|---|---|---|---|
-| 3 (live: $live) | 3 | $open | ${per_node[*]} | $((before / 1024)) MiB | $((during / 1024)) MiB | $per_conn |
+| nodes | loadgen processes | concurrent WebSockets held | RSS per node (MiB) | RSS before (3 nodes) | RSS holding (3 nodes) | user-space bytes per connection | closed at once: answered in time | missed the close deadline |
+|---|---|---|---|---|---|---|---|---|
+| 3 (live: $live) | 3 | $open | ${per_node[*]} | $((before / 1024)) MiB | $((during / 1024)) MiB | $per_conn | $clean | $missed |
 TABLE
-json="{\"bench\":\"cluster-connections\",\"nodes\":3,\"connections\":$open,\"attempted\":$total,\"rss_before_kib\":$before,\"rss_holding_kib\":$during,\"bytes_per_connection\":$per_conn,\"loadgen_failed\":$failed,\"kernel\":\"$(uname -r)\",\"date\":\"$(date -u +%F)\"}"
+json="{\"bench\":\"cluster-connections\",\"nodes\":3,\"connections\":$open,\"attempted\":$total,\"rss_before_kib\":$before,\"rss_holding_kib\":$during,\"bytes_per_connection\":$per_conn,\"closed_cleanly\":$clean,\"missed_close_deadline\":$missed,\"loadgen_failed\":$failed,\"kernel\":\"$(uname -r)\",\"date\":\"$(date -u +%F)\"}"
 echo "$json"
 mkdir -p "$repo/benches/results"
 echo "$json" >"$repo/benches/results/cluster-connections.json"
