@@ -10,7 +10,7 @@
 
 use std::hint::black_box;
 
-use corecast_gateway::ws::{apply_mask, encode_frame, Decoder, Limits, OpCode, Role};
+use corecast_ws::{apply_mask, encode_frame, Decoder, Limits, OpCode, Role};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
 /// Every key byte is below 0x80, so masking ASCII yields ASCII: a masked

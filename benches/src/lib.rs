@@ -2,7 +2,7 @@
 //!
 //! Layout:
 //! - `benches/codec.rs`: criterion micro benchmarks of the RFC 6455 codec
-//!   (`corecast_gateway::ws`): masking, frame decode, frame encode.
+//!   (`corecast_ws`): masking, frame decode, frame encode.
 //! - `peers/`: crate `corecast-peers`, servers corecast is measured against
 //!   (`tokio-tungstenite-echo`).
 //! - `echo-vs-peer.sh`: corecast's `/echo` and each peer side by side under

@@ -21,7 +21,7 @@
 
 use std::io::{self, Cursor, Read, Write};
 
-use corecast_gateway::ws::{Decoder, Limits, OpCode, ProtocolError, Role};
+use corecast_ws::{Decoder, Limits, OpCode, ProtocolError, Role};
 use libfuzzer_sys::fuzz_target;
 use tungstenite::protocol::frame::{coding::CloseCode, FrameHeader};
 use tungstenite::protocol::{Role as TRole, WebSocket, WebSocketConfig};

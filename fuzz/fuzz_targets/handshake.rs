@@ -9,7 +9,7 @@
 //! tungstenite's.
 #![no_main]
 
-use corecast_gateway::ws::handshake::{parse_request, MAX_HEADERS};
+use corecast_ws::handshake::{parse_request, MAX_HEADERS};
 use libfuzzer_sys::fuzz_target;
 
 /// What a client may send behind its request: a masked frame, then garbage.

@@ -11,7 +11,7 @@
 //! §8.1, Autobahn 6.4.x); after a successful `finish` it starts clean.
 #![no_main]
 
-use corecast_gateway::ws::Utf8Validator;
+use corecast_ws::Utf8Validator;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -50,9 +50,9 @@ use crate::{
     shard::Shard,
     ws::{
         self,
-        close::{self, code},
+        close::code,
         handshake::{self, Refusal},
-        Decoder, OpCode, Role,
+        Event, OpCode, Role,
     },
 };
 
@@ -330,7 +330,7 @@ enum Phase {
     /// We sent a close frame and wait for the client's (close timeout running).
     CloseSent,
     /// The connection failed (protocol error): our close frame is queued, the
-    /// decoder is dead; after the flush we shut down our side and discard
+    /// session is dead; after the flush we shut down our side and discard
     /// input until the client closes or the close timeout.
     Linger,
     /// Nothing more to read: close the socket once the output is flushed (an
@@ -345,6 +345,30 @@ enum Endpoint {
     Chat,
 }
 
+/// What `on_frames` does after a frame, once the session lets go of it;
+/// each but `NeedMore` and `Failed` carries the bytes the frame took.
+enum Then {
+    NeedMore,
+    Consume(usize),
+    /// Close from our side with this code and reason.
+    Close(usize, u16, &'static str),
+    /// The close handshake is complete: flush and close.
+    Closed(usize),
+    /// A protocol error: the session's close frame is queued.
+    Failed,
+}
+
+const BINARY_REFUSED: &str = "binary frames are not part of corecast.v1";
+
+fn conn_ref(shard: &Shard, shared: &ConnShared, key: usize) -> ConnRef {
+    ConnRef {
+        node: shard.chat.node,
+        shard: shard.chat.me as u16,
+        key: key as u32,
+        gen: shared.gen,
+    }
+}
+
 /// The per-connection future.
 pub struct Conn {
     shard: Rc<Shard>,
@@ -356,9 +380,9 @@ pub struct Conn {
     endpoint: Endpoint,
     /// Unconsumed input; `None` whenever everything read was consumed.
     inbuf: Option<InBuf>,
-    decoder: Decoder,
-    /// Payload of the fragmented message being assembled (echo).
-    fragments: Vec<u8>,
+    /// The WebSocket rules: reassembly, pong and close replies, the close
+    /// handshake's state (the I/O side of it is `phase`).
+    session: ws::Session,
     is_websocket: bool,
     /// Shard clock at the last read from the client.
     last_rx: Instant,
@@ -392,8 +416,7 @@ pub fn spawn(shard: &Rc<Shard>, poller: &Poller, socket: OwnedFd) -> io::Result<
         phase: Phase::Request,
         endpoint: Endpoint::Echo,
         inbuf: None,
-        decoder: Decoder::new(Role::Server, shard.limits.frame),
-        fragments: Vec::new(),
+        session: ws::Session::new(Role::Server, shard.limits.frame),
         is_websocket: false,
         last_rx: now,
         ping_sent: false,
@@ -484,12 +507,7 @@ impl Conn {
     }
 
     fn conn_ref(&self) -> ConnRef {
-        ConnRef {
-            node: self.shard.chat.node,
-            shard: self.shard.chat.me as u16,
-            key: self.key as u32,
-            gen: self.shared.gen,
-        }
+        conn_ref(&self.shard, &self.shared, self.key)
     }
 
     fn queued(&self) -> usize {
@@ -585,12 +603,12 @@ impl Conn {
             .unwrap_or_else(|| self.shard.pool.take_read());
         let want = match self.phase {
             Phase::Open | Phase::CloseSent => self
-                .decoder
+                .session
                 .frame_len_hint()
                 .map_or(0, |n| n.saturating_sub(buf.len())),
             _ => 0,
         };
-        // `want` is bounded by the decoder: it refuses frames over the limit
+        // `want` is bounded by the session's decoder: it refuses frames over the limit
         // from their header alone.
         buf.reserve(want.max(READ_CHUNK / 4));
         let r = match self
@@ -754,16 +772,26 @@ impl Conn {
             return;
         };
         while matches!(self.phase, Phase::Open | Phase::CloseSent) {
-            match self.decoder.decode(buf.filled_mut()) {
-                Ok(Some(frame)) => {
-                    self.m().frames_in.inc();
-                    self.on_frame(&frame, &buf.filled()[frame.payload.clone()]);
-                    buf.consume(frame.consumed);
+            let then = self.on_next_frame(buf.filled_mut());
+            match then {
+                Then::NeedMore => break,
+                Then::Consume(n) => buf.consume(n),
+                Then::Close(n, code, reason) => {
+                    buf.consume(n);
+                    self.start_close(code, reason);
                 }
-                Ok(None) => break,
-                Err(e) => {
-                    self.fail(e);
+                Then::Closed(n) => {
+                    buf.consume(n);
+                    self.close_after_flush();
+                }
+                Then::Failed => {
                     buf.consume(buf.len());
+                    if self.phase == Phase::Open {
+                        // Our close frame went out just now.
+                        self.phase_deadline = Instant::now() + self.shard.limits.close_timeout;
+                    }
+                    self.phase = Phase::Linger;
+                    self.rearm();
                 }
             }
         }
@@ -774,109 +802,94 @@ impl Conn {
         }
     }
 
-    fn on_frame(&mut self, f: &ws::Frame, payload: &[u8]) {
-        match f.opcode {
-            OpCode::Text | OpCode::Binary | OpCode::Continuation => {
-                if self.phase != Phase::Open {
-                    return; // After our close frame, data is discarded.
+    /// Hands the session the next frame of `input` and acts on what it
+    /// meant. The session's step borrows the session and the input, so the
+    /// work here reaches only the other fields; what needs the whole
+    /// connection is returned.
+    fn on_next_frame(&mut self, input: &mut [u8]) -> Then {
+        let Conn {
+            shard,
+            shared,
+            session,
+            endpoint,
+            key,
+            phase,
+            ..
+        } = self;
+        let m = shard.metrics();
+        let step = match session.read(input) {
+            Ok(Some(step)) => step,
+            Ok(None) => return Then::NeedMore,
+            Err(failure) => {
+                log::debug!("shard {}: closing connection: {}", shard.id, failure.error);
+                if let Some(reply) = failure.reply {
+                    shared.with_out(shard, |out| reply.encode(out, None));
+                    m.frames_out.inc();
+                    m.closed(failure.error.close_code(), Initiator::Server);
+                    shared.accepting.set(false);
                 }
-                if self.endpoint == Endpoint::Chat {
-                    return self.on_chat_frame(f, payload);
+                return Then::Failed;
+            }
+        };
+        m.frames_in.add(u64::from(step.frames));
+        let n = step.consumed;
+        if let Some(reply) = &step.reply {
+            shared.with_out(shard, |out| reply.encode(out, None));
+            m.frames_out.inc();
+        }
+        match step.event {
+            None => {}
+            Some(Event::Message { opcode, data }) => match endpoint {
+                Endpoint::Echo => {
+                    m.messages_in.inc();
+                    shared.with_out(shard, |out| ws::encode_frame(out, true, opcode, data, None));
+                    m.frames_out.inc();
+                    m.messages_out.inc();
                 }
-                if f.fin && f.opcode != OpCode::Continuation {
-                    self.m().messages_in.inc();
-                    self.send_message(f.opcode, payload);
-                    return;
-                }
-                self.fragments.extend_from_slice(payload);
-                if f.fin {
-                    self.m().messages_in.inc();
-                    let msg = std::mem::take(&mut self.fragments);
-                    self.send_message(f.message, &msg);
-                    if msg.capacity() <= READ_CHUNK {
-                        self.fragments = msg;
-                        self.fragments.clear();
+                Endpoint::Chat => {
+                    if opcode == OpCode::Binary {
+                        return Then::Close(n, chat_proto::close::UNSUPPORTED_DATA, BINARY_REFUSED);
+                    }
+                    m.messages_in.inc();
+                    let conn = conn_ref(shard, shared, *key);
+                    if let Outcome::Close(code, reason) =
+                        session::on_text(shard, shared, conn, data)
+                    {
+                        return Then::Close(n, code, reason);
                     }
                 }
-            }
-            OpCode::Ping => {
-                if self.phase == Phase::Open {
-                    self.push(|out| ws::encode_frame(out, true, OpCode::Pong, payload, None));
-                    self.m().frames_out.inc();
+            },
+            Some(Event::Ping(_) | Event::Pong(_)) => {}
+            Some(Event::Close { code, .. }) => {
+                if *phase == Phase::Open {
+                    // The client closed first; the session queued the echo.
+                    m.closed(code.unwrap_or(1005), Initiator::Client);
                 }
-            }
-            OpCode::Pong => {}
-            OpCode::Close => {
-                if self.phase == Phase::CloseSent {
-                    // The client answered our close: the handshake is done.
-                    self.close_after_flush();
-                    return;
-                }
-                let code = close::parse_close(payload).ok().flatten().map(|c| c.code);
-                self.push(|out| ws::encode_close(out, code, "", None));
-                self.m().frames_out.inc();
-                self.m().closed(code.unwrap_or(1005), Initiator::Client);
-                self.close_after_flush();
+                // Either way the handshake is complete.
+                return Then::Closed(n);
             }
         }
-    }
-
-    /// A data frame on `/ws`: chat messages are whole JSON text messages.
-    fn on_chat_frame(&mut self, f: &ws::Frame, payload: &[u8]) {
-        if f.message == OpCode::Binary {
-            return self.start_close(
-                chat_proto::close::UNSUPPORTED_DATA,
-                "binary frames are not part of corecast.v1",
-            );
+        // A binary message on /ws is refused at its first fragment, before
+        // the rest of it is buffered.
+        if *endpoint == Endpoint::Chat && session.message_in_progress() == Some(OpCode::Binary) {
+            return Then::Close(n, chat_proto::close::UNSUPPORTED_DATA, BINARY_REFUSED);
         }
-        self.m().messages_in.inc();
-        let outcome = if f.fin && f.opcode != OpCode::Continuation {
-            session::on_text(&self.shard, &self.shared, self.conn_ref(), payload)
-        } else {
-            self.fragments.extend_from_slice(payload);
-            if !f.fin {
-                return;
-            }
-            let msg = std::mem::take(&mut self.fragments);
-            let outcome = session::on_text(&self.shard, &self.shared, self.conn_ref(), &msg);
-            if msg.capacity() <= READ_CHUNK {
-                self.fragments = msg;
-                self.fragments.clear();
-            }
-            outcome
-        };
-        if let Outcome::Close(code, reason) = outcome {
-            self.start_close(code, reason);
-        }
+        Then::Consume(n)
     }
 
-    /// Queues one message (the echo) as a single frame.
-    fn send_message(&mut self, opcode: OpCode, payload: &[u8]) {
-        self.push(|out| ws::encode_frame(out, true, opcode, payload, None));
-        let m = self.m();
-        m.frames_out.inc();
-        m.messages_out.inc();
-    }
-
-    /// Starts a server-initiated close handshake.
+    /// Starts a server-initiated close handshake (nothing if a close frame
+    /// already went out).
     fn start_close(&mut self, code: u16, reason: &str) {
+        let Some(reply) = self.session.close(code, reason) else {
+            return;
+        };
         self.shared.accepting.set(false);
-        self.push(|out| ws::encode_close(out, Some(code), reason, None));
+        self.push(|out| reply.encode(out, None));
         self.m().frames_out.inc();
         self.m().closed(code, Initiator::Server);
         self.phase = Phase::CloseSent;
         self.phase_deadline = Instant::now() + self.shard.limits.close_timeout;
         self.rearm();
-    }
-
-    /// Fails the connection after a protocol error (RFC 6455 §7.1.7). If
-    /// our close frame is already out, nothing more is sent.
-    fn fail(&mut self, e: ws::ProtocolError) {
-        log::debug!("shard {}: closing connection: {e}", self.shard.id);
-        if self.phase == Phase::Open {
-            self.start_close(e.close_code(), e.reason());
-        }
-        self.phase = Phase::Linger;
     }
 
     fn on_shutdown(&mut self) {
@@ -938,11 +951,13 @@ impl Conn {
                     self.start_close(code::GOING_AWAY, "idle timeout");
                 } else if let Some(interval) = limits.ping_interval {
                     if idle >= interval && !self.ping_sent {
-                        self.ping_sent = true;
-                        self.push(|out| ws::encode_frame(out, true, OpCode::Ping, b"", None));
-                        let m = self.m();
-                        m.frames_out.inc();
-                        m.pings_sent.inc();
+                        if let Some(ping) = self.session.ping(b"") {
+                            self.ping_sent = true;
+                            self.push(|out| ping.encode(out, None));
+                            let m = self.m();
+                            m.frames_out.inc();
+                            m.pings_sent.inc();
+                        }
                     }
                 }
             }

@@ -2,7 +2,7 @@
 //! io_uring; each shard's sockets in one edge-triggered epoll set).
 //!
 //! # Layout
-//! - [`auth`]: HS256 JWT access tokens: verify, mint, room permissions.
+//! - [`auth`]: HS256 JWT access tokens (the router crate's `auth`, re-exported).
 //! - [`config`]: command line and environment, validated into `Limits`.
 //! - [`server`]: binds the per-shard listeners, starts the shards, drains.
 //! - `shard`: one executor thread: accept loop, connection table, sweeper
@@ -24,15 +24,14 @@
 //!   built before the shards start.
 //! - `inbox`: a shard's mailbox from a helper thread.
 //! - [`readiness`]: a shard's epoll set: which sockets have input or room
-//!   (loadgen's executors use it too).
+//!   (the `corecast-readiness` crate, shared with loadgen's executors).
 //! - `buf`: per-shard buffer pools, so idle connections hold no buffers.
-//! - [`ws`]: the sans-IO RFC 6455 codec (handshake, frames, masking, UTF-8).
+//! - [`ws`]: the sans-IO RFC 6455 codec and session rules (the `corecast-ws`
+//!   crate, shared with loadgen and the fuzz targets).
 //! - [`metrics`]: per-shard counters and the Prometheus rendering.
 //! - [`shutdown`]: the "stop now" signal `run` waits on.
-//! - `sys`: the one `unsafe` call (waiting on the epoll set through glommio).
 #![deny(unsafe_code)]
 
-pub mod auth;
 mod buf;
 pub mod chat;
 pub mod config;
@@ -42,14 +41,15 @@ mod flush;
 mod inbox;
 pub mod mesh;
 pub mod metrics;
-pub mod readiness;
 mod rings;
 pub mod server;
 mod shard;
 pub mod shutdown;
 pub mod storage;
-mod sys;
-pub mod ws;
+
+pub use corecast_readiness as readiness;
+pub use corecast_router::auth;
+pub use corecast_ws as ws;
 
 use std::net::SocketAddr;
 

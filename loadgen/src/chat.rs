@@ -83,17 +83,15 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use corecast_gateway::{
-    auth::{self, Claims},
-    ws::{encode_frame, OpCode},
-};
+use corecast_router::auth::{self, Claims};
+use corecast_ws::{encode_frame, Event, OpCode};
 use futures_lite::future::or;
 use glommio::{sync::Semaphore, timer::Timer};
 use hdrhistogram::Histogram;
 use serde::Deserialize;
 
 use crate::{
-    client::{CloseOutcome, Conn, ConnFailure, ConnOptions, Control, XorShift},
+    client::{CloseOutcome, Conn, ConnFailure, ConnOptions, XorShift},
     config::{ChatPlan, Target},
     exec::{self, Gate},
     report::{self, JsonLine, Latency},
@@ -651,8 +649,6 @@ struct State {
     next_n: Vec<u64>,
     publisher: Option<Publisher>,
     caught_up: bool,
-    /// A fragmented message in progress (the gateway sends whole ones).
-    frag: Vec<u8>,
     timer: Timer,
     /// What `timer` is set for; re-armed only when that changes.
     armed: Option<Instant>,
@@ -694,7 +690,6 @@ impl ChatConn {
                 skip_upto: 0,
                 publisher,
                 caught_up: false,
-                frag: Vec::new(),
                 timer: Timer::new(Duration::from_secs(3600)),
                 armed: None,
                 index,
@@ -712,7 +707,6 @@ impl ChatConn {
         self.conn = conn;
         self.primed = false;
         let st = &mut self.st;
-        st.frag.clear();
         st.armed = None;
         let ctx = &st.ctx;
         ctx.count(|c| {
@@ -844,33 +838,19 @@ impl ChatConn {
     /// Handles every complete frame in the receive buffer.
     fn on_bytes(&mut self, now: Instant) -> Result<(), ConnFailure> {
         loop {
-            let frame = match self.conn.next_frame() {
-                Ok(Some(f)) => f,
+            match self.conn.next_event() {
                 Ok(None) => return Ok(()),
                 Err(e) => return Err(ConnFailure::Protocol(e)),
-            };
-            match self.conn.on_control(&frame) {
-                Control::Data if frame.message != OpCode::Text => {
-                    if frame.fin {
+                Ok(Some(Event::Message { opcode, data })) => {
+                    if opcode == OpCode::Text {
+                        self.st.on_message(data, now);
+                    } else {
                         self.st.bad_frame(&"a binary message on a chat connection");
                     }
                 }
-                Control::Data if frame.fin && self.st.frag.is_empty() => {
-                    self.st.on_message(self.conn.payload(&frame), now);
-                }
-                Control::Data => {
-                    self.st.frag.extend_from_slice(self.conn.payload(&frame));
-                    if frame.fin {
-                        let whole = std::mem::take(&mut self.st.frag);
-                        self.st.on_message(&whole, now);
-                        self.st.frag = whole;
-                        self.st.frag.clear();
-                    }
-                }
-                Control::Ping | Control::Pong => {}
-                Control::Close(code) => return Err(ConnFailure::ServerClosed(code)),
+                Ok(Some(Event::Ping(_) | Event::Pong(_))) => {}
+                Ok(Some(Event::Close { code, .. })) => return Err(ConnFailure::ServerClosed(code)),
             }
-            self.conn.consume(&frame);
         }
     }
 }
@@ -1211,64 +1191,62 @@ async fn join(
         // Frames that came with the upgrade response (the welcome often
         // does) are already buffered: handle them before reading more.
         loop {
-            let frame = match conn.next_frame() {
-                Ok(Some(f)) => f,
+            let welcome = match conn.next_event() {
                 Ok(None) => break,
                 Err(e) => return Err(ConnFailure::Protocol(e).to_string()),
-            };
-            let payload = conn.payload(&frame);
-            if frame.opcode == OpCode::Close {
-                let code =
-                    (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
-                let reason = String::from_utf8_lossy(payload.get(2..).unwrap_or_default());
-                return Err(format!(
-                    "the server closed with code {} ({reason:?}) before joined{}",
-                    code.map_or("none".into(), |c| c.to_string()),
-                    close_hint(code)
-                ));
-            }
-            if frame.opcode == OpCode::Text && frame.fin {
-                let m: Incoming = serde_json::from_slice(payload).map_err(|e| {
-                    format!(
-                        "unreadable frame before joined ({e}): {}",
-                        String::from_utf8_lossy(&payload[..payload.len().min(120)])
-                    )
-                })?;
-                match m.kind {
-                    "welcome" if !welcomed.get() => {
-                        welcomed.set(true);
-                        let mut join = Vec::with_capacity(96);
-                        let _ = write!(join, r#"{{"type":"join","room":"{room}""#);
-                        if let Some((since, epoch)) = resume {
-                            let _ = write!(join, r#","since":{since},"epoch":"#);
-                            let _ = serde_json::to_writer(&mut join, epoch);
-                        }
-                        join.push(b'}');
-                        let mask = conn.mask();
-                        encode_frame(conn.tx_mut(), true, OpCode::Text, &join, Some(mask));
-                    }
-                    "joined" if welcomed.get() && m.room == Some(room) => {
-                        let seq = m.seq.ok_or_else(|| "joined without a seq".to_string())?;
-                        let joined = Joined {
-                            seq,
-                            epoch: m.epoch.unwrap_or("").to_string(),
-                            resumed: m.recovered.map(|r| (r, m.missed.unwrap_or(0))),
-                        };
-                        conn.consume(&frame);
-                        return Ok(joined);
-                    }
-                    "error" => {
-                        return Err(format!(
-                            "error {} before joined: {}",
-                            m.code.unwrap_or("(no code)"),
-                            m.message.as_deref().unwrap_or("")
-                        ))
-                    }
-                    _ => {}
+                Ok(Some(Event::Close { code, reason })) => {
+                    return Err(format!(
+                        "the server closed with code {} ({reason:?}) before joined{}",
+                        code.map_or("none".into(), |c| c.to_string()),
+                        close_hint(code)
+                    ));
                 }
+                Ok(Some(Event::Message {
+                    opcode: OpCode::Text,
+                    data,
+                })) => {
+                    let m: Incoming = serde_json::from_slice(data).map_err(|e| {
+                        format!(
+                            "unreadable frame before joined ({e}): {}",
+                            String::from_utf8_lossy(&data[..data.len().min(120)])
+                        )
+                    })?;
+                    match m.kind {
+                        "welcome" if !welcomed.get() => true,
+                        "joined" if welcomed.get() && m.room == Some(room) => {
+                            let seq = m.seq.ok_or_else(|| "joined without a seq".to_string())?;
+                            return Ok(Joined {
+                                seq,
+                                epoch: m.epoch.unwrap_or("").to_string(),
+                                resumed: m.recovered.map(|r| (r, m.missed.unwrap_or(0))),
+                            });
+                        }
+                        "error" => {
+                            return Err(format!(
+                                "error {} before joined: {}",
+                                m.code.unwrap_or("(no code)"),
+                                m.message.as_deref().unwrap_or("")
+                            ))
+                        }
+                        // Anything else before joined (a presence event, a
+                        // message of the room) is passed over.
+                        _ => false,
+                    }
+                }
+                Ok(Some(_)) => false,
+            };
+            if welcome {
+                welcomed.set(true);
+                let mut join = Vec::with_capacity(96);
+                let _ = write!(join, r#"{{"type":"join","room":"{room}""#);
+                if let Some((since, epoch)) = resume {
+                    let _ = write!(join, r#","since":{since},"epoch":"#);
+                    let _ = serde_json::to_writer(&mut join, epoch);
+                }
+                join.push(b'}');
+                let mask = conn.mask();
+                encode_frame(conn.tx_mut(), true, OpCode::Text, &join, Some(mask));
             }
-            let _ = conn.on_control(&frame);
-            conn.consume(&frame);
         }
         conn.flush()
             .await
@@ -1976,7 +1954,7 @@ fn json(plan: &ChatPlan, r: &ChatReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use corecast_gateway::ws::{Decoder, Limits, Role};
+    use corecast_ws::{Decoder, Limits, Role};
 
     #[test]
     fn seq_check() {
@@ -2154,7 +2132,7 @@ mod tests {
 
     #[test]
     fn reconnectable_failures() {
-        use corecast_gateway::ws::ProtocolError;
+        use corecast_ws::ProtocolError;
         use std::io::ErrorKind;
         let cases = [
             ("going away", ConnFailure::ServerClosed(Some(1001)), true),

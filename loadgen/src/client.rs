@@ -1,6 +1,7 @@
 //! One client WebSocket connection: a paced, bound, non-blocking connect,
-//! the RFC 6455 §4 opening handshake, and frame I/O over the gateway's
-//! sans-IO codec (`corecast_gateway::ws`, role `Client`).
+//! the RFC 6455 §4 opening handshake, and frame I/O over the sans-IO
+//! `corecast_ws::Session` (role `Client`), which owns the protocol's rules:
+//! reassembly, the pong and close replies, the closing handshake.
 //!
 //! # Invariants
 //! - Owned by one task on one executor; `!Send` (its socket sits in the
@@ -10,7 +11,7 @@
 //! - All I/O progress lives in the struct (`tx_pos`, `RecvBuf`), never in a
 //!   future, so any read or write future may be dropped (raced against a
 //!   timer or a stop signal) without losing or tearing a frame.
-//! - Both buffers are bounded: the receive buffer by the decoder's frame
+//! - Both buffers are bounded: the receive buffer by the session's frame
 //!   limit, the send buffer by the caller (it queues at most its in-flight
 //!   limit of messages) plus at most `MAX_UNFLUSHED_PONGS` pongs and one
 //!   close.
@@ -27,9 +28,8 @@ use std::{
 };
 
 use base64::Engine as _;
-use corecast_gateway::ws::{
-    self, close::code, encode_close, encode_frame, Decoder, Frame, Limits, OpCode, ProtocolError,
-    Role, MAX_HEADER_LEN,
+use corecast_ws::{
+    self as ws, close::code, Event, Limits, ProtocolError, Role, Session, State, MAX_HEADER_LEN,
 };
 use futures_lite::future::or;
 use glommio::timer::Timer;
@@ -51,6 +51,9 @@ const EOF_AFTER_CLOSE: Duration = Duration::from_millis(500);
 /// earlier pings). Bounds the send buffer against a server that pings but
 /// does not read.
 const MAX_UNFLUSHED_PONGS: u8 = 16;
+
+/// `Conn::handed_out` after a protocol error: the input is unusable.
+const DISCARD_ALL: usize = usize::MAX;
 
 /// xorshift64*: cheap, non-cryptographic randomness for masks and keys.
 /// Masks only need to be unpredictable to intermediaries, not to attackers.
@@ -244,19 +247,6 @@ impl fmt::Display for ConnFailure {
     }
 }
 
-/// What a received frame asks of the caller after [`Conn::on_control`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Control {
-    /// A text, binary or continuation frame: the caller's to handle.
-    Data,
-    /// A ping; the pong is queued.
-    Ping,
-    Pong,
-    /// The server started or answered the closing handshake; a reply is
-    /// queued if this end had not sent a close yet.
-    Close(Option<u16>),
-}
-
 /// How a closing handshake ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseOutcome {
@@ -285,17 +275,15 @@ pub struct Conn {
     /// Declared first so that it leaves the epoll set before `socket` closes.
     reg: Registration,
     socket: OwnedFd,
-    decoder: Decoder,
+    session: Session,
     rx: RecvBuf,
+    /// Bytes of `rx` the event last handed out came from; dropped before
+    /// the buffer is touched again.
+    handed_out: usize,
     /// Bytes to send; `tx[..tx_pos]` already went out.
     tx: Vec<u8>,
     tx_pos: usize,
-    unflushed_pongs: u8,
     rng: XorShift,
-    close_sent: bool,
-    close_received: bool,
-    /// Set after a protocol error: the decoder may not be used again.
-    broken: bool,
 }
 
 impl Conn {
@@ -357,21 +345,19 @@ impl Conn {
         let mut conn = Conn {
             reg,
             socket,
-            decoder: Decoder::new(
+            session: Session::new(
                 Role::Client,
                 Limits {
                     max_frame_bytes: max_frame as u64,
                     max_message_bytes: max_frame as u64,
                 },
-            ),
+            )
+            .with_pong_limit(MAX_UNFLUSHED_PONGS),
             rx: RecvBuf::new(opts.initial_rx_bytes, max_frame + MAX_HEADER_LEN),
+            handed_out: 0,
             tx: Vec::with_capacity(256),
             tx_pos: 0,
-            unflushed_pongs: 0,
             rng: XorShift::seeded(salt),
-            close_sent: false,
-            close_received: false,
-            broken: false,
         };
         let mut key = [0u8; 16];
         key[..8].copy_from_slice(&conn.rng.next_u64().to_ne_bytes());
@@ -464,13 +450,14 @@ impl Conn {
         }
         self.tx.clear();
         self.tx_pos = 0;
-        self.unflushed_pongs = 0;
+        self.session.flushed();
         Poll::Ready(Ok(()))
     }
 
     /// Reads what the socket has into the receive buffer; `Ok(0)` is EOF.
     pub fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        let spare = self.rx.spare(self.decoder.frame_len_hint());
+        self.settle();
+        let spare = self.rx.spare(self.session.frame_len_hint());
         if spare.is_empty() {
             // The decoder refuses frames over the limit the buffer grows to.
             return Poll::Ready(Err(io::Error::other("receive buffer full")));
@@ -496,68 +483,52 @@ impl Conn {
         poll_fn(|cx| self.poll_fill(cx)).await
     }
 
-    /// Decodes the next complete frame from the receive buffer. After an
-    /// error the connection is broken: queue a close and stop decoding.
-    pub fn next_frame(&mut self) -> Result<Option<Frame>, ProtocolError> {
-        if self.broken {
+    /// Drops the bytes of the event last handed out.
+    fn settle(&mut self) {
+        match std::mem::take(&mut self.handed_out) {
+            DISCARD_ALL => self.rx.clear(),
+            n => self.rx.consume(n),
+        }
+    }
+
+    /// Decodes and handles the next complete frame in the receive buffer:
+    /// the replies the protocol obliges (a pong, a close echo) are queued,
+    /// and what the frame meant is returned, borrowing the connection until
+    /// the next call. `Ok(None)`: more bytes are needed, or reading is over
+    /// (the close handshake is complete, or failed). After an error the
+    /// session's close frame is queued and nothing more is decoded.
+    pub fn next_event(&mut self) -> Result<Option<Event<'_>>, ProtocolError> {
+        self.settle();
+        if self.session.is_done() {
+            self.rx.clear();
             return Ok(None);
         }
-        let r = self.decoder.decode(self.rx.data_mut());
-        if let Err(e) = r {
-            self.broken = true;
-            self.rx.clear();
-            self.queue_close(e.close_code(), e.reason());
-        }
-        r
-    }
-
-    /// The payload of a frame [`Conn::next_frame`] just returned.
-    pub fn payload(&self, frame: &Frame) -> &[u8] {
-        &self.rx.data()[frame.payload.clone()]
-    }
-
-    /// Drops a handled frame from the receive buffer.
-    pub fn consume(&mut self, frame: &Frame) {
-        self.rx.consume(frame.consumed);
-    }
-
-    /// Answers what the protocol obliges: a pong for a ping, a close for a
-    /// close. Call before [`Conn::consume`].
-    pub fn on_control(&mut self, frame: &Frame) -> Control {
-        match frame.opcode {
-            OpCode::Ping => {
-                if self.unflushed_pongs < MAX_UNFLUSHED_PONGS {
-                    self.unflushed_pongs += 1;
-                    let mask = self.rng.mask();
-                    let payload = &self.rx.data()[frame.payload.clone()];
-                    encode_frame(&mut self.tx, true, OpCode::Pong, payload, Some(mask));
+        match self.session.read(self.rx.data_mut()) {
+            Ok(None) => Ok(None),
+            Err(failure) => {
+                if let Some(reply) = failure.reply {
+                    reply.encode(&mut self.tx, Some(self.rng.mask()));
                 }
-                Control::Ping
+                self.handed_out = DISCARD_ALL;
+                Err(failure.error)
             }
-            OpCode::Pong => Control::Pong,
-            OpCode::Close => {
-                self.close_received = true;
-                let payload = &self.rx.data()[frame.payload.clone()];
-                // The decoder validated the payload: empty, or a code first.
-                let code =
-                    (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
-                if !self.close_sent {
-                    self.close_sent = true;
-                    let mask = self.rng.mask();
-                    encode_close(&mut self.tx, code, "", Some(mask));
+            Ok(Some(step)) => {
+                if let Some(reply) = &step.reply {
+                    reply.encode(&mut self.tx, Some(self.rng.mask()));
                 }
-                Control::Close(code)
+                // Dropped at the next call (or read): the event borrows them.
+                // A step without an event passed over fragments and leaves
+                // an incomplete frame: the caller reads more.
+                self.handed_out = step.consumed;
+                Ok(step.event)
             }
-            OpCode::Text | OpCode::Binary | OpCode::Continuation => Control::Data,
         }
     }
 
     /// Queues a close frame unless one was sent already.
     pub fn queue_close(&mut self, close_code: u16, reason: &str) {
-        if !self.close_sent {
-            self.close_sent = true;
-            let mask = self.rng.mask();
-            encode_close(&mut self.tx, Some(close_code), reason, Some(mask));
+        if let Some(reply) = self.session.close(close_code, reason) {
+            reply.encode(&mut self.tx, Some(self.rng.mask()));
         }
     }
 
@@ -574,7 +545,7 @@ impl Conn {
         let ended = or(handshake, timer).await;
         match ended {
             Some(outcome) => outcome,
-            None if self.close_received => CloseOutcome::Clean,
+            None if self.session.state() == State::Closed => CloseOutcome::Clean,
             None => CloseOutcome::NoReply,
         }
     }
@@ -585,10 +556,12 @@ impl Conn {
             if self.flush().await.is_err() {
                 return self.outcome_on_failure();
             }
-            if self.broken {
-                return CloseOutcome::Failed;
-            }
-            if self.close_received && eof_by.is_none() {
+            let closed = match self.session.state() {
+                State::Failed => return CloseOutcome::Failed,
+                State::Closed => true,
+                State::Open | State::CloseSent => false,
+            };
+            if closed && eof_by.is_none() {
                 eof_by = Some(Instant::now() + EOF_AFTER_CLOSE);
             }
             let read = async { Some(self.fill().await) };
@@ -605,29 +578,14 @@ impl Conn {
                 Some(Ok(0)) | Some(Err(_)) => return self.outcome_on_failure(),
                 Some(Ok(_)) => {}
             }
-            if self.close_received {
-                self.rx.clear();
-                continue;
-            }
-            loop {
-                match self.next_frame() {
-                    Ok(Some(f)) => {
-                        let _ = self.on_control(&f);
-                        self.consume(&f);
-                        if self.close_received {
-                            self.rx.clear();
-                            break;
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(_) => break,
-                }
-            }
+            // Until the server's close: data is discarded, pings answered
+            // while the session is open, the close ends the handshake.
+            while let Ok(Some(_)) = self.next_event() {}
         }
     }
 
     fn outcome_on_failure(&self) -> CloseOutcome {
-        if self.close_received {
+        if self.session.state() == State::Closed {
             CloseOutcome::Clean
         } else {
             CloseOutcome::Failed

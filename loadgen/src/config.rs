@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
-use corecast_gateway::ws::{OpCode, MAX_HEADER_LEN};
+use corecast_ws::{OpCode, MAX_HEADER_LEN};
 
 /// Largest `--size`: a 64 MiB message already says more about memory
 /// bandwidth than about the gateway.

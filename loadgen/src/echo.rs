@@ -30,13 +30,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use corecast_gateway::ws::{apply_mask, encode_header, OpCode};
+use corecast_ws::{apply_mask, encode_header, Event, OpCode};
 use futures_lite::future::or;
 use glommio::{sync::Semaphore, timer::Timer};
 use hdrhistogram::Histogram;
 
 use crate::{
-    client::{CloseOutcome, Conn, ConnFailure, ConnOptions, Control},
+    client::{CloseOutcome, Conn, ConnFailure, ConnOptions},
     config::EchoPlan,
     exec::{self, Gate},
     report::{self, JsonLine, Latency},
@@ -271,10 +271,6 @@ struct EchoConn {
     /// first; message numbers are implied: the front is `next_seq - len`.
     inflight: VecDeque<Instant>,
     next_seq: u64,
-    /// Bytes of the echo in progress received so far (echoes may come
-    /// fragmented), and whether any of them differed.
-    rx_off: usize,
-    rx_bad: bool,
     sending: bool,
     /// Fixed rate (else closed loop), and the in-flight limit that goes with it.
     fixed_rate: bool,
@@ -305,8 +301,6 @@ impl EchoConn {
             t,
             inflight: VecDeque::with_capacity(cap.min(1024)),
             next_seq: 0,
-            rx_off: 0,
-            rx_bad: false,
             sending: true,
             fixed_rate: plan.rate.is_some(),
             cap,
@@ -427,40 +421,28 @@ impl EchoConn {
     /// Handles every complete frame in the receive buffer.
     fn on_bytes(&mut self, now: Instant) -> Result<(), ConnFailure> {
         loop {
-            let frame = match self.conn.next_frame() {
-                Ok(Some(f)) => f,
+            let good = match self.conn.next_event() {
                 Ok(None) => return Ok(()),
                 Err(e) => return Err(ConnFailure::Protocol(e)),
-            };
-            match self.conn.on_control(&frame) {
-                Control::Data => {
-                    let chunk = self.conn.payload(&frame);
+                // An echo, whole (reassembled by the session if it came
+                // in fragments).
+                Ok(Some(Event::Message { opcode, data })) => {
                     let seq = self.next_seq - self.inflight.len() as u64;
                     let ctx = &self.ctx;
-                    if self.inflight.is_empty()
-                        || frame.message != ctx.plan.opcode
-                        || !ctx.payload.matches(seq, self.rx_off, chunk)
-                    {
-                        self.rx_bad = true;
-                    }
-                    self.rx_off += chunk.len();
-                    if frame.fin {
-                        self.on_echo(now);
-                    }
+                    opcode == ctx.plan.opcode
+                        && data.len() == ctx.payload.size()
+                        && ctx.payload.matches(seq, 0, data)
                 }
-                Control::Ping | Control::Pong => {}
-                Control::Close(code) => return Err(ConnFailure::ServerClosed(code)),
-            }
-            self.conn.consume(&frame);
+                Ok(Some(Event::Ping(_) | Event::Pong(_))) => continue,
+                Ok(Some(Event::Close { code, .. })) => return Err(ConnFailure::ServerClosed(code)),
+            };
+            self.on_echo(good, now);
         }
     }
 
-    /// The last frame of an echo arrived.
-    fn on_echo(&mut self, now: Instant) {
-        let complete = self.rx_off == self.ctx.payload.size();
-        let bad = self.rx_bad || !complete;
-        self.rx_off = 0;
-        self.rx_bad = false;
+    /// An echo arrived; `good` if it is the message sent.
+    fn on_echo(&mut self, good: bool, now: Instant) {
+        let bad = !good;
         let Some(at) = self.inflight.pop_front() else {
             self.ctx.count(|c| c.mismatches += 1);
             return;
@@ -743,7 +725,7 @@ fn json(plan: &EchoPlan, r: &EchoReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use corecast_gateway::ws::{Decoder, Limits, Role};
+    use corecast_ws::{Decoder, Limits, Role};
 
     #[test]
     fn payloads_roundtrip_and_differ() {

@@ -21,12 +21,13 @@ use std::{
     time::{Duration, Instant},
 };
 
+use corecast_ws::Event;
 use futures_lite::future::or;
 use glommio::{sync::Semaphore, timer::Timer};
 use hdrhistogram::Histogram;
 
 use crate::{
-    client::{CloseOutcome, Conn, ConnFailure, ConnOptions, Control},
+    client::{CloseOutcome, Conn, ConnFailure, ConnOptions},
     config::HoldPlan,
     exec::{self, Gate},
     report::{self, JsonLine, Latency},
@@ -115,19 +116,14 @@ async fn idle(conn: &mut Conn, ctx: &Ctx) -> ConnFailure {
         // Frames may have come with the upgrade response: handle what is
         // buffered before reading more.
         loop {
-            let frame = match conn.next_frame() {
-                Ok(Some(f)) => f,
+            match conn.next_event() {
                 Ok(None) => break,
                 Err(e) => return ConnFailure::Protocol(e),
-            };
-            match conn.on_control(&frame) {
-                Control::Ping => ctx.count(|c| c.pings += 1),
-                Control::Pong => {}
-                Control::Data if frame.fin => ctx.count(|c| c.messages += 1),
-                Control::Data => {}
-                Control::Close(code) => return ConnFailure::ServerClosed(code),
+                Ok(Some(Event::Ping(_))) => ctx.count(|c| c.pings += 1),
+                Ok(Some(Event::Pong(_))) => {}
+                Ok(Some(Event::Message { .. })) => ctx.count(|c| c.messages += 1),
+                Ok(Some(Event::Close { code, .. })) => return ConnFailure::ServerClosed(code),
             }
-            conn.consume(&frame);
         }
         if let Err(e) = conn.flush().await {
             return ConnFailure::Io(e.kind());

@@ -20,7 +20,7 @@
 //! - Never blocks: the dispatcher collects with `epoll_wait(0)` after
 //!   glommio reported the set readable.
 //!
-//! [`readiness`]: corecast_gateway::readiness
+//! [`readiness`]: corecast_readiness
 
 use std::{
     cell::{Cell, RefCell},
@@ -30,7 +30,7 @@ use std::{
     task::Context,
 };
 
-use corecast_gateway::readiness::{self, Io, Poller, Waiter};
+use corecast_readiness::{self as readiness, Io, Poller, Waiter};
 use slab::Slab;
 
 struct Reactor {

@@ -19,8 +19,8 @@ use std::{
 };
 
 use clap::Parser as _;
-use corecast_gateway::auth::Verifier;
 use corecast_loadgen::{chat, Cli, Plan};
+use corecast_router::auth::Verifier;
 use serde_json::{json, Value};
 use tungstenite::{
     handshake::server::{Request, Response},

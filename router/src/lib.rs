@@ -8,11 +8,14 @@
 //! - [`room`]: a room's state at its home shard: the gapless sequence,
 //!   membership per shard and per user, the duplicate window.
 //! - [`ratelimit`]: the token bucket behind per-connection rate limits.
+//! - [`auth`]: HS256 JWT access tokens: verify, mint, room permissions
+//!   (the gateway checks them at the upgrade, loadgen mints them).
 //!
 //! The cross-shard wiring (glommio channel mesh) lives in the gateway's
 //! `chat` module; the ZeroMQ mesh and the storage worker will join here.
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod home;
 pub mod ratelimit;
 pub mod room;

@@ -1,5 +1,5 @@
-//! The one place the gateway needs `unsafe`: waiting through glommio's
-//! reactor for a descriptor glommio has no type for (the shard's epoll set).
+//! This crate's one `unsafe` call: waiting through glommio's reactor for a
+//! descriptor glommio has no type for (the executor's epoll set).
 //!
 //! glommio 0.9 polls only descriptors wrapped in its own socket types, and
 //! a stream it wraps arms an io_uring readiness poll the moment it is

@@ -1,5 +1,7 @@
-//! Socket readiness for one shard: an edge-triggered epoll set that the
-//! shard's glommio executor waits on as one descriptor.
+//! corecast readiness: socket readiness for one gateway shard or one
+//! loadgen executor, as an edge-triggered epoll set that the executor's
+//! glommio reactor waits on as one descriptor. The only I/O crate both
+//! binaries share; it knows nothing of WebSocket or chat.
 //!
 //! Why not glommio's own socket streams: glommio 0.9 arms a one-shot
 //! io_uring poll on a socket every time a read finds it empty, and sets its
@@ -28,6 +30,10 @@
 //!   connection's generation, so an event for a slab slot that was reused
 //!   is ignored.
 
+#![deny(unsafe_code)]
+
+mod sys;
+
 use std::{
     cell::{Cell, RefCell},
     io,
@@ -41,8 +47,6 @@ use rustix::{
     io::Errno,
     net::{RecvFlags, SendFlags},
 };
-
-use crate::sys;
 
 /// Events collected per `epoll_wait`; a full batch is followed by another
 /// right away, after the shard's other tasks had a turn.

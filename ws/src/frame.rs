@@ -222,6 +222,11 @@ impl Decoder {
         self.partial.map(|h| h.header_len + h.payload_len)
     }
 
+    /// The kind of the fragmented message in progress, if any.
+    pub fn message_in_progress(&self) -> Option<OpCode> {
+        self.message
+    }
+
     /// Is a fragmented message in progress (or a frame half received)?
     pub fn is_mid_message(&self) -> bool {
         self.partial.is_some() || self.message.is_some()
