@@ -92,11 +92,6 @@ impl Reply<'_> {
             ReplyKind::Close { code, reason } => encode_close(out, code, reason, mask),
         }
     }
-
-    /// Whether the reply is a close frame.
-    pub fn is_close(&self) -> bool {
-        matches!(self.kind, ReplyKind::Close { .. })
-    }
 }
 
 /// The outcome of one decoded frame.
@@ -180,11 +175,6 @@ impl Session {
     /// known from its first frame.
     pub fn message_in_progress(&self) -> Option<OpCode> {
         self.decoder.message_in_progress()
-    }
-
-    /// Whether a frame or a fragmented message is half received.
-    pub fn is_mid_message(&self) -> bool {
-        self.decoder.is_mid_message()
     }
 
     /// Bytes the frame in progress needs in all, once its header is known.
