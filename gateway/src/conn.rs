@@ -35,12 +35,12 @@ use std::{
 
 use std::os::fd::{AsFd, OwnedFd};
 
+use corecast_router::proto as chat_proto;
 use rustix::io::Errno;
 
 use crate::{
     buf::{InBuf, GATHER_BYTES, READ_CHUNK},
     chat::{
-        proto::{self as chat_proto},
         session::{self, Outcome},
         ConnRef,
     },

@@ -120,7 +120,7 @@ pub struct ShardSetup {
     pub deliveries: ShardRings<Delivery>,
     pub storage: crate::storage::Storage,
     /// This node's tag, and the mesh when the node runs in a cluster.
-    pub node: crate::mesh::NodeTag,
+    pub node: corecast_router::message::NodeTag,
     pub mesh: Option<crate::mesh::Mesh>,
     pub fault: Option<Fault>,
 }

@@ -21,6 +21,13 @@ pub fn home_shard(room: &str, shards: usize) -> usize {
     ((room_hash(room) as u128 * shards as u128) >> 64) as usize
 }
 
+/// The shard (of `shards`) that tracks `user`'s connections on a node.
+pub fn user_home_shard(user: &str, shards: usize) -> usize {
+    // A different key space from rooms, so a user and a room of the same
+    // name need not share a home.
+    home_shard(&format!("user:{user}"), shards)
+}
+
 /// The node (of the live `nodes`, by id) that owns `room`: highest random
 /// weight. When a node leaves, only the rooms it owned move; when one joins,
 /// it takes about 1/n of the rooms, from every node evenly. `None` if no node

@@ -7,6 +7,11 @@
 //!   live nodes, so a node leaving moves only its own rooms).
 //! - [`room`]: a room's state at its home shard: the gapless sequence,
 //!   membership per shard and per user, the duplicate window.
+//! - [`message`]: what moves between shards, nodes and the store
+//!   (`ConnRef`, `Publish`, `Record`): plain data, so the gateway's storage
+//!   and mesh move it without importing anything of chat.
+//! - [`proto`]: the `corecast.v1` wire format: client frames parsed, server
+//!   frames written straight into WebSocket frames (`corecast-ws` headers).
 //! - [`ratelimit`]: the token bucket behind per-connection rate limits.
 //! - [`auth`]: HS256 JWT access tokens: verify, mint, room permissions
 //!   (the gateway checks them at the upgrade, loadgen mints them).
@@ -17,7 +22,9 @@
 
 pub mod auth;
 pub mod home;
+pub mod message;
+pub mod proto;
 pub mod ratelimit;
 pub mod room;
 
-pub use home::{home_node, home_node_by, home_shard, room_hash};
+pub use home::{home_node, home_node_by, home_shard, room_hash, user_home_shard};

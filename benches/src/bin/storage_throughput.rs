@@ -16,7 +16,7 @@ use std::{
 };
 
 use corecast_gateway::{
-    chat::ConnRef,
+    storage::ConnRef,
     storage::{self, Op, Record, Reply, StorageConfig, StoreKind},
 };
 

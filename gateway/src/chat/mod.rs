@@ -29,8 +29,12 @@
 //! - Handlers never block and hold no `RefCell` borrow across an `.await`.
 
 mod cluster;
-pub mod proto;
 pub mod session;
+
+pub use corecast_router::{
+    message::{ConnRef, Publish},
+    proto,
+};
 
 use std::{
     cell::{Cell, RefCell},
@@ -45,6 +49,7 @@ use std::{
 use corecast_router::{
     home_shard,
     room::{HomeRoom, Sequenced},
+    user_home_shard,
 };
 use glommio::{GlommioError, ResourceType};
 
@@ -83,33 +88,6 @@ pub const MAX_PARKED: usize = 1024;
 
 /// Slots in each cross-shard ring (per ordered pair of shards).
 pub const RING_SLOTS: usize = 1024;
-
-/// A connection anywhere in the cluster: its node, shard, slab key and generation
-/// (slab keys are reused; the generation tells a new connection from an old).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ConnRef {
-    /// The node's tag ([`crate::mesh::node_tag`] of its `--node-id`).
-    pub node: NodeTag,
-    pub shard: u16,
-    pub key: u32,
-    pub gen: u32,
-}
-
-/// A publish on its way to its room's home shard, on this node or another.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Publish {
-    pub room: Arc<str>,
-    pub user: Arc<str>,
-    /// The client's message id.
-    pub id: Box<str>,
-    /// The message body, as JSON text.
-    pub body: Box<str>,
-    /// Who published it, and gets the ack.
-    pub conn: ConnRef,
-    /// Times a node that is not the home forwarded it (the nodes' views of
-    /// who is live disagree for a moment).
-    pub hops: u8,
-}
 
 /// Work for a home shard (a room's, or a user's).
 #[derive(Debug)]
@@ -453,13 +431,6 @@ pub struct ChatShard {
     /// Request handlers waiting for the delivery backlog to drain.
     handler_waiters: RefCell<Vec<Waker>>,
     anonymous: Cell<u64>,
-}
-
-/// The shard (of `shards`) that tracks `user`'s connections on a node.
-pub fn user_home_shard(user: &str, shards: usize) -> usize {
-    // A different key space from rooms, so a user and a room of the same
-    // name need not share a home.
-    home_shard(&format!("user:{user}"), shards)
 }
 
 /// Milliseconds since the Unix epoch, for message timestamps.

@@ -35,7 +35,7 @@ use std::{
 
 use crossbeam_channel::Receiver;
 
-use crate::chat::Publish;
+use corecast_router::message::Publish;
 
 use super::{
     node_tag,
@@ -622,7 +622,7 @@ impl MeshThread {
                 }
                 conn.shard as usize
             }
-            Wire::Direct { user, .. } => crate::chat::user_home_shard(user, self.shards),
+            Wire::Direct { user, .. } => corecast_router::user_home_shard(user, self.shards),
             Wire::Heartbeat { .. } => return,
         };
         self.out[shard].push(Inbound::Wire(w));

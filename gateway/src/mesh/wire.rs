@@ -17,15 +17,8 @@
 
 use std::sync::Arc;
 
-use crate::chat::{ConnRef, Publish};
-
-/// A node's short name on the wire: a hash of its `--node-id`.
-pub type NodeTag = u32;
-
-/// The tag of a node id (stable across versions, like room homes).
-pub fn node_tag(node_id: &str) -> NodeTag {
-    (corecast_router::room_hash(&format!("node:{node_id}")) >> 32) as NodeTag
-}
+pub use corecast_router::message::{node_tag, NodeTag};
+use corecast_router::message::{ConnRef, Publish};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Wire {

@@ -36,24 +36,7 @@ use std::{
 
 use crossbeam_channel::Sender;
 
-use crate::chat::ConnRef;
-
-/// One stored room message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Record {
-    pub room: Arc<str>,
-    pub seq: u64,
-    pub from: Arc<str>,
-    /// The client message id ("" when the client gave none).
-    pub id: Box<str>,
-    /// Milliseconds since the Unix epoch, when the home sequenced it.
-    pub ts: u64,
-    /// The body as JSON text, exactly as published.
-    pub body: Box<str>,
-    /// The epoch the home numbered it in; the store adopts it with the
-    /// record ("" from spill files of older versions: keep the store's).
-    pub epoch: Arc<str>,
-}
+pub use corecast_router::message::{ConnRef, Record};
 
 /// A plain record for the storage unit tests.
 #[cfg(test)]

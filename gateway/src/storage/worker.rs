@@ -28,9 +28,9 @@ use super::{
     spill::Spill, Backend, Inbox, Op, PresenceOp, Query, Record, Recover, Reply, StorageConfig,
     StorageMetrics, StoreError, BREAKER_CLOSED, BREAKER_OPEN, BREAKER_REPLAYING,
 };
-use crate::chat::{
+use corecast_router::{
+    message::{node_tag, ConnRef, NodeTag},
     proto::{self, ErrorCode},
-    ConnRef,
 };
 
 /// How often the worker wakes with nothing to do (housekeeping, probes).
@@ -97,7 +97,7 @@ pub(super) struct Worker {
     stopping: bool,
     /// This node's tag: acks for connections on other nodes go back to the
     /// shard that sent the op, which forwards them.
-    node: crate::mesh::NodeTag,
+    node: NodeTag,
 }
 
 /// What the worker shares with the shards' [`super::Storage`] handle.
@@ -124,7 +124,7 @@ impl Worker {
             failing,
         } = shared;
         let shards = inboxes.len();
-        let node = crate::mesh::node_tag(&config.node_id);
+        let node = node_tag(&config.node_id);
         Worker {
             backend,
             rx,

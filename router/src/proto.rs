@@ -11,7 +11,7 @@ use std::borrow::Cow;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::ws::{self, OpCode};
+use corecast_ws::{self as ws, OpCode};
 
 /// The subprotocol name clients may offer.
 pub const SUBPROTOCOL: &str = "corecast.v1";
@@ -343,7 +343,7 @@ pub fn history(
     epoch: &str,
     seq: u64,
     complete: bool,
-    records: &[crate::storage::Record],
+    records: &[crate::message::Record],
 ) -> Vec<u8> {
     let size: usize = records
         .iter()
@@ -494,7 +494,7 @@ pub fn error(code: ErrorCode, id: Option<&str>, room: Option<&str>) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ws::{Decoder, Limits, Role};
+    use corecast_ws::{Decoder, Limits, Role};
 
     /// Decodes a server frame as a client would and parses its JSON.
     fn json(frame: Vec<u8>) -> serde_json::Value {
