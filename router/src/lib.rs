@@ -1,4 +1,4 @@
-//! corecast router: where a room lives.
+//! corecast router: where a room lives and what its home does.
 //!
 //! # Layout
 //! - [`home`]: the pure functions that give every room one home, so that one
@@ -7,6 +7,12 @@
 //!   live nodes, so a node leaving moves only its own rooms).
 //! - [`room`]: a room's state at its home shard: the gapless sequence,
 //!   membership per shard and per user, the duplicate window.
+//! - [`homes`]: a shard's homes as a sans-IO state machine: sequencing,
+//!   joins and resumes, relays of rooms homed on other nodes, re-homing and
+//!   gap repair. `Homes::handle(input, now, ports)`; the gateway drives it.
+//! - [`store`], [`node`]: what a home asks of the store and says to other
+//!   nodes, and what comes back: plain data the gateway's storage worker and
+//!   mesh thread carry out.
 //! - [`message`]: what moves between shards, nodes and the store
 //!   (`ConnRef`, `Publish`, `Record`): plain data, so the gateway's storage
 //!   and mesh move it without importing anything of chat.
@@ -16,15 +22,19 @@
 //! - [`auth`]: HS256 JWT access tokens: verify, mint, room permissions
 //!   (the gateway checks them at the upgrade, loadgen mints them).
 //!
-//! The cross-shard wiring (glommio channel mesh) lives in the gateway's
-//! `chat` module; the ZeroMQ mesh and the storage worker will join here.
+//! Nothing here does I/O or knows an executor: the rings, the storage
+//! worker and the ZeroMQ mesh live in the gateway, which turns the homes'
+//! ports into them.
 #![forbid(unsafe_code)]
 
 pub mod auth;
 pub mod home;
+pub mod homes;
 pub mod message;
+pub mod node;
 pub mod proto;
 pub mod ratelimit;
 pub mod room;
+pub mod store;
 
 pub use home::{home_node, home_node_by, home_shard, room_hash, user_home_shard};

@@ -1,14 +1,14 @@
-//! Chat: sessions, rooms homed on shards, cross-shard fan-out; and, in a
-//! cluster, rooms homed on nodes ([`cluster`]).
+//! Chat on one shard: sessions, the local members of rooms, cross-shard
+//! fan-out, and the driver of the router's [`Homes`].
 //!
-//! A room's home shard (`corecast_router::home_shard`) owns its sequence:
-//! every publish travels there, is numbered, encoded once into a WebSocket
-//! frame, and sent once to each shard that has members, which copies the same
-//! bytes to each of its local members. Direct messages travel the same way
-//! through the recipient's user-home shard, which knows on which shards the
-//! user has connections. In a cluster the room's home shard on each node
-//! either numbers the room (on the room's home node) or relays it from
-//! there; see `cluster.rs`.
+//! A room's home shard (`corecast_router::home_shard`) owns its sequence;
+//! what a home does is the router's sans-IO state machine
+//! ([`corecast_router::homes`]). This module runs it: every request, store
+//! reply and message from another node for a home goes through
+//! [`handle`], and the machine acts through the [`Driver`], which turns its
+//! ports into ring sends, storage ops and mesh sends. What stays here is the
+//! I/O side of chat: the outboxes and their forwarders, the local members of
+//! each room and their feeds, resumes being answered, congestion.
 //!
 //! # Invariants
 //! - [`ChatShard`] is owned by one shard (`!Send`). Other shards reach it only
@@ -26,30 +26,32 @@
 //!   handlers pause, so back-pressure reaches the publishers instead of
 //!   memory growing. Handlers wait only on deliveries, which drain through
 //!   delivery handlers that never wait: no two shards can wait on each other.
-//! - Handlers never block and hold no `RefCell` borrow across an `.await`.
+//! - Handlers never block and hold no `RefCell` borrow across an `.await`;
+//!   the driver's ports never re-enter the homes (a send to this shard is
+//!   queued for its own handler task).
 
-mod cluster;
 pub mod session;
-
-pub use corecast_router::{
-    message::{ConnRef, Publish},
-    proto,
-};
 
 use std::{
     cell::{Cell, RefCell},
     collections::{HashMap, VecDeque},
     future::poll_fn,
     rc::Rc,
-    sync::Arc,
+    sync::{atomic::Ordering::Relaxed, Arc},
     task::{Poll, Waker},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use corecast_router::{
     home_shard,
-    room::{HomeRoom, Sequenced},
+    homes::{self, Count, Homes, Input, Now, Ports, Topic},
+    node::Wire,
     user_home_shard,
+};
+pub use corecast_router::{
+    homes::{Delivery, Request, Resume},
+    message::{ConnRef, Publish},
+    proto,
 };
 use glommio::{GlommioError, ResourceType};
 
@@ -57,10 +59,10 @@ use crate::{
     auth::Verifier,
     conn::ConnShared,
     feed::{self, Feed},
-    mesh::{Mesh, NodeTag},
+    mesh::{self, Inbound, Mesh, NodeTag, Out},
     rings::{Receivers, Senders},
     shard::Shard,
-    storage::{self, Op, PresenceOp, Query, Record, Recover, Reply, RoomMeta, Storage},
+    storage::{Op, PresenceOp, Reply, Storage},
 };
 pub use session::Session;
 
@@ -73,128 +75,9 @@ pub(crate) const YIELD_EVERY: usize = 64;
 /// back-pressure, and below which it releases it.
 pub const OUTBOX_HIGH: usize = 8192;
 const OUTBOX_LOW: usize = OUTBOX_HIGH / 2;
-/// Emptied rooms whose last seq a shard remembers. Past it an arbitrary one
-/// is forgotten (its seq restarts at 1 if it fills again) so that clients
-/// cycling through room names cannot grow a shard's memory without bound;
-/// durable sequences come with the storage worker.
-pub const MAX_TOMBSTONES: usize = 100_000;
-
-/// Requests a room may queue while its sequence loads from the store;
-/// publishes past it are refused (`storage_busy`).
-pub const MAX_QUEUED_WHILE_LOADING: usize = 1024;
-
-/// Resumes a room may hold waiting for this node to catch up (cluster).
-pub const MAX_PARKED: usize = 1024;
 
 /// Slots in each cross-shard ring (per ordered pair of shards).
 pub const RING_SLOTS: usize = 1024;
-
-/// Work for a home shard (a room's, or a user's).
-#[derive(Debug)]
-pub enum Request {
-    Join {
-        room: Arc<str>,
-        user: Arc<str>,
-        conn: ConnRef,
-        /// Resume point: last seq seen and its epoch.
-        since: Option<(u64, Box<str>)>,
-        /// The connection's number for this join (see `Session`).
-        nonce: u32,
-        /// It already waited for this node to catch up (see `Home::parked`).
-        parked: bool,
-    },
-    Leave {
-        room: Arc<str>,
-        user: Arc<str>,
-        shard: u16,
-    },
-    Publish(Publish),
-    /// Another node has members of a homed room and wants its messages.
-    Sync {
-        room: Arc<str>,
-        node: NodeTag,
-        nonce: u64,
-    },
-    /// Another node has no members of a homed room any more.
-    Unsync {
-        room: Arc<str>,
-        node: NodeTag,
-    },
-    Presence {
-        room: Arc<str>,
-        conn: ConnRef,
-    },
-    History {
-        room: Arc<str>,
-        query: Query,
-        conn: ConnRef,
-    },
-    UserOnline {
-        user: Arc<str>,
-        shard: u16,
-    },
-    UserOffline {
-        user: Arc<str>,
-        shard: u16,
-    },
-    Direct {
-        to: Arc<str>,
-        from: Arc<str>,
-        id: Box<str>,
-        body: Box<str>,
-        conn: ConnRef,
-    },
-}
-
-impl Request {
-    /// The room a request is about, if any.
-    fn room(&self) -> Option<&Arc<str>> {
-        match self {
-            Request::Join { room, .. }
-            | Request::Leave { room, .. }
-            | Request::Publish(Publish { room, .. })
-            | Request::Presence { room, .. }
-            | Request::History { room, .. }
-            | Request::Sync { room, .. }
-            | Request::Unsync { room, .. } => Some(room),
-            _ => None,
-        }
-    }
-}
-
-/// What a join with a resume point became.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Resume {
-    /// No resume point: answer `joined` at once.
-    No,
-    /// The store is fetching what the client missed: hold the room's live
-    /// messages for this connection until [`Reply::Recovered`] arrives.
-    Pending,
-    /// The store's queue is full: `joined` with `recovered:false`.
-    Refused,
-}
-
-/// Work a home sends to the shards that hold connections.
-#[derive(Debug)]
-pub enum Delivery {
-    /// The home registered the join: from now on the shard gets the room.
-    Joined {
-        room: Arc<str>,
-        user: Arc<str>,
-        conn: ConnRef,
-        seq: u64,
-        members: u64,
-        epoch: Arc<str>,
-        resume: Resume,
-        nonce: u32,
-    },
-    /// A frame for every local member of the room (a message, a presence event).
-    Room { room: Arc<str>, frame: Arc<[u8]> },
-    /// A frame for one connection (an ack, an error, a presence answer).
-    ToConn { conn: ConnRef, frame: Box<[u8]> },
-    /// A frame for every local connection of a user (a direct message).
-    ToUser { user: Arc<str>, frame: Arc<[u8]> },
-}
 
 /// Chat settings, validated from the configuration.
 #[derive(Debug, Clone)]
@@ -215,67 +98,6 @@ pub struct Settings {
     pub history_max_limit: usize,
 }
 
-/// Where a home room's sequence stands.
-enum SeqState {
-    Known,
-    /// Asked the store; these requests wait for the answer, in order.
-    Loading(VecDeque<Request>),
-    /// The store could not say (breaker open): membership works, publishes
-    /// ask the store again.
-    Unknown,
-}
-
-/// A room on its home shard: sequenced here, or (in a cluster) relayed
-/// here from the room's home node to this node's members.
-struct Home {
-    /// This node's members (per shard, per user); the sequence and the
-    /// duplicate window when this node is the room's home.
-    room: HomeRoom,
-    /// The store's epoch for the room's seqs ("" while unknown).
-    epoch: Arc<str>,
-    seq: SeqState,
-    /// The last seq this node's members were sent: every later message
-    /// reaches them live, so joins and resumes are answered up to it.
-    delivered: u64,
-    /// Some when another node is the room's home.
-    relay: Option<cluster::Relay>,
-    /// When this node is the home: the other nodes that asked for the room.
-    remote: Vec<NodeTag>,
-    /// A gap being filled from history: later messages wait here.
-    repair: Option<cluster::Repair>,
-    /// The next load starts a new tenure (a takeover, or a conflict in the
-    /// store): the sequence continues exactly from the store's last seq.
-    restart: bool,
-    /// In a cluster: resumes from a seq this node has not delivered yet
-    /// (the client came from a node ahead of this one). They wait, up to
-    /// [`cluster::PARK_FOR`], for `delivered` to catch up.
-    parked: Vec<(std::time::Instant, Request)>,
-}
-
-impl Home {
-    fn new(shards: usize, last_seq: u64, epoch: Arc<str>, seq: SeqState) -> Home {
-        Home {
-            room: HomeRoom::new(shards, last_seq),
-            epoch,
-            seq,
-            delivered: last_seq,
-            relay: None,
-            remote: Vec::new(),
-            repair: None,
-            restart: false,
-            parked: Vec::new(),
-        }
-    }
-
-    /// Nobody needs the room here any more: no local member, no other node
-    /// that asked for it, no resume waiting.
-    fn idle(&self) -> bool {
-        self.room.is_empty() && self.remote.is_empty() && self.parked.is_empty()
-    }
-}
-
-/// An emptied room's last seq and epoch, and when it emptied.
-type Tombstone = (u64, Arc<str>, std::time::Instant);
 /// A resume answer: the join's nonce, the `joined` frame and the missed
 /// messages' frames.
 type Recovered = (u32, Box<[u8]>, Vec<u8>);
@@ -398,25 +220,19 @@ pub struct ChatShard {
     pub me: usize,
     /// This node's tag.
     pub node: NodeTag,
-    /// The cross-node side, when the node runs in a cluster.
-    cluster: Option<cluster::Cluster>,
+    /// The node mesh, when the node runs in a cluster.
+    mesh: Option<Mesh>,
     pub shards: usize,
     pub settings: Settings,
     requests: Outbox<Request>,
     deliveries: Outbox<Delivery>,
     pub storage: Storage,
-    /// Rooms homed here that have members (or a sequence being loaded).
-    homes: RefCell<HashMap<Arc<str>, Home>>,
-    /// Last seq and epoch of rooms homed here that emptied, so a room that
-    /// fills again continues without asking the store. Bounded by
-    /// [`MAX_TOMBSTONES`].
-    tombstones: RefCell<HashMap<Arc<str>, Tombstone>>,
+    /// The rooms and users homed here (the router's state machine).
+    homes: RefCell<Homes>,
     /// Local members waiting for their resume, per room.
     recovering: RefCell<HashMap<Arc<str>, Vec<Recovering>>>,
     /// Resume answers that arrived before the home's `Joined`.
     early_recoveries: RefCell<HashMap<(Arc<str>, LocalConn), Recovered>>,
-    /// Users homed here: connections per shard.
-    user_homes: RefCell<HashMap<Arc<str>, Vec<u32>>>,
     /// Local members of each room.
     local_rooms: RefCell<HashMap<Arc<str>, LocalRoom>>,
     /// Bytes the rooms' feeds hold for members that have not sent them.
@@ -433,15 +249,8 @@ pub struct ChatShard {
     anonymous: Cell<u64>,
 }
 
-/// Milliseconds since the Unix epoch, for message timestamps.
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 impl ChatShard {
-    /// Joins the two meshes (every shard must call this) and builds the state.
+    /// Builds the shard's chat state over its ends of the two rings.
     pub fn new(
         settings: Settings,
         requests: Senders<Request>,
@@ -452,20 +261,28 @@ impl ChatShard {
     ) -> ChatShard {
         let me = requests.peer_id();
         let shards = requests.nr_consumers();
+        let homes = Homes::new(homes::Settings {
+            me,
+            shards,
+            node,
+            clustered: mesh.is_some(),
+            presence_max_members: settings.presence_max_members,
+            history_meta_ttl: settings.history_meta_ttl,
+            store_keeps_presence: storage.keeps_presence(),
+            store_acks_at_home: storage.acks_at_home(),
+        });
         ChatShard {
             me,
             node,
-            cluster: mesh.map(cluster::Cluster::new),
+            mesh,
             shards,
             settings,
             requests: Outbox::new(requests),
             deliveries: Outbox::new(deliveries),
             storage,
-            homes: RefCell::new(HashMap::new()),
-            tombstones: RefCell::new(HashMap::new()),
+            homes: RefCell::new(homes),
             recovering: RefCell::new(HashMap::new()),
             early_recoveries: RefCell::new(HashMap::new()),
-            user_homes: RefCell::new(HashMap::new()),
             local_rooms: RefCell::new(HashMap::new()),
             feed_bytes: feed::Held::default(),
             local_users: RefCell::new(HashMap::new()),
@@ -474,6 +291,16 @@ impl ChatShard {
             handler_waiters: RefCell::new(Vec::new()),
             anonymous: Cell::new(0),
         }
+    }
+
+    /// The mesh, when this node runs in a cluster.
+    pub fn mesh(&self) -> Option<&Mesh> {
+        self.mesh.as_ref()
+    }
+
+    /// False while a cluster node does not know the live nodes yet.
+    pub fn cluster_ready(&self) -> bool {
+        self.homes.borrow().cluster_ready()
     }
 
     pub fn room_home(&self, room: &str) -> usize {
@@ -492,31 +319,6 @@ impl ChatShard {
 
     pub fn request(&self, shard: &Shard, to: usize, req: Request) {
         self.requests.send(to, req, shard.metrics());
-    }
-
-    fn deliver(&self, shard: &Shard, to: usize, d: Delivery) {
-        self.deliveries.send(to, d, shard.metrics());
-    }
-
-    /// Sends one frame to one connection, through its shard (and node).
-    fn to_conn(&self, shard: &Shard, conn: ConnRef, frame: Vec<u8>) {
-        self.to_conn_frame(shard, conn, frame.into());
-    }
-
-    fn to_conn_frame(&self, shard: &Shard, conn: ConnRef, frame: Box<[u8]>) {
-        if conn.node != self.node {
-            if let Some(c) = &self.cluster {
-                c.mesh.wire(crate::mesh::Wire::ToConn { conn, frame });
-            }
-            return;
-        }
-        if conn.shard as usize == self.me {
-            if let Some(c) = lookup(shard, conn) {
-                c.enqueue(shard, &frame);
-            }
-            return;
-        }
-        self.deliver(shard, conn.shard as usize, Delivery::ToConn { conn, frame });
     }
 
     /// Too much is queued: connections stop reading new work.
@@ -556,59 +358,6 @@ impl ChatShard {
             let waiters = std::mem::take(&mut *self.congestion_waiters.borrow_mut());
             waiters.into_iter().for_each(Waker::wake);
         }
-    }
-
-    /// A room becomes active here: continue its sequence from its tombstone,
-    /// or ask the store where it stands.
-    fn revive(&self, room: &Arc<str>, m: &crate::metrics::ShardMetrics) -> Home {
-        m.rooms.inc();
-        self.subscribe(crate::mesh::wire::room_topic, room, true);
-        let ttl = self.settings.history_meta_ttl;
-        match self.tombstones.borrow_mut().remove(room) {
-            Some((last_seq, epoch, at)) if at.elapsed() < ttl => {
-                Home::new(self.shards, last_seq, epoch, SeqState::Known)
-            }
-            _ => {
-                let load = Op::Load {
-                    room: room.clone(),
-                    home: self.me as u16,
-                };
-                let seq = match self.storage.try_send_load(self.me, load) {
-                    Ok(()) => SeqState::Loading(VecDeque::new()),
-                    // Too many loads queued: publishes will ask again.
-                    Err(_) => SeqState::Unknown,
-                };
-                Home::new(self.shards, 0, Arc::from(""), seq)
-            }
-        }
-    }
-
-    /// A room emptied: forget its members and duplicate window, keep its
-    /// last seq and epoch (if the store told them).
-    fn bury(&self, room: Arc<str>, home: Home, m: &crate::metrics::ShardMetrics) {
-        m.rooms.sub(1);
-        self.subscribe(crate::mesh::wire::room_topic, &room, false);
-        if let Some(relay) = &home.relay {
-            self.tell_home(relay.home, |to| crate::mesh::Wire::Unsync {
-                to,
-                room: room.clone(),
-                node: self.node,
-            });
-            return;
-        }
-        if !matches!(home.seq, SeqState::Known) {
-            return;
-        }
-        let mut t = self.tombstones.borrow_mut();
-        if t.len() >= MAX_TOMBSTONES {
-            if let Some(k) = t.keys().next().cloned() {
-                t.remove(&k);
-            }
-        }
-        t.insert(
-            room,
-            (home.room.last_seq(), home.epoch, std::time::Instant::now()),
-        );
     }
 
     pub fn add_local_member(&self, shard: &Shard, room: &Arc<str>, key: (u32, u32)) {
@@ -670,6 +419,135 @@ impl ChatShard {
             }
         }
     }
+}
+
+/// The homes' ports on a running shard: rings, the storage worker's queue,
+/// the mesh thread, the shard's metrics.
+struct Driver<'a> {
+    shard: &'a Shard,
+}
+
+impl Ports for Driver<'_> {
+    fn deliver(&mut self, to: usize, d: Delivery) {
+        let chat = &self.shard.chat;
+        chat.deliveries.send(to, d, self.shard.metrics());
+    }
+
+    fn enqueue(&mut self, conn: ConnRef, frame: &[u8]) {
+        if let Some(c) = lookup(self.shard, conn) {
+            c.enqueue(self.shard, frame);
+        }
+    }
+
+    fn try_store(&mut self, op: Op) -> Result<(), Op> {
+        let chat = &self.shard.chat;
+        chat.storage.try_send(chat.me, op)
+    }
+
+    fn try_store_load(&mut self, op: Op) -> Result<(), Op> {
+        let chat = &self.shard.chat;
+        chat.storage.try_send_load(chat.me, op)
+    }
+
+    fn store(&mut self, op: Op) -> bool {
+        let chat = &self.shard.chat;
+        chat.storage.send(chat.me, op)
+    }
+
+    fn store_has_room(&self) -> bool {
+        let chat = &self.shard.chat;
+        chat.storage.has_room(chat.me)
+    }
+
+    fn store_failing(&self) -> bool {
+        self.shard.chat.storage.failing()
+    }
+
+    fn wire(&mut self, w: Wire) {
+        if let Some(mesh) = &self.shard.chat.mesh {
+            mesh.wire(w);
+        }
+    }
+
+    fn try_wire(&mut self, w: Wire) -> Result<(), Wire> {
+        match &self.shard.chat.mesh {
+            Some(mesh) => mesh.try_wire(w),
+            None => Err(w),
+        }
+    }
+
+    fn subscribe(&mut self, topic: Topic<'_>, on: bool) {
+        let Some(mesh) = &self.shard.chat.mesh else {
+            return;
+        };
+        let t = match topic {
+            Topic::Room(room) => mesh::wire::room_topic(room),
+            Topic::User(user) => mesh::wire::user_topic(user),
+        };
+        mesh.send(if on {
+            Out::Subscribe(t)
+        } else {
+            Out::Unsubscribe(t)
+        });
+    }
+
+    fn count(&mut self, c: Count) {
+        let m = self.shard.metrics();
+        let chat = &self.shard.chat;
+        let mesh = chat.mesh.as_ref().map(|mesh| &mesh.metrics);
+        match c {
+            Count::RoomOpened => m.rooms.inc(),
+            Count::RoomClosed => m.rooms.sub(1),
+            Count::Published => m.publishes.inc(),
+            Count::DuplicatePublish => m.duplicate_publishes.inc(),
+            Count::StorageRefusal => m.storage_refusals.inc(),
+            Count::DirectMessage => m.direct_messages.inc(),
+            Count::ProvisionalEpoch => m.provisional_epochs.inc(),
+            Count::PresenceDropped => {
+                chat.storage.metrics.presence_dropped.fetch_add(1, Relaxed);
+            }
+            Count::Misrouted => bump(mesh.map(|x| &x.misrouted), 1),
+            Count::Forwarded => bump(mesh.map(|x| &x.forwarded), 1),
+            Count::Gap => bump(mesh.map(|x| &x.gaps), 1),
+            Count::Repaired(n) => bump(mesh.map(|x| &x.repaired), n),
+            Count::Unrepaired(n) => bump(mesh.map(|x| &x.unrepaired), n),
+            Count::Rehomed => bump(mesh.map(|x| &x.rehomed), 1),
+        }
+    }
+}
+
+fn bump(counter: Option<&std::sync::atomic::AtomicU64>, n: u64) {
+    if let Some(c) = counter {
+        c.fetch_add(n, Relaxed);
+    }
+}
+
+/// Sends a frame to one connection wherever it is: this shard, another
+/// shard (a delivery) or another node (the mesh).
+fn to_conn(driver: &mut Driver<'_>, conn: ConnRef, frame: Box<[u8]>) {
+    let chat = &driver.shard.chat;
+    if conn.node != chat.node {
+        driver.wire(Wire::ToConn { conn, frame });
+    } else if conn.shard as usize == chat.me {
+        driver.enqueue(conn, &frame);
+    } else {
+        driver.deliver(conn.shard as usize, Delivery::ToConn { conn, frame });
+    }
+}
+
+/// Hands one input to the shard's homes.
+fn handle(shard: &Shard, input: Input) {
+    let now = Now::at(shard.clock.get());
+    let mut driver = Driver { shard };
+    shard
+        .chat
+        .homes
+        .borrow_mut()
+        .handle(input, now, &mut driver);
+}
+
+fn handle_request(shard: &Shard, req: Request) {
+    handle(shard, Input::Request(req));
 }
 
 /// Starts the tasks that drain the outboxes and handle what arrives.
@@ -737,7 +615,7 @@ pub fn spawn_tasks(
     if chat.storage.keeps_presence() {
         spawn_presence_heartbeat(shard);
     }
-    cluster::spawn_tasks(shard);
+    spawn_mesh_tasks(shard);
     let s = shard.clone();
     glommio::spawn_local(async move {
         loop {
@@ -773,17 +651,6 @@ fn spawn_forwarder<T: Send + 'static>(
     .detach();
 }
 
-/// Hands a presence update to the store; presence is soft state, so a full
-/// queue drops it (counted) and the next heartbeat repairs it.
-fn send_presence(chat: &ChatShard, op: Op) {
-    if chat.storage.try_send(chat.me, op).is_err() {
-        chat.storage
-            .metrics
-            .presence_dropped
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
 /// Refreshes the store's presence entries of the rooms homed here, three
 /// times per presence TTL, so they outlive no node by more than the TTL.
 fn spawn_presence_heartbeat(shard: &Rc<Shard>) {
@@ -792,13 +659,7 @@ fn spawn_presence_heartbeat(shard: &Rc<Shard>) {
     glommio::spawn_local(async move {
         loop {
             glommio::timer::sleep(every).await;
-            let rooms: Vec<(Arc<str>, Vec<Arc<str>>)> = s
-                .chat
-                .homes
-                .borrow()
-                .iter()
-                .map(|(room, h)| (room.clone(), h.room.users().cloned().collect()))
-                .collect();
+            let rooms = s.chat.homes.borrow().presence();
             for (i, (room, users)) in rooms.into_iter().enumerate() {
                 let op = Op::Presence(PresenceOp::Refresh { room, users });
                 if s.chat.storage.try_send(s.chat.me, op).is_err() {
@@ -811,6 +672,92 @@ fn spawn_presence_heartbeat(shard: &Rc<Shard>) {
         }
     })
     .detach();
+}
+
+/// In a cluster: the inbox from the mesh thread, and the timer that asks
+/// homes again when a `Synced` is late and releases parked resumes.
+fn spawn_mesh_tasks(shard: &Rc<Shard>) {
+    let Some(mesh) = shard.chat.mesh.clone() else {
+        return;
+    };
+    let s = shard.clone();
+    glommio::spawn_local(async move {
+        loop {
+            let batch = poll_fn(|cx| mesh.inbox(s.chat.me).poll_recv(cx)).await;
+            // A batch holds up to a SUB socket's high-water mark: give the
+            // shard's sockets a turn between slices of it.
+            for (i, inbound) in batch.into_iter().enumerate() {
+                on_inbound(&s, inbound);
+                if i % YIELD_EVERY == YIELD_EVERY - 1 {
+                    glommio::yield_if_needed().await;
+                }
+            }
+            s.chat.maybe_release(&s);
+            glommio::yield_if_needed().await;
+        }
+    })
+    .detach();
+    let s = shard.clone();
+    glommio::spawn_local(async move {
+        loop {
+            glommio::timer::sleep(homes::SYNC_RETRY / 2).await;
+            handle(&s, Input::Tick);
+            glommio::yield_if_needed().await;
+        }
+    })
+    .detach();
+}
+
+/// Hands what the mesh thread brought to the homes (or, for a frame to one
+/// of this shard's connections, straight to it).
+fn on_inbound(shard: &Shard, inbound: Inbound) {
+    let input = match inbound {
+        Inbound::Nodes(set) => Input::Nodes(set),
+        Inbound::Wire(w) => match w {
+            Wire::Publish { publish, .. } => Input::Request(Request::Publish(publish)),
+            Wire::Sync {
+                room, node, nonce, ..
+            } => Input::Request(Request::Sync { room, node, nonce }),
+            Wire::Unsync { room, node, .. } => Input::Request(Request::Unsync { room, node }),
+            Wire::Synced {
+                room,
+                home,
+                node,
+                nonce,
+                last_seq,
+                epoch,
+            } if node == shard.chat.node => Input::Synced {
+                room,
+                home,
+                nonce,
+                last_seq,
+                epoch,
+            },
+            Wire::Message {
+                room,
+                home,
+                seq,
+                epoch,
+                frame,
+            } => Input::Message {
+                room,
+                home,
+                seq,
+                epoch,
+                frame,
+            },
+            Wire::Event { room, frame } => Input::Event { room, frame },
+            Wire::Direct { user, frame } => Input::Direct { user, frame },
+            Wire::ToConn { conn, frame } => {
+                if let Some(c) = lookup(shard, conn) {
+                    c.enqueue(shard, &frame);
+                }
+                return;
+            }
+            Wire::Synced { .. } | Wire::Heartbeat { .. } => return,
+        },
+    };
+    handle(shard, input);
 }
 
 async fn pause_while_congested(shard: &Rc<Shard>) {
@@ -827,489 +774,6 @@ async fn pause_while_congested(shard: &Rc<Shard>) {
     })
     .await;
     glommio::yield_if_needed().await;
-}
-
-/// Handles a request at its home shard. Requests for a room whose sequence
-/// is loading from the store wait, in order, until it is known.
-fn handle_request(shard: &Shard, req: Request) {
-    let chat = &shard.chat;
-    if let Some(room) = req.room().cloned() {
-        if let Some(c) = &chat.cluster {
-            match c.home_of(&room) {
-                // The live nodes are not known yet.
-                None => {
-                    c.waiting.borrow_mut().push_back(req);
-                    return;
-                }
-                Some(node) if node != chat.node => {
-                    cluster::relay_request(shard, req, node);
-                    return;
-                }
-                Some(_) => {}
-            }
-        }
-        let mut homes = chat.homes.borrow_mut();
-        if !homes.contains_key(&room)
-            && matches!(
-                req,
-                Request::Join { .. } | Request::Publish(_) | Request::Sync { .. }
-            )
-        {
-            let home = chat.revive(&room, shard.metrics());
-            homes.insert(room.clone(), home);
-        }
-        if let Some(home) = homes.get_mut(&room) {
-            let publish = matches!(req, Request::Publish(_));
-            match &mut home.seq {
-                SeqState::Loading(queue) => {
-                    if publish && queue.len() >= MAX_QUEUED_WHILE_LOADING {
-                        drop(homes);
-                        if let Request::Publish(p) = &req {
-                            refuse_publish(shard, p, proto::ErrorCode::StorageBusy);
-                        }
-                    } else {
-                        queue.push_back(req);
-                    }
-                    return;
-                }
-                // A relay's Sync must learn the real seq and epoch too.
-                SeqState::Unknown if publish || matches!(req, Request::Sync { .. }) => {
-                    let load = Op::Load {
-                        room,
-                        home: chat.me as u16,
-                    };
-                    if chat.storage.try_send_load(chat.me, load).is_ok() {
-                        home.seq = SeqState::Loading(VecDeque::from([req]));
-                    } else {
-                        drop(homes);
-                        if let Request::Publish(p) = &req {
-                            refuse_publish(shard, p, proto::ErrorCode::StorageBusy);
-                        }
-                    }
-                    return;
-                }
-                _ => {}
-            }
-        }
-    }
-    dispatch_request(shard, req);
-}
-
-/// Answers a publish that was not sequenced.
-fn refuse_publish(shard: &Shard, p: &Publish, code: proto::ErrorCode) {
-    shard.metrics().storage_refusals.inc();
-    shard.chat.to_conn(
-        shard,
-        p.conn,
-        proto::error(code, Some(&p.id), Some(&p.room)),
-    );
-}
-
-/// The store answered where a room's sequence stands: run what waited.
-fn on_loaded(shard: &Shard, room: Arc<str>, meta: Option<RoomMeta>) {
-    let chat = &shard.chat;
-    let mut homes = chat.homes.borrow_mut();
-    let Some(home) = homes.get_mut(&room) else {
-        return;
-    };
-    if !matches!(home.seq, SeqState::Loading(_)) {
-        return;
-    }
-    let (had_epoch, had_delivered) = (home.epoch.clone(), home.delivered);
-    let restart = std::mem::take(&mut home.restart);
-    match meta {
-        Some(m) if restart => {
-            home.room.restart_at(m.last_seq);
-            home.epoch = m.epoch;
-        }
-        Some(m) => {
-            home.room.resume_from(m.last_seq);
-            home.epoch = m.epoch;
-        }
-        // The store cannot say (unreachable): live traffic goes on in a new
-        // epoch whose seqs start far above any the store can hold. The
-        // store adopts the epoch when the spilled messages reach it.
-        None => {
-            home.room.restart_at(storage::provisional_seq_base());
-            home.epoch = Arc::from(storage::new_epoch());
-            shard.metrics().provisional_epochs.inc();
-        }
-    }
-    let last = home.room.last_seq();
-    home.delivered = last;
-    // This node took the room over: its members may have missed what the
-    // old home stored last; they get it from history first.
-    if restart && had_epoch == home.epoch && had_delivered < last && home.repair.is_none() {
-        home.delivered = had_delivered;
-        cluster::start_repair(shard, &room, home, last);
-    }
-    let SeqState::Loading(waiting) = std::mem::replace(&mut home.seq, SeqState::Known) else {
-        return;
-    };
-    drop(homes);
-    for req in waiting {
-        handle_request(shard, req);
-    }
-}
-
-fn dispatch_request(shard: &Shard, req: Request) {
-    let chat = &shard.chat;
-    let m = shard.metrics();
-    let presence_max = chat.settings.presence_max_members;
-    match req {
-        Request::Join {
-            room,
-            user,
-            conn,
-            since,
-            nonce,
-            parked,
-        } => {
-            let mut homes = chat.homes.borrow_mut();
-            let Some(home) = homes.get_mut(&room) else {
-                return;
-            };
-            let ahead = since
-                .as_ref()
-                .is_some_and(|(s, e)| *s > home.delivered && **e == *home.epoch);
-            if ahead && !parked && chat.cluster.is_some() && home.parked.len() < MAX_PARKED {
-                let join = Request::Join {
-                    room: room.clone(),
-                    user,
-                    conn,
-                    since,
-                    nonce,
-                    parked: true,
-                };
-                home.parked.push((std::time::Instant::now(), join));
-                return;
-            }
-            let change = home.room.join(conn.shard as usize, &user);
-            let (seq, members) = (home.delivered, home.room.connections());
-            let epoch = home.epoch.clone();
-            let event =
-                (change.user_changed && home.room.user_count() <= presence_max).then(|| {
-                    (
-                        home.room.shards().collect::<Vec<_>>(),
-                        proto::presence_event(&room, true, &user),
-                    )
-                });
-            drop(homes);
-            if change.user_changed && chat.storage.keeps_presence() {
-                let op = Op::Presence(PresenceOp::Add {
-                    room: room.clone(),
-                    user: user.clone(),
-                });
-                send_presence(chat, op);
-            }
-            let resume = match since {
-                None => Resume::No,
-                Some((since, client_epoch)) => {
-                    let op = Op::Recover(Box::new(Recover {
-                        room: room.clone(),
-                        since,
-                        epoch: client_epoch,
-                        upto: seq,
-                        home_epoch: epoch.clone(),
-                        members,
-                        to: conn,
-                        nonce,
-                    }));
-                    match chat.storage.try_send(chat.me, op) {
-                        Ok(()) => Resume::Pending,
-                        Err(_) => Resume::Refused,
-                    }
-                }
-            };
-            chat.deliver(
-                shard,
-                conn.shard as usize,
-                Delivery::Joined {
-                    room: room.clone(),
-                    user,
-                    conn,
-                    seq,
-                    members,
-                    epoch,
-                    resume,
-                    nonce,
-                },
-            );
-            if let Some((shards, frame)) = event {
-                broadcast_event(shard, &room, shards, frame);
-            }
-        }
-        Request::Leave {
-            room,
-            user,
-            shard: from,
-        } => {
-            let mut homes = chat.homes.borrow_mut();
-            let Some(home) = homes.get_mut(&room) else {
-                return;
-            };
-            let change = home.room.leave(from as usize, &user);
-            let event = (change.user_changed && home.room.user_count() < presence_max).then(|| {
-                (
-                    home.room.shards().collect::<Vec<_>>(),
-                    proto::presence_event(&room, false, &user),
-                )
-            });
-            if home.idle() {
-                if let Some(home) = homes.remove(&room) {
-                    drop(homes);
-                    chat.bury(room.clone(), home, m);
-                }
-            } else {
-                drop(homes);
-            }
-            if change.user_changed && chat.storage.keeps_presence() {
-                let op = Op::Presence(PresenceOp::Remove {
-                    room: room.clone(),
-                    user,
-                });
-                send_presence(chat, op);
-            }
-            if let Some((shards, frame)) = event {
-                broadcast_event(shard, &room, shards, frame);
-            }
-        }
-        Request::Publish(p) => {
-            let refusal = if !chat.storage.has_room(chat.me) {
-                Some(proto::ErrorCode::StorageBusy)
-            } else if chat.storage.failing() {
-                Some(proto::ErrorCode::StorageUnavailable)
-            } else {
-                None
-            };
-            if let Some(code) = refusal {
-                refuse_publish(shard, &p, code);
-                return;
-            }
-            let Publish {
-                room,
-                user,
-                id,
-                body,
-                conn,
-                ..
-            } = p;
-            let mut homes = chat.homes.borrow_mut();
-            let Some(home) = homes.get_mut(&room) else {
-                return;
-            };
-            // Acking here saves the worker's round trip, which a publisher
-            // with a window of publishes in flight waits for.
-            let ack_here = chat.cluster.is_none() && chat.storage.acks_at_home();
-            match home.room.sequence(&user, &id, shard.clock.get()) {
-                Sequenced::New(seq) => {
-                    m.publishes.inc();
-                    let ts = now_ms();
-                    let frame = proto::message(&room, seq, &user, &id, ts, &body);
-                    // In a cluster a message leaves its home only once it is
-                    // stored, so a node that takes the room over continues
-                    // after every seq anyone has seen.
-                    let fanout = if chat.cluster.is_some() {
-                        Some(Arc::from(frame))
-                    } else {
-                        // Delivering only queues: the room table may stay borrowed.
-                        broadcast(shard, &room, home.room.shards(), frame);
-                        home.delivered = seq;
-                        None
-                    };
-                    let epoch = home.epoch.clone();
-                    drop(homes);
-                    let ack = ack_here.then(|| (id.clone(), room.clone()));
-                    let record = Record {
-                        room,
-                        seq,
-                        from: user,
-                        id,
-                        ts,
-                        body,
-                        epoch,
-                    };
-                    // The ack comes from the worker once the message is
-                    // stored, or from here once the worker has it.
-                    let handed = chat.storage.send(
-                        chat.me,
-                        Op::Append {
-                            record,
-                            ack_to: (!ack_here).then_some(conn),
-                            fanout,
-                        },
-                    );
-                    if let Some((id, room)) = ack {
-                        let frame = proto::ack(&id, &room, seq, false, handed);
-                        chat.to_conn(shard, conn, frame);
-                    }
-                }
-                Sequenced::Duplicate(seq) => {
-                    drop(homes);
-                    m.duplicate_publishes.inc();
-                    if ack_here {
-                        chat.to_conn(shard, conn, proto::ack(&id, &room, seq, true, true));
-                        return;
-                    }
-                    chat.storage.send(
-                        chat.me,
-                        Op::DuplicateAck {
-                            room,
-                            id,
-                            seq,
-                            ack_to: conn,
-                        },
-                    );
-                }
-            }
-        }
-        Request::Presence { room, conn } => {
-            if chat.storage.keeps_presence() {
-                let op = Op::PresenceQuery {
-                    room: room.clone(),
-                    to: conn,
-                    max_members: presence_max,
-                };
-                if chat.storage.try_send(chat.me, op).is_err() {
-                    let frame = proto::error(proto::ErrorCode::StorageBusy, None, Some(&room));
-                    chat.to_conn(shard, conn, frame);
-                }
-                return;
-            }
-            let homes = chat.homes.borrow();
-            let frame = match homes.get(&room).map(|h| &h.room) {
-                Some(h) if h.user_count() <= presence_max => {
-                    proto::presence(&room, h.user_count() as u64, Some(h.users().map(|u| &**u)))
-                }
-                Some(h) => {
-                    proto::presence(&room, h.user_count() as u64, None::<std::iter::Empty<&str>>)
-                }
-                None => proto::presence(&room, 0, Some(std::iter::empty())),
-            };
-            drop(homes);
-            chat.to_conn(shard, conn, frame);
-        }
-        Request::Sync { room, node, nonce } => cluster::on_sync(shard, room, node, nonce),
-        Request::Unsync { room, node } => cluster::on_unsync(shard, room, node),
-        Request::History { room, query, conn } => {
-            let upto = chat
-                .homes
-                .borrow()
-                .get(&room)
-                .filter(|h| matches!(h.seq, SeqState::Known))
-                .map(|h| h.delivered);
-            let op = Op::History {
-                room: room.clone(),
-                query,
-                upto,
-                to: conn,
-            };
-            if chat.storage.try_send(chat.me, op).is_err() {
-                let frame = proto::error(proto::ErrorCode::StorageBusy, None, Some(&room));
-                chat.to_conn(shard, conn, frame);
-            }
-        }
-        Request::UserOnline { user, shard: at } => {
-            let n = chat.shards;
-            let mut homes = chat.user_homes.borrow_mut();
-            if !homes.contains_key(&user) {
-                chat.subscribe(crate::mesh::wire::user_topic, &user, true);
-            }
-            homes.entry(user).or_insert_with(|| vec![0; n])[at as usize] += 1;
-        }
-        Request::UserOffline { user, shard: at } => {
-            let mut homes = chat.user_homes.borrow_mut();
-            if let Some(counts) = homes.get_mut(&user) {
-                counts[at as usize] = counts[at as usize].saturating_sub(1);
-                if counts.iter().all(|&c| c == 0) {
-                    homes.remove(&user);
-                    chat.subscribe(crate::mesh::wire::user_topic, &user, false);
-                }
-            }
-        }
-        Request::Direct {
-            to,
-            from,
-            id,
-            body,
-            conn,
-        } => {
-            let counts = chat
-                .user_homes
-                .borrow()
-                .get(&to)
-                .cloned()
-                .unwrap_or_default();
-            let delivered: u64 = counts.iter().map(|&c| c as u64).sum();
-            let remote = chat.cluster.is_some();
-            if delivered > 0 || remote {
-                m.direct_messages.inc();
-                let frame: Arc<[u8]> = proto::dm(&from, &id, now_ms(), &body).into();
-                deliver_to_user(shard, &to, &counts, &frame);
-                if let Some(c) = &chat.cluster {
-                    // The nodes where the user has connections subscribe.
-                    c.mesh.wire(crate::mesh::Wire::Direct {
-                        user: to.clone(),
-                        frame,
-                    });
-                }
-            }
-            let ack = proto::dm_ack(&id, &to, delivered);
-            chat.to_conn(shard, conn, ack);
-        }
-    }
-}
-
-/// Sends a direct message to this node's connections of `user`.
-fn deliver_to_user(shard: &Shard, user: &Arc<str>, counts: &[u32], frame: &Arc<[u8]>) {
-    for (s, _) in counts.iter().enumerate().filter(|(_, &c)| c > 0) {
-        shard.chat.deliver(
-            shard,
-            s,
-            Delivery::ToUser {
-                user: user.clone(),
-                frame: frame.clone(),
-            },
-        );
-    }
-}
-
-/// Sends a room event (presence) to every shard that has members of
-/// `room`, and to the other nodes with members.
-fn broadcast_event(
-    shard: &Shard,
-    room: &Arc<str>,
-    shards: impl IntoIterator<Item = usize>,
-    frame: Vec<u8>,
-) {
-    let frame: Arc<[u8]> = frame.into();
-    if let Some(c) = &shard.chat.cluster {
-        c.mesh.wire(crate::mesh::Wire::Event {
-            room: room.clone(),
-            frame: frame.clone(),
-        });
-    }
-    broadcast(shard, room, shards, frame);
-}
-
-/// Sends one frame to every shard that has members of `room`.
-fn broadcast(
-    shard: &Shard,
-    room: &Arc<str>,
-    shards: impl IntoIterator<Item = usize>,
-    frame: impl Into<Arc<[u8]>>,
-) {
-    let frame: Arc<[u8]> = frame.into();
-    for s in shards {
-        shard.chat.deliver(
-            shard,
-            s,
-            Delivery::Room {
-                room: room.clone(),
-                frame: frame.clone(),
-            },
-        );
-    }
 }
 
 /// Applies a delivery to this shard's connections. Never sends across shards
@@ -1465,22 +929,42 @@ fn hold_for_recovering(shard: &Shard, room: &Arc<str>, frame: &Arc<[u8]>) {
 fn handle_reply(shard: &Shard, reply: Reply) {
     let chat = &shard.chat;
     match reply {
-        Reply::ToConn { conn, frame } => chat.to_conn_frame(shard, conn, frame),
-        Reply::Loaded { room, meta } => on_loaded(shard, room, meta),
-        Reply::Stored { room, seq, frame } => cluster::on_stored(shard, room, seq, frame),
+        Reply::ToConn { conn, frame } => {
+            let mut driver = Driver { shard };
+            to_conn(&mut driver, conn, frame);
+        }
+        Reply::Loaded { room, meta } => handle(shard, Input::Loaded { room, meta }),
+        Reply::Stored { room, seq, frame } => handle(shard, Input::Stored { room, seq, frame }),
         Reply::Conflict {
             room,
             from,
             id,
             seq,
-        } => cluster::on_conflict(shard, room, &from, &id, seq),
+        } => handle(
+            shard,
+            Input::Conflict {
+                room,
+                from,
+                id,
+                seq,
+            },
+        ),
         Reply::Repaired {
             room,
             after,
             upto,
             frames,
             got,
-        } => cluster::on_repaired(shard, room, after, upto, frames, got),
+        } => handle(
+            shard,
+            Input::Repaired {
+                room,
+                after,
+                upto,
+                frames,
+                got,
+            },
+        ),
         Reply::Recovered {
             conn,
             room,

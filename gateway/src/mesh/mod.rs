@@ -41,6 +41,7 @@ use std::{
 use crossbeam_channel::{Sender, TrySendError};
 
 use crate::inbox::Inbox;
+pub use corecast_router::node::NodeSet;
 pub use wire::{node_tag, NodeTag, Wire};
 
 /// Subscriptions a shard asks of the mesh thread (messages go through
@@ -59,26 +60,6 @@ pub enum Inbound {
     Wire(Wire),
     /// The live nodes changed (sent to every shard).
     Nodes(Arc<NodeSet>),
-}
-
-/// The nodes a node counts as live, itself included.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NodeSet {
-    pub me: NodeTag,
-    /// (tag, node id), sorted by id.
-    pub nodes: Vec<(NodeTag, Arc<str>)>,
-}
-
-impl NodeSet {
-    /// The live node that owns `room` (rendezvous hashing over node ids).
-    pub fn home_of(&self, room: &str) -> NodeTag {
-        corecast_router::home_node_by(room, self.nodes.iter().map(|(t, id)| (*t, &**id)))
-            .unwrap_or(self.me)
-    }
-
-    pub fn is_live(&self, tag: NodeTag) -> bool {
-        self.nodes.iter().any(|(t, _)| *t == tag)
-    }
 }
 
 /// Settings of the mesh, validated from the configuration.

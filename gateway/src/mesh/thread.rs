@@ -39,7 +39,7 @@ use corecast_router::message::Publish;
 
 use super::{
     node_tag,
-    wire::{self, NodeTag, Wire},
+    wire::{self, Codec as _, NodeTag, Wire},
     Inbound, Mesh, MeshConfig, MeshError, NodeSet, Out,
 };
 
@@ -479,7 +479,7 @@ impl MeshThread {
                 }
                 self.mesh.metrics.received.fetch_add(1, Relaxed);
                 let wire = match &parts[..] {
-                    [_, payload] => Wire::decode(payload),
+                    [_, payload] => wire::decode(payload),
                     _ => None,
                 };
                 match wire {

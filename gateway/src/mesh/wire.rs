@@ -17,62 +17,11 @@
 
 use std::sync::Arc;
 
-pub use corecast_router::message::{node_tag, NodeTag};
 use corecast_router::message::{ConnRef, Publish};
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Wire {
-    /// "I am alive, here is where my PUB listens, these are the nodes I
-    /// hear." A node counts a peer as live only when it hears the peer and
-    /// the peer hears it.
-    Heartbeat {
-        node: Arc<str>,
-        addr: Arc<str>,
-        hears: Vec<NodeTag>,
-    },
-    /// A publish travelling to the room's home node.
-    Publish { to: NodeTag, publish: Publish },
-    /// A node has members of `room` and wants its messages: the home
-    /// answers with `Synced` on the room's topic, which proves that the
-    /// node's subscription reached the home.
-    Sync {
-        to: NodeTag,
-        room: Arc<str>,
-        node: NodeTag,
-        nonce: u64,
-    },
-    /// A node has no members of `room` any more.
-    Unsync {
-        to: NodeTag,
-        room: Arc<str>,
-        node: NodeTag,
-    },
-    /// The home's answer to `Sync`: messages after `last_seq` follow on
-    /// the room's topic.
-    Synced {
-        room: Arc<str>,
-        home: NodeTag,
-        node: NodeTag,
-        nonce: u64,
-        last_seq: u64,
-        epoch: Arc<str>,
-    },
-    /// A sequenced (and stored) room message, as its WebSocket frame.
-    Message {
-        room: Arc<str>,
-        /// The node that sequenced it (relays follow one home at a time).
-        home: NodeTag,
-        seq: u64,
-        epoch: Arc<str>,
-        frame: Arc<[u8]>,
-    },
-    /// An unsequenced room frame (a presence event).
-    Event { room: Arc<str>, frame: Arc<[u8]> },
-    /// A frame for one connection on node `conn.node` (an ack, an error).
-    ToConn { conn: ConnRef, frame: Box<[u8]> },
-    /// A direct message for every connection of `user`.
-    Direct { user: Arc<str>, frame: Arc<[u8]> },
-}
+pub use corecast_router::{
+    message::{node_tag, NodeTag},
+    node::Wire,
+};
 
 const HEARTBEAT: u8 = 1;
 const PUBLISH: u8 = 2;
@@ -110,9 +59,17 @@ fn named_topic(kind: u8, name: &str) -> Vec<u8> {
     t
 }
 
-impl Wire {
+/// A [`Wire`] message's topic and bytes (the type is the router's: what
+/// the nodes say; this module is how it is written).
+pub trait Codec {
     /// The topic this message is published under.
-    pub fn topic(&self) -> Vec<u8> {
+    fn topic(&self) -> Vec<u8>;
+    fn encode(&self) -> Vec<u8>;
+}
+
+impl Codec for Wire {
+    /// The topic this message is published under.
+    fn topic(&self) -> Vec<u8> {
         match self {
             Wire::Heartbeat { .. } => HEARTBEAT_TOPIC.to_vec(),
             Wire::Publish { to, .. } | Wire::Sync { to, .. } | Wire::Unsync { to, .. } => {
@@ -126,7 +83,7 @@ impl Wire {
         }
     }
 
-    pub fn encode(&self) -> Vec<u8> {
+    fn encode(&self) -> Vec<u8> {
         let mut w = Writer(Vec::with_capacity(64));
         match self {
             Wire::Heartbeat { node, addr, hears } => {
@@ -192,74 +149,74 @@ impl Wire {
         }
         w.0
     }
+}
 
-    /// Parses a payload; `None` if it is not one this version writes.
-    pub fn decode(payload: &[u8]) -> Option<Wire> {
-        let mut r = Reader(payload);
-        let wire = match r.u8()? {
-            HEARTBEAT => {
-                let node = r.str()?;
-                let addr = r.str()?;
-                let n = r.u32()? as usize;
-                if n > r.0.len() / 4 {
-                    return None;
-                }
-                let hears = (0..n).map(|_| r.u32()).collect::<Option<_>>()?;
-                Wire::Heartbeat { node, addr, hears }
+/// Parses a payload; `None` if it is not one this version writes.
+pub fn decode(payload: &[u8]) -> Option<Wire> {
+    let mut r = Reader(payload);
+    let wire = match r.u8()? {
+        HEARTBEAT => {
+            let node = r.str()?;
+            let addr = r.str()?;
+            let n = r.u32()? as usize;
+            if n > r.0.len() / 4 {
+                return None;
             }
-            PUBLISH => Wire::Publish {
-                to: r.u32()?,
-                publish: Publish {
-                    room: r.str()?,
-                    user: r.str()?,
-                    id: r.str()?.as_ref().into(),
-                    body: r.str()?.as_ref().into(),
-                    conn: r.conn()?,
-                    hops: r.u8()?,
-                },
-            },
-            SYNC => Wire::Sync {
-                to: r.u32()?,
+            let hears = (0..n).map(|_| r.u32()).collect::<Option<_>>()?;
+            Wire::Heartbeat { node, addr, hears }
+        }
+        PUBLISH => Wire::Publish {
+            to: r.u32()?,
+            publish: Publish {
                 room: r.str()?,
-                node: r.u32()?,
-                nonce: r.u64()?,
-            },
-            UNSYNC => Wire::Unsync {
-                to: r.u32()?,
-                room: r.str()?,
-                node: r.u32()?,
-            },
-            SYNCED => Wire::Synced {
-                room: r.str()?,
-                home: r.u32()?,
-                node: r.u32()?,
-                nonce: r.u64()?,
-                last_seq: r.u64()?,
-                epoch: r.str()?,
-            },
-            MESSAGE => Wire::Message {
-                room: r.str()?,
-                home: r.u32()?,
-                seq: r.u64()?,
-                epoch: r.str()?,
-                frame: r.bytes()?.into(),
-            },
-            EVENT => Wire::Event {
-                room: r.str()?,
-                frame: r.bytes()?.into(),
-            },
-            TO_CONN => Wire::ToConn {
-                conn: r.conn()?,
-                frame: r.bytes()?.into(),
-            },
-            DIRECT => Wire::Direct {
                 user: r.str()?,
-                frame: r.bytes()?.into(),
+                id: r.str()?.as_ref().into(),
+                body: r.str()?.as_ref().into(),
+                conn: r.conn()?,
+                hops: r.u8()?,
             },
-            _ => return None,
-        };
-        r.0.is_empty().then_some(wire)
-    }
+        },
+        SYNC => Wire::Sync {
+            to: r.u32()?,
+            room: r.str()?,
+            node: r.u32()?,
+            nonce: r.u64()?,
+        },
+        UNSYNC => Wire::Unsync {
+            to: r.u32()?,
+            room: r.str()?,
+            node: r.u32()?,
+        },
+        SYNCED => Wire::Synced {
+            room: r.str()?,
+            home: r.u32()?,
+            node: r.u32()?,
+            nonce: r.u64()?,
+            last_seq: r.u64()?,
+            epoch: r.str()?,
+        },
+        MESSAGE => Wire::Message {
+            room: r.str()?,
+            home: r.u32()?,
+            seq: r.u64()?,
+            epoch: r.str()?,
+            frame: r.bytes()?.into(),
+        },
+        EVENT => Wire::Event {
+            room: r.str()?,
+            frame: r.bytes()?.into(),
+        },
+        TO_CONN => Wire::ToConn {
+            conn: r.conn()?,
+            frame: r.bytes()?.into(),
+        },
+        DIRECT => Wire::Direct {
+            user: r.str()?,
+            frame: r.bytes()?.into(),
+        },
+        _ => return None,
+    };
+    r.0.is_empty().then_some(wire)
 }
 
 struct Writer(Vec<u8>);
@@ -412,7 +369,7 @@ mod tests {
             },
         ];
         for w in all {
-            assert_eq!(Wire::decode(&w.encode()).as_ref(), Some(&w), "{w:?}");
+            assert_eq!(decode(&w.encode()).as_ref(), Some(&w), "{w:?}");
         }
     }
 
@@ -426,12 +383,12 @@ mod tests {
         }
         .encode();
         for cut in 0..good.len() {
-            assert_eq!(Wire::decode(&good[..cut]), None, "cut at {cut}");
+            assert_eq!(decode(&good[..cut]), None, "cut at {cut}");
         }
         let mut long = good.clone();
         long.push(0);
-        assert_eq!(Wire::decode(&long), None);
-        assert_eq!(Wire::decode(&[200]), None);
+        assert_eq!(decode(&long), None);
+        assert_eq!(decode(&[200]), None);
         // A heartbeat claiming more tags than it has bytes.
         let mut hb = vec![HEARTBEAT];
         for s in ["n", "a"] {
@@ -439,7 +396,7 @@ mod tests {
             hb.extend_from_slice(s.as_bytes());
         }
         hb.extend_from_slice(&u32::MAX.to_le_bytes());
-        assert_eq!(Wire::decode(&hb), None);
+        assert_eq!(decode(&hb), None);
     }
 
     #[test]
