@@ -4,7 +4,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use clap::Parser;
 
-use crate::ws;
+use crate::{shard::Limits, ws};
 
 /// The gateway's configuration. Every flag also reads a `CORECAST_*`
 /// environment variable; flags win.
@@ -433,22 +433,6 @@ fn parse_cpu_list(s: &str) -> Result<CpuList, String> {
         return Err(format!("CPU list {s:?} names a CPU twice"));
     }
     Ok(CpuList(cpus))
-}
-
-/// Limits every connection reads; derived from [`Config`] once.
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    pub frame: ws::Limits,
-    pub max_header_bytes: usize,
-    pub handshake_timeout: Duration,
-    pub idle_timeout: Duration,
-    pub ping_interval: Option<Duration>,
-    pub close_timeout: Duration,
-    pub outbound_budget_bytes: usize,
-    pub slow_consumer_timeout: Duration,
-    pub drain_timeout: Duration,
-    pub drain_delay: Duration,
-    pub start_timeout: Duration,
 }
 
 /// Where each shard runs.

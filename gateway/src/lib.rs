@@ -3,8 +3,11 @@
 //!
 //! # Layout
 //! - [`auth`]: HS256 JWT access tokens (the router crate's `auth`, re-exported).
-//! - [`config`]: command line and environment, validated into `Limits`.
+//! - [`config`]: command line and environment, validated into each subsystem's settings
+//!   (the shards' [`Limits`], chat, storage, mesh).
 //! - [`server`]: binds the per-shard listeners, starts the shards, drains.
+//! - `lifecycle`: what the main thread and the shards tell each other about
+//!   starting and stopping (atomics), and the faults tests inject.
 //! - `shard`: one executor thread: accept loop, connection table, sweeper
 //!   that drives every connection's timers.
 //! - `conn`: one connection: HTTP request, upgrade, echo, close handshake,
@@ -39,6 +42,7 @@ mod conn;
 mod feed;
 mod flush;
 mod inbox;
+mod lifecycle;
 pub mod mesh;
 pub mod metrics;
 mod rings;
@@ -54,7 +58,9 @@ pub use corecast_ws as ws;
 use std::net::SocketAddr;
 
 pub use config::Config;
-pub use server::{run, Fault, Server};
+pub use lifecycle::Fault;
+pub use server::{run, Server};
+pub use shard::Limits;
 
 /// Why the gateway could not start or stopped badly.
 #[derive(Debug, thiserror::Error)]

@@ -30,14 +30,30 @@ use slab::Slab;
 use crate::{
     buf::BufPool,
     chat::{self, ChatShard, Delivery, Request},
-    config::Limits,
     conn::{self, ConnShared},
     flush::{self, Flusher},
+    lifecycle::{Fault, NodeState, Stage},
     metrics::ShardMetrics,
     readiness::{self, Poller, Waiter},
     rings::ShardRings,
-    server::{Fault, NodeState, Stage},
 };
+
+/// Limits every connection reads; derived from the configuration once
+/// (`Config::limits`).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub frame: crate::ws::Limits,
+    pub max_header_bytes: usize,
+    pub handshake_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub ping_interval: Option<Duration>,
+    pub close_timeout: Duration,
+    pub outbound_budget_bytes: usize,
+    pub slow_consumer_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub drain_delay: Duration,
+    pub start_timeout: Duration,
+}
 
 /// State every connection of the shard shares.
 pub struct Shard {
