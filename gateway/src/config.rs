@@ -2,7 +2,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use clap::Parser;
+use clap::{Args, Parser};
 
 use crate::{shard::Limits, ws};
 
@@ -15,6 +15,22 @@ use crate::{shard::Limits, ws};
     about = "corecast: thread-per-core WebSocket gateway"
 )]
 pub struct Config {
+    #[command(flatten)]
+    pub node: NodeArgs,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    #[command(flatten)]
+    pub chat: ChatArgs,
+    #[command(flatten)]
+    pub storage: StorageArgs,
+    #[command(flatten)]
+    pub mesh: MeshArgs,
+}
+
+/// The node: where it listens, its shards, how it starts and stops.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Node")]
+pub struct NodeArgs {
     /// Address to listen on (every shard binds it with SO_REUSEPORT).
     #[arg(long, env = "CORECAST_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
@@ -35,6 +51,34 @@ pub struct Config {
     #[arg(long, env = "CORECAST_BACKLOG", default_value_t = 4096)]
     pub backlog: u32,
 
+    /// On SIGINT/SIGTERM, how long to wait for clients to finish the close
+    /// handshake before exiting, in ms. It also bounds the stop: a shard
+    /// still running this long after the close began is left behind and
+    /// the process exits 1, naming it.
+    #[arg(long, env = "CORECAST_DRAIN_TIMEOUT_MS", default_value_t = 10_000)]
+    pub drain_timeout_ms: u64,
+
+    /// On SIGINT/SIGTERM, how long `/readyz` answers 503 `draining` while
+    /// the listeners stay open and every client is still served, in ms;
+    /// then clients get close 1001 and the listeners close. Gives a load
+    /// balancer time to see the failing check and stop sending new
+    /// connections (Kubernetes: 5000-15000; HAProxy-style checks: at least
+    /// `inter` × `fall`). 0 (the default) closes at once.
+    #[arg(long, env = "CORECAST_DRAIN_DELAY_MS", default_value_t = 0)]
+    pub drain_delay_ms: u64,
+
+    /// How long the shards have to start (connect their cross-shard rings
+    /// and watch their listeners), in ms. A start takes milliseconds; one
+    /// that does not finish in time exits 1 naming the shards still
+    /// starting, rather than holding the port and answering nobody.
+    #[arg(long, env = "CORECAST_START_TIMEOUT_MS", default_value_t = 10_000)]
+    pub start_timeout_ms: u64,
+}
+
+/// Every connection: frame and header limits, timeouts, output budget.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Connections")]
+pub struct ConnArgs {
     /// Largest frame payload accepted, in bytes; bigger frames close the
     /// connection with 1009. Guards memory: a frame is buffered whole.
     #[arg(long, env = "CORECAST_MAX_FRAME_BYTES", default_value_t = 1 << 20)]
@@ -82,30 +126,12 @@ pub struct Config {
         default_value_t = 10_000
     )]
     pub slow_consumer_timeout_ms: u64,
+}
 
-    /// On SIGINT/SIGTERM, how long to wait for clients to finish the close
-    /// handshake before exiting, in ms. It also bounds the stop: a shard
-    /// still running this long after the close began is left behind and
-    /// the process exits 1, naming it.
-    #[arg(long, env = "CORECAST_DRAIN_TIMEOUT_MS", default_value_t = 10_000)]
-    pub drain_timeout_ms: u64,
-
-    /// On SIGINT/SIGTERM, how long `/readyz` answers 503 `draining` while
-    /// the listeners stay open and every client is still served, in ms;
-    /// then clients get close 1001 and the listeners close. Gives a load
-    /// balancer time to see the failing check and stop sending new
-    /// connections (Kubernetes: 5000-15000; HAProxy-style checks: at least
-    /// `inter` × `fall`). 0 (the default) closes at once.
-    #[arg(long, env = "CORECAST_DRAIN_DELAY_MS", default_value_t = 0)]
-    pub drain_delay_ms: u64,
-
-    /// How long the shards have to start (connect their cross-shard rings
-    /// and watch their listeners), in ms. A start takes milliseconds; one
-    /// that does not finish in time exits 1 naming the shards still
-    /// starting, rather than holding the port and answering nobody.
-    #[arg(long, env = "CORECAST_START_TIMEOUT_MS", default_value_t = 10_000)]
-    pub start_timeout_ms: u64,
-
+/// The chat endpoint (`/ws`): access tokens, per-connection limits.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Chat")]
+pub struct ChatArgs {
     /// HS256 secret that access tokens for /ws are signed with (at least 32
     /// bytes). Without it only --allow-anonymous clients get in.
     #[arg(long, env = "CORECAST_JWT_SECRET", hide_env_values = true)]
@@ -142,7 +168,12 @@ pub struct Config {
     /// answers presence queries with the count only.
     #[arg(long, env = "CORECAST_PRESENCE_MAX_MEMBERS", default_value_t = 1000)]
     pub presence_max_members: usize,
+}
 
+/// The storage worker: which store, history, presence, spill file.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Storage")]
+pub struct StorageArgs {
     /// Where room history, sequences and presence are kept: `memory` (this
     /// process only; the default) or `redis` (see --redis). Giving --redis
     /// alone selects `redis`.
@@ -195,7 +226,12 @@ pub struct Config {
     /// heartbeat (heartbeats run three times per TTL).
     #[arg(long, env = "CORECAST_PRESENCE_TTL_S", default_value_t = 30)]
     pub presence_ttl_s: u64,
+}
 
+/// The node mesh, when the node runs in a cluster.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Cluster")]
+pub struct MeshArgs {
     /// Runs the node in a cluster: the ZeroMQ endpoint its mesh PUB socket
     /// binds, e.g. tcp://127.0.0.1:7001 (HOST:PORT is accepted too). Every
     /// node needs its own --node-id. See docs/cluster.md.
@@ -249,35 +285,89 @@ fn mesh_endpoint(flag: &str, v: &str) -> Result<String, ConfigError> {
     }
 }
 
+/// Every subsystem's settings, built from one [`Config`] by
+/// [`Config::validate`].
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub limits: Limits,
+    pub plan: ShardPlan,
+    pub chat: crate::chat::Settings,
+    pub storage: crate::storage::StorageConfig,
+    /// `None` when the node runs alone.
+    pub mesh: Option<crate::mesh::MeshConfig>,
+}
+
+impl Config {
+    /// Checks every flag and builds every subsystem's settings: the one
+    /// place a configuration is validated. The first problem found is the
+    /// error, a sentence that names the flag and what to do.
+    pub fn validate(&self) -> Result<Settings, ConfigError> {
+        let limits = self.limits()?;
+        let plan = self.placement()?;
+        let chat = self.chat_settings()?;
+        let storage = self.storage()?;
+        let mesh = self.mesh(&storage)?;
+        Ok(Settings {
+            limits,
+            plan,
+            chat,
+            storage,
+            mesh,
+        })
+    }
+}
+
 impl Config {
     /// The chat endpoint's settings.
-    pub fn chat_settings(&self) -> crate::chat::Settings {
-        crate::chat::Settings {
+    fn chat_settings(&self) -> Result<crate::chat::Settings, ConfigError> {
+        let err = |m: String| Err(ConfigError(m));
+        if let Some(secret) = &self.chat.jwt_secret {
+            if secret.len() < crate::auth::MIN_SECRET_BYTES {
+                return err(format!(
+                    "--jwt-secret is {} bytes; HS256 needs at least {} (e.g. `openssl rand -hex 32`)",
+                    secret.len(),
+                    crate::auth::MIN_SECRET_BYTES
+                ));
+            }
+        }
+        if self.chat.max_rooms_per_connection == 0 {
+            return err("--max-rooms-per-connection must be at least 1".into());
+        }
+        if !(self.chat.rate_limit_per_s > 0.0 && self.chat.rate_limit_burst >= 1.0) {
+            return err(
+                "--rate-limit-per-s must be above 0 and --rate-limit-burst at least 1".into(),
+            );
+        }
+        if self.chat.max_body_bytes == 0 {
+            return err("--max-body-bytes must be at least 1".into());
+        }
+        Ok(crate::chat::Settings {
             verifier: self
+                .chat
                 .jwt_secret
                 .as_ref()
-                .map(|s| crate::auth::Verifier::new(s.as_bytes(), self.jwt_leeway_s)),
-            allow_anonymous: self.allow_anonymous,
-            max_rooms_per_connection: self.max_rooms_per_connection,
-            rate_limit_per_s: self.rate_limit_per_s,
-            rate_limit_burst: self.rate_limit_burst,
-            max_body_bytes: self.max_body_bytes,
-            presence_max_members: self.presence_max_members,
-            presence_ttl: Duration::from_secs(self.presence_ttl_s),
-            history_meta_ttl: Duration::from_secs(self.history_meta_ttl_s),
-            history_max_limit: self.history_size.clamp(1, MAX_HISTORY_LIMIT),
-        }
+                .map(|s| crate::auth::Verifier::new(s.as_bytes(), self.chat.jwt_leeway_s)),
+            allow_anonymous: self.chat.allow_anonymous,
+            max_rooms_per_connection: self.chat.max_rooms_per_connection,
+            rate_limit_per_s: self.chat.rate_limit_per_s,
+            rate_limit_burst: self.chat.rate_limit_burst,
+            max_body_bytes: self.chat.max_body_bytes,
+            presence_max_members: self.chat.presence_max_members,
+            presence_ttl: Duration::from_secs(self.storage.presence_ttl_s),
+            history_meta_ttl: Duration::from_secs(self.storage.history_meta_ttl_s),
+            history_max_limit: self.storage.history_size.clamp(1, MAX_HISTORY_LIMIT),
+        })
     }
 
     /// The mesh settings; `None` when the node runs alone.
     /// `storage` is [`Config::storage`]'s answer: the node id and the
     /// registry's Redis come from it.
-    pub fn mesh(
+    fn mesh(
         &self,
         storage: &crate::storage::StorageConfig,
     ) -> Result<Option<crate::mesh::MeshConfig>, ConfigError> {
-        let Some(bind) = &self.mesh_bind else {
-            if self.mesh_advertise.is_some() || !self.peers.is_empty() {
+        let Some(bind) = &self.mesh.mesh_bind else {
+            if self.mesh.mesh_advertise.is_some() || !self.mesh.peers.is_empty() {
                 return Err(ConfigError(
                     "--peers and --mesh-advertise need --mesh-bind (the node's own mesh endpoint)"
                         .into(),
@@ -286,7 +376,7 @@ impl Config {
             return Ok(None);
         };
         let bind = mesh_endpoint("--mesh-bind", bind)?;
-        let advertise = match &self.mesh_advertise {
+        let advertise = match &self.mesh.mesh_advertise {
             Some(a) => mesh_endpoint("--mesh-advertise", a)?,
             None if bind.contains("0.0.0.0") || bind.contains("[::]") => {
                 return Err(ConfigError(format!(
@@ -296,20 +386,21 @@ impl Config {
             None => bind.clone(),
         };
         let peers = self
+            .mesh
             .peers
             .iter()
             .filter(|p| !p.trim().is_empty())
             .map(|p| mesh_endpoint("--peers", p))
             .collect::<Result<Vec<_>, _>>()?;
-        if self.heartbeat_ms == 0 || self.node_timeout_ms < 2 * self.heartbeat_ms {
+        if self.mesh.heartbeat_ms == 0 || self.mesh.node_timeout_ms < 2 * self.mesh.heartbeat_ms {
             return Err(ConfigError(
                 "--heartbeat-ms must be at least 1 and --node-timeout-ms at least twice it".into(),
             ));
         }
-        if self.mesh_hwm < 1 {
+        if self.mesh.mesh_hwm < 1 {
             return Err(ConfigError("--mesh-hwm must be at least 1".into()));
         }
-        if self.node_id.is_none() {
+        if self.storage.node_id.is_none() {
             return Err(ConfigError(
                 "--mesh-bind needs --node-id: every node of a cluster has its own name (e.g. --node-id gw-1)"
                     .into(),
@@ -326,22 +417,24 @@ impl Config {
             advertise,
             peers,
             registry: match &storage.kind {
-                crate::storage::StoreKind::Redis { url } if !self.no_registry => Some(url.clone()),
+                crate::storage::StoreKind::Redis { url } if !self.mesh.no_registry => {
+                    Some(url.clone())
+                }
                 _ => None,
             },
-            heartbeat: Duration::from_millis(self.heartbeat_ms),
-            node_timeout: Duration::from_millis(self.node_timeout_ms),
-            hwm: self.mesh_hwm,
+            heartbeat: Duration::from_millis(self.mesh.heartbeat_ms),
+            node_timeout: Duration::from_millis(self.mesh.node_timeout_ms),
+            hwm: self.mesh.mesh_hwm,
             queue: 65_536,
-            drop_every: self.mesh_drop_every,
+            drop_every: self.mesh.mesh_drop_every,
         }))
     }
 
     /// The storage worker's settings.
-    pub fn storage(&self) -> Result<crate::storage::StorageConfig, ConfigError> {
+    fn storage(&self) -> Result<crate::storage::StorageConfig, ConfigError> {
         use crate::storage::{StorageConfig, StoreKind};
         let err = |m: String| Err(ConfigError(m));
-        let kind = match (self.store.as_deref(), &self.redis) {
+        let kind = match (self.storage.store.as_deref(), &self.storage.redis) {
             (Some("memory"), Some(_)) => {
                 return err("--redis was given with --store memory: drop one of them".into())
             }
@@ -358,22 +451,24 @@ impl Config {
                 ));
             }
         }
-        if self.history_size > 1_000_000 {
+        if self.storage.history_size > 1_000_000 {
             return err("--history-size must be at most 1000000".into());
         }
-        if self.history_ttl_s == 0 || self.history_meta_ttl_s < self.history_ttl_s {
+        if self.storage.history_ttl_s == 0
+            || self.storage.history_meta_ttl_s < self.storage.history_ttl_s
+        {
             return err(
                 "--history-ttl-s must be at least 1 and --history-meta-ttl-s at least --history-ttl-s"
                     .into(),
             );
         }
-        if !(1..=100_000).contains(&self.storage_batch) || self.storage_queue == 0 {
+        if !(1..=100_000).contains(&self.storage.storage_batch) || self.storage.storage_queue == 0 {
             return err("--storage-batch must be 1-100000 and --storage-queue at least 1".into());
         }
-        if self.redis_timeout_ms == 0 || self.presence_ttl_s == 0 {
+        if self.storage.redis_timeout_ms == 0 || self.storage.presence_ttl_s == 0 {
             return err("--redis-timeout-ms and --presence-ttl-s must be at least 1".into());
         }
-        let node_id = self.node_id.as_deref().unwrap_or("node-1");
+        let node_id = self.storage.node_id.as_deref().unwrap_or("node-1");
         if node_id.is_empty()
             || node_id.len() > 64
             || !node_id
@@ -387,15 +482,15 @@ impl Config {
         }
         Ok(StorageConfig {
             kind,
-            history_size: self.history_size,
-            history_ttl: Duration::from_secs(self.history_ttl_s),
-            meta_ttl: Duration::from_secs(self.history_meta_ttl_s),
-            batch_max: self.storage_batch,
-            queue_per_shard: self.storage_queue,
-            spill_dir: self.spill_dir.clone(),
-            redis_timeout: Duration::from_millis(self.redis_timeout_ms),
+            history_size: self.storage.history_size,
+            history_ttl: Duration::from_secs(self.storage.history_ttl_s),
+            meta_ttl: Duration::from_secs(self.storage.history_meta_ttl_s),
+            batch_max: self.storage.storage_batch,
+            queue_per_shard: self.storage.storage_queue,
+            spill_dir: self.storage.spill_dir.clone(),
+            redis_timeout: Duration::from_millis(self.storage.redis_timeout_ms),
             node_id: node_id.to_string(),
-            presence_ttl: Duration::from_secs(self.presence_ttl_s),
+            presence_ttl: Duration::from_secs(self.storage.presence_ttl_s),
         })
     }
 }
@@ -408,31 +503,7 @@ pub const MAX_HISTORY_LIMIT: usize = 1000;
 pub struct CpuList(pub Vec<usize>);
 
 fn parse_cpu_list(s: &str) -> Result<CpuList, String> {
-    let mut cpus = Vec::new();
-    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let bad = || format!("bad CPU list part {part:?}: expected N or N-M, e.g. 0-3,6");
-        match part.split_once('-') {
-            Some((a, b)) => {
-                let (a, b): (usize, usize) =
-                    (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
-                if a > b {
-                    return Err(bad());
-                }
-                cpus.extend(a..=b);
-            }
-            None => cpus.push(part.parse().map_err(|_| bad())?),
-        }
-    }
-    if cpus.is_empty() {
-        return Err("empty CPU list".into());
-    }
-    let mut seen = cpus.clone();
-    seen.sort_unstable();
-    seen.dedup();
-    if seen.len() != cpus.len() {
-        return Err(format!("CPU list {s:?} names a CPU twice"));
-    }
-    Ok(CpuList(cpus))
+    crate::readiness::cpus::parse(s).map(CpuList)
 }
 
 /// Where each shard runs.
@@ -450,46 +521,57 @@ pub struct ConfigError(pub String);
 
 impl Config {
     /// Checks the configuration and derives the per-connection limits.
-    pub fn limits(&self) -> Result<Limits, ConfigError> {
+    fn limits(&self) -> Result<Limits, ConfigError> {
         let err = |m: String| Err(ConfigError(m));
-        if self.max_frame_bytes == 0 || self.max_message_bytes == 0 {
+        if self.conn.outbound_budget_bytes == 0 {
+            return err(
+                "--outbound-budget-bytes must be at least 1 (every connection would be a slow consumer)"
+                    .into(),
+            );
+        }
+        if self.conn.max_frame_bytes == 0 || self.conn.max_message_bytes == 0 {
             return err("--max-frame-bytes and --max-message-bytes must be at least 1".into());
         }
-        if self.max_frame_bytes > self.max_message_bytes {
+        if self.conn.max_frame_bytes > self.conn.max_message_bytes {
             return err(format!(
                 "--max-frame-bytes ({}) is larger than --max-message-bytes ({}): a frame is part of a message, lower it",
-                self.max_frame_bytes, self.max_message_bytes
+                self.conn.max_frame_bytes, self.conn.max_message_bytes
             ));
         }
-        if self.max_message_bytes > (1 << 30) {
+        if self.conn.max_message_bytes > (1 << 30) {
             return err("--max-message-bytes above 1 GiB is not supported".into());
         }
-        if self.max_header_bytes < 256 {
+        if self.conn.max_header_bytes < 256 {
             return err(
                 "--max-header-bytes below 256 cannot hold a WebSocket upgrade request".into(),
             );
         }
         for (name, v) in [
-            ("--start-timeout-ms", self.start_timeout_ms),
-            ("--handshake-timeout-ms", self.handshake_timeout_ms),
-            ("--idle-timeout-ms", self.idle_timeout_ms),
-            ("--close-timeout-ms", self.close_timeout_ms),
-            ("--slow-consumer-timeout-ms", self.slow_consumer_timeout_ms),
+            ("--start-timeout-ms", self.node.start_timeout_ms),
+            ("--handshake-timeout-ms", self.conn.handshake_timeout_ms),
+            ("--idle-timeout-ms", self.conn.idle_timeout_ms),
+            ("--close-timeout-ms", self.conn.close_timeout_ms),
+            (
+                "--slow-consumer-timeout-ms",
+                self.conn.slow_consumer_timeout_ms,
+            ),
         ] {
             if v == 0 {
                 return err(format!("{name} must be at least 1"));
             }
         }
-        if self.ping_interval_ms != 0 && self.ping_interval_ms >= self.idle_timeout_ms {
+        if self.conn.ping_interval_ms != 0
+            && self.conn.ping_interval_ms >= self.conn.idle_timeout_ms
+        {
             return err(format!(
                 "--ping-interval-ms ({}) must be below --idle-timeout-ms ({}) or the idle timeout fires before a ping can be answered",
-                self.ping_interval_ms, self.idle_timeout_ms
+                self.conn.ping_interval_ms, self.conn.idle_timeout_ms
             ));
         }
         for (name, v) in [
-            ("--drain-delay-ms", self.drain_delay_ms),
-            ("--drain-timeout-ms", self.drain_timeout_ms),
-            ("--start-timeout-ms", self.start_timeout_ms),
+            ("--drain-delay-ms", self.node.drain_delay_ms),
+            ("--drain-timeout-ms", self.node.drain_timeout_ms),
+            ("--start-timeout-ms", self.node.start_timeout_ms),
         ] {
             if v > 3_600_000 {
                 return err(format!(
@@ -497,53 +579,34 @@ impl Config {
                 ));
             }
         }
-        if self.backlog == 0 {
+        if self.node.backlog == 0 {
             return err("--backlog must be at least 1".into());
-        }
-        if let Some(secret) = &self.jwt_secret {
-            if secret.len() < crate::auth::MIN_SECRET_BYTES {
-                return err(format!(
-                    "--jwt-secret is {} bytes; HS256 needs at least {} (e.g. `openssl rand -hex 32`)",
-                    secret.len(),
-                    crate::auth::MIN_SECRET_BYTES
-                ));
-            }
-        }
-        if self.max_rooms_per_connection == 0 {
-            return err("--max-rooms-per-connection must be at least 1".into());
-        }
-        if !(self.rate_limit_per_s > 0.0 && self.rate_limit_burst >= 1.0) {
-            return err(
-                "--rate-limit-per-s must be above 0 and --rate-limit-burst at least 1".into(),
-            );
-        }
-        if self.max_body_bytes == 0 {
-            return err("--max-body-bytes must be at least 1".into());
         }
         let ms = Duration::from_millis;
         Ok(Limits {
             frame: ws::Limits {
-                max_frame_bytes: self.max_frame_bytes as u64,
-                max_message_bytes: self.max_message_bytes as u64,
+                max_frame_bytes: self.conn.max_frame_bytes as u64,
+                max_message_bytes: self.conn.max_message_bytes as u64,
             },
-            max_header_bytes: self.max_header_bytes,
-            handshake_timeout: ms(self.handshake_timeout_ms),
-            idle_timeout: ms(self.idle_timeout_ms),
-            ping_interval: (self.ping_interval_ms != 0).then(|| ms(self.ping_interval_ms)),
-            close_timeout: ms(self.close_timeout_ms),
-            outbound_budget_bytes: self.outbound_budget_bytes,
-            slow_consumer_timeout: ms(self.slow_consumer_timeout_ms),
-            drain_timeout: ms(self.drain_timeout_ms),
-            drain_delay: ms(self.drain_delay_ms),
-            start_timeout: ms(self.start_timeout_ms),
+            max_header_bytes: self.conn.max_header_bytes,
+            handshake_timeout: ms(self.conn.handshake_timeout_ms),
+            idle_timeout: ms(self.conn.idle_timeout_ms),
+            ping_interval: (self.conn.ping_interval_ms != 0)
+                .then(|| ms(self.conn.ping_interval_ms)),
+            close_timeout: ms(self.conn.close_timeout_ms),
+            outbound_budget_bytes: self.conn.outbound_budget_bytes,
+            slow_consumer_timeout: ms(self.conn.slow_consumer_timeout_ms),
+            drain_timeout: ms(self.node.drain_timeout_ms),
+            drain_delay: ms(self.node.drain_delay_ms),
+            start_timeout: ms(self.node.start_timeout_ms),
         })
     }
 
     /// Decides how many shards run where, from the flags and the CPUs this
     /// process is allowed to use.
-    pub fn placement(&self) -> Result<ShardPlan, ConfigError> {
+    fn placement(&self) -> Result<ShardPlan, ConfigError> {
         let allowed = allowed_cpus();
-        let cpus = match &self.cpus {
+        let cpus = match &self.node.cpus {
             Some(CpuList(list)) => {
                 if let Some(c) = list.iter().find(|c| !allowed.contains(c)) {
                     return Err(ConfigError(format!(
@@ -554,7 +617,7 @@ impl Config {
             }
             None => allowed,
         };
-        let shards = self.shards.unwrap_or(cpus.len());
+        let shards = self.node.shards.unwrap_or(cpus.len());
         if shards == 0 {
             return Err(ConfigError("--shards must be at least 1".into()));
         }
@@ -568,27 +631,9 @@ impl Config {
     }
 }
 
-/// The CPUs this process may run on (its affinity mask, from /proc so no
-/// unsafe call is needed), in ascending order.
+/// The CPUs this process may run on, in ascending order.
 pub fn allowed_cpus() -> Vec<usize> {
-    let from_proc = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            let line = status
-                .lines()
-                .find(|l| l.starts_with("Cpus_allowed_list:"))?;
-            parse_cpu_list(line.split(':').nth(1)?.trim()).ok()
-        });
-    match from_proc {
-        Some(CpuList(mut cpus)) => {
-            cpus.sort_unstable();
-            cpus
-        }
-        None => {
-            let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-            (0..n).collect()
-        }
-    }
+    crate::readiness::cpus::allowed()
 }
 
 #[cfg(test)]
@@ -596,19 +641,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cpu_lists() {
-        let cases: &[(&str, Option<Vec<usize>>)] = &[
-            ("0", Some(vec![0])),
-            ("0-3,6", Some(vec![0, 1, 2, 3, 6])),
-            (" 1 , 0 ", Some(vec![1, 0])),
-            ("3-1", None),
-            ("a", None),
-            ("", None),
-            ("0,0", None),
-        ];
-        for (s, expected) in cases {
-            assert_eq!(parse_cpu_list(s).ok().map(|l| l.0), *expected, "{s:?}");
-        }
+    fn cpus_take_the_shared_cpu_list() {
+        assert_eq!(
+            config(&["--cpus", "0-1"]).node.cpus,
+            Some(CpuList(vec![0, 1]))
+        );
+        let e = Config::try_parse_from(["gateway", "--cpus", "0,0"]).unwrap_err();
+        assert!(e.to_string().contains("names CPU 0 twice"), "{e}");
     }
 
     fn config(args: &[&str]) -> Config {
@@ -620,7 +659,7 @@ mod tests {
         let c = config(&[]);
         let l = c.limits().unwrap();
         assert_eq!(l.frame.max_frame_bytes, 1 << 20);
-        assert_eq!(c.listen.port(), 8080);
+        assert_eq!(c.node.listen.port(), 8080);
     }
 
     #[test]
@@ -630,9 +669,20 @@ mod tests {
             &["--ping-interval-ms", "5000", "--idle-timeout-ms", "5000"],
             &["--handshake-timeout-ms", "0"],
             &["--max-header-bytes", "10"],
+            &["--outbound-budget-bytes", "0"],
+            &["--jwt-secret", "short"],
+            &["--rate-limit-per-s", "0"],
+            &["--max-rooms-per-connection", "0"],
+            &["--history-ttl-s", "0"],
+            &["--storage-batch", "0"],
+            &["--node-id", "a b"],
+            &["--peers", "127.0.0.1:7002"],
+            &["--mesh-bind", "127.0.0.1:7001"],
+            &["--drain-delay-ms", "4000000"],
         ] {
-            let e = config(args).limits().unwrap_err();
-            assert!(!e.0.is_empty());
+            let e = config(args).validate().unwrap_err();
+            let flag = args[0];
+            assert!(e.0.contains(flag), "{args:?}: {e} names the flag");
         }
         assert!(config(&["--shards", "0"]).placement().is_err());
     }

@@ -39,6 +39,7 @@ pub struct Server {
     config: Config,
     limits: Limits,
     plan: ShardPlan,
+    chat: crate::chat::Settings,
     storage: crate::storage::StorageConfig,
     mesh: Option<crate::mesh::MeshConfig>,
     listeners: Vec<OwnedFd>,
@@ -49,12 +50,15 @@ pub struct Server {
 impl Server {
     /// Validates the configuration and binds one listener per shard.
     pub fn bind(config: Config) -> Result<Server, Error> {
-        let limits = config.limits()?;
-        let plan = config.placement()?;
-        let storage = config.storage()?;
-        let mesh = config.mesh(&storage)?;
+        let crate::config::Settings {
+            limits,
+            plan,
+            chat,
+            storage,
+            mesh,
+        } = config.validate()?;
         crate::storage::check(&storage)?;
-        let addr = config.listen;
+        let addr = config.node.listen;
         let bind_err = |source: io::Error| {
             let (what, hint) = match source.kind() {
                 io::ErrorKind::AddrInUse => (
@@ -78,7 +82,7 @@ impl Server {
             // of the same user; bind once without it to catch that.
             probe_free(addr).map_err(bind_err)?;
         }
-        let first = listen_socket(addr, config.backlog).map_err(bind_err)?;
+        let first = listen_socket(addr, config.node.backlog).map_err(bind_err)?;
         let local_addr = first
             .local_addr()
             .ok()
@@ -87,7 +91,7 @@ impl Server {
         let mut listeners: Vec<OwnedFd> = vec![first.into()];
         for _ in 1..plan.shards {
             listeners.push(
-                listen_socket(local_addr, config.backlog)
+                listen_socket(local_addr, config.node.backlog)
                     .map_err(bind_err)?
                     .into(),
             );
@@ -96,6 +100,7 @@ impl Server {
             config,
             limits,
             plan,
+            chat,
             storage,
             mesh,
             listeners,
@@ -126,6 +131,7 @@ impl Server {
             config,
             limits,
             plan,
+            chat,
             storage,
             mesh,
             listeners,
@@ -140,25 +146,25 @@ impl Server {
                 Some(cpus) => format!("pinned to CPUs {cpus:?}"),
                 None => "not pinned (more shards than CPUs)".to_string(),
             },
-            config.backlog
+            config.node.backlog
         );
         log::info!(
             "limits: max_frame_bytes={} max_message_bytes={} max_header_bytes={} handshake_timeout_ms={} idle_timeout_ms={} ping_interval_ms={} close_timeout_ms={} outbound_budget_bytes={} slow_consumer_timeout_ms={} drain_delay_ms={} drain_timeout_ms={}",
-            config.max_frame_bytes,
-            config.max_message_bytes,
-            config.max_header_bytes,
-            config.handshake_timeout_ms,
-            config.idle_timeout_ms,
-            config.ping_interval_ms,
-            config.close_timeout_ms,
-            config.outbound_budget_bytes,
-            config.slow_consumer_timeout_ms,
-            config.drain_delay_ms,
-            config.drain_timeout_ms
+            config.conn.max_frame_bytes,
+            config.conn.max_message_bytes,
+            config.conn.max_header_bytes,
+            config.conn.handshake_timeout_ms,
+            config.conn.idle_timeout_ms,
+            config.conn.ping_interval_ms,
+            config.conn.close_timeout_ms,
+            config.conn.outbound_budget_bytes,
+            config.conn.slow_consumer_timeout_ms,
+            config.node.drain_delay_ms,
+            config.node.drain_timeout_ms
         );
         let metrics: Arc<[ShardMetrics]> =
             (0..plan.shards).map(|_| ShardMetrics::default()).collect();
-        let chat_settings = config.chat_settings();
+        let chat_settings = chat;
         if chat_settings.verifier.is_none() && !chat_settings.allow_anonymous {
             log::warn!("no --jwt-secret and no --allow-anonymous: /ws will refuse every client");
         }

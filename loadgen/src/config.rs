@@ -744,31 +744,9 @@ fn split_host_port(authority: &str) -> anyhow::Result<(&str, u16)> {
     Ok((host, port))
 }
 
-/// Parses a CPU list such as "1", "0,2" or "0-3,6".
+/// Parses a CPU list such as "1", "0,2" or "0-3,6" (the gateway's parser).
 pub fn parse_cpu_list(list: &str) -> anyhow::Result<Vec<usize>> {
-    let mut cpus = Vec::new();
-    for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let bad = || format!("--cpus {list:?}: expected a list like 1 or 0,2-3");
-        let (lo, hi) = match part.split_once('-') {
-            Some((a, b)) => (a.trim(), b.trim()),
-            None => (part, part),
-        };
-        let lo: usize = lo.parse().with_context(bad)?;
-        let hi: usize = hi.parse().with_context(bad)?;
-        if lo > hi || hi > 4095 {
-            bail!("{}", bad());
-        }
-        for cpu in lo..=hi {
-            if cpus.contains(&cpu) {
-                bail!("--cpus {list:?}: CPU {cpu} listed twice");
-            }
-            cpus.push(cpu);
-        }
-    }
-    if cpus.is_empty() {
-        bail!("--cpus {list:?}: no CPUs listed");
-    }
-    Ok(cpus)
+    corecast_readiness::cpus::parse(list).map_err(|e| anyhow::anyhow!("--cpus: {e}"))
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! corecast readiness: socket readiness for one gateway shard or one
 //! loadgen executor, as an edge-triggered epoll set that the executor's
 //! glommio reactor waits on as one descriptor. The only I/O crate both
-//! binaries share; it knows nothing of WebSocket or chat.
+//! binaries share; it knows nothing of WebSocket or chat. [`cpus`] parses
+//! the CPU lists both binaries pin their executors to.
 //!
 //! Why not glommio's own socket streams: glommio 0.9 arms a one-shot
 //! io_uring poll on a socket every time a read finds it empty, and sets its
@@ -32,6 +33,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod cpus;
 mod sys;
 
 use std::{
