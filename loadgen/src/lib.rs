@@ -13,7 +13,9 @@
 //! - `hold`: `loadgen hold`, many idle connections held open.
 //! - `chat`: `loadgen chat`, the gateway's chat protocol: rooms, publishers,
 //!   ordering and delivery checks, delivery and ack latency, reconnect and
-//!   resume after a node goes away.
+//!   resume after a node goes away. A folder, one file per part: `order`
+//!   (the sequence check), `frames`, `state` (counters and one connection's
+//!   state machine), `connect`, `threads`, `run` (start, sum, print).
 //! - `reactor`: each executor's epoll set of client sockets and the task
 //!   that wakes the connections (so the server is not charged for
 //!   interrupting loadgen).
