@@ -44,6 +44,7 @@ use crate::{
         session::{self, Outcome},
         ConnRef,
     },
+    doors,
     feed::{Cursor, Feed},
     metrics::{self, Initiator, ShardMetrics},
     readiness::{self, Peeked, Poller, Waiter},
@@ -702,34 +703,27 @@ impl Conn {
                 Some(Err(r)) => self.refuse(r),
                 None => self.refuse(Refusal::UpgradeRequired),
             },
-            "/healthz" => self.reply(200, "text/plain; charset=utf-8", b"ok\n"),
-            "/readyz" => {
-                if self.shard.draining() {
-                    self.reply(503, "text/plain; charset=utf-8", b"draining\n")
-                } else if !self.shard.chat.cluster_ready() {
-                    self.reply(
-                        503,
-                        "text/plain; charset=utf-8",
-                        b"joining the cluster: the live nodes are not known yet\n",
-                    )
-                } else {
-                    self.reply(200, "text/plain; charset=utf-8", b"ready\n")
-                }
-            }
-            "/metrics" => {
-                let body = metrics::render(
-                    &self.shard.all_metrics,
-                    Some(&self.shard.chat.storage),
-                    self.shard.chat.mesh(),
-                    self.shard.draining(),
-                );
-                self.reply(
-                    200,
-                    "text/plain; version=0.0.4; charset=utf-8",
-                    body.as_bytes(),
+            path => match doors::answer(self.side_door_view(), path) {
+                Some(a) => self.reply(a.status, a.content_type, &a.body),
+                None => self.refuse(Refusal::NotFound),
+            },
+        }
+    }
+
+    /// What the side doors report on, from this shard.
+    fn side_door_view(&self) -> doors::Node<impl FnOnce() -> String + '_> {
+        let shard = &self.shard;
+        doors::Node {
+            draining: shard.draining(),
+            cluster_ready: shard.chat.cluster_ready(),
+            metrics: move || {
+                metrics::render(
+                    &shard.all_metrics,
+                    Some(&shard.chat.storage),
+                    shard.chat.mesh(),
+                    shard.draining(),
                 )
-            }
-            _ => self.refuse(Refusal::NotFound),
+            },
         }
     }
 

@@ -12,6 +12,8 @@
 //!   that drives every connection's timers.
 //! - `conn`: one connection: HTTP request, upgrade, echo, close handshake,
 //!   back-pressure.
+//! - `doors`: the HTTP side doors (`/healthz`, `/readyz`, `/metrics`):
+//!   what each answers, as data the connection writes.
 //! - `feed`: a room's frames on one shard, sent from the same bytes to
 //!   every local member.
 //! - `flush`: flush rounds: room members are woken a slice at a time, and
@@ -39,6 +41,7 @@ mod buf;
 pub mod chat;
 pub mod config;
 mod conn;
+mod doors;
 mod feed;
 mod flush;
 mod inbox;
