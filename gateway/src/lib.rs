@@ -18,9 +18,9 @@
 //!   every local member.
 //! - `flush`: flush rounds: room members are woken a slice at a time, and
 //!   connections with input are read between slices.
-//! - [`chat`]: the `corecast.v1` chat endpoint: sessions, rooms homed on
-//!   shards, cross-shard fan-out over the rings, direct
-//!   messages, presence.
+//! - [`chat`]: the `corecast.v1` chat endpoint on a shard: sessions, each
+//!   room's local members and feed, the outboxes over the rings, and the
+//!   driver that runs the router's `Homes` state machine through its ports.
 //! - [`storage`]: the storage worker thread: history, resume, sequences
 //!   and presence in memory or Redis, circuit breaker and spill file.
 //! - [`mesh`]: the cross-node ZeroMQ PUB/SUB mesh thread, node liveness

@@ -30,6 +30,12 @@
 //!   nobody holds a duplicate of the descriptor). Tokens carry the
 //!   connection's generation, so an event for a slab slot that was reused
 //!   is ignored.
+//!
+//! # Layout
+//! - this file: the set ([`Poller`]), a socket's flags ([`Io`]), the
+//!   waiter a task parks on, tokens.
+//! - `sys`: the few `epoll` and socket calls, the only `unsafe` code.
+//! - [`cpus`]: CPU lists (`0-3,6`) and the CPUs this process may run on.
 
 #![deny(unsafe_code)]
 
