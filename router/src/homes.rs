@@ -485,10 +485,6 @@ impl Homes {
         }
     }
 
-    pub fn settings(&self) -> &Settings {
-        &self.settings
-    }
-
     /// False while a cluster node does not know the live nodes yet.
     pub fn cluster_ready(&self) -> bool {
         self.cluster.as_ref().is_none_or(|c| c.live.is_some())
@@ -560,8 +556,9 @@ impl Homes {
         }
     }
 
-    /// Sends one frame to one connection, through its shard (and node).
-    fn to_conn(&self, ports: &mut dyn Ports, conn: ConnRef, frame: Vec<u8>) {
+    /// Sends one frame to one connection, wherever it is: this shard (the
+    /// ports' `enqueue`), another shard (a delivery) or another node.
+    pub fn to_conn(&self, ports: &mut dyn Ports, conn: ConnRef, frame: impl Into<Box<[u8]>>) {
         to_conn(&self.settings, ports, conn, frame.into());
     }
 
@@ -708,8 +705,9 @@ impl Homes {
             // new epoch whose seqs start far above any the store can hold.
             // The store adopts the epoch when the spilled messages reach it.
             None => {
-                home.room
-                    .restart_at(store::provisional_seq_base(now.unix_us));
+                // Far above any count of messages (the clock in µs), so it
+                // cannot meet a seq the store already gave.
+                home.room.restart_at(now.unix_us);
                 home.epoch = Arc::from(store::new_epoch());
                 ports.count(Count::ProvisionalEpoch);
             }

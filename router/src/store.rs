@@ -160,14 +160,6 @@ pub enum Reply {
     },
 }
 
-/// Where a room's sequence starts when the store cannot say where it
-/// stands: far above any count of messages (the clock in µs, as the caller
-/// read it), so it cannot
-/// meet a seq the store already gave, and in a new epoch.
-pub fn provisional_seq_base(unix_us: u64) -> u64 {
-    unix_us
-}
-
 /// A fresh epoch: unique per process start and per call.
 pub fn new_epoch() -> String {
     use std::time::{SystemTime, UNIX_EPOCH};

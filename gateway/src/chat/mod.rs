@@ -522,19 +522,6 @@ fn bump(counter: Option<&std::sync::atomic::AtomicU64>, n: u64) {
     }
 }
 
-/// Sends a frame to one connection wherever it is: this shard, another
-/// shard (a delivery) or another node (the mesh).
-fn to_conn(driver: &mut Driver<'_>, conn: ConnRef, frame: Box<[u8]>) {
-    let chat = &driver.shard.chat;
-    if conn.node != chat.node {
-        driver.wire(Wire::ToConn { conn, frame });
-    } else if conn.shard as usize == chat.me {
-        driver.enqueue(conn, &frame);
-    } else {
-        driver.deliver(conn.shard as usize, Delivery::ToConn { conn, frame });
-    }
-}
-
 /// Hands one input to the shard's homes.
 fn handle(shard: &Shard, input: Input) {
     let now = Now::at(shard.clock.get());
@@ -931,7 +918,7 @@ fn handle_reply(shard: &Shard, reply: Reply) {
     match reply {
         Reply::ToConn { conn, frame } => {
             let mut driver = Driver { shard };
-            to_conn(&mut driver, conn, frame);
+            chat.homes.borrow().to_conn(&mut driver, conn, frame);
         }
         Reply::Loaded { room, meta } => handle(shard, Input::Loaded { room, meta }),
         Reply::Stored { room, seq, frame } => handle(shard, Input::Stored { room, seq, frame }),

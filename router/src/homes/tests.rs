@@ -220,6 +220,14 @@ fn join(room: &str, user: &str, c: ConnRef, since: Option<(u64, &str)>) -> Input
     })
 }
 
+fn leave(room: &str, user: &str, shard: u16) -> Input {
+    Input::Request(Request::Leave {
+        room: room.into(),
+        user: user.into(),
+        shard,
+    })
+}
+
 fn publish(room: &str, user: &str, id: &str, c: ConnRef) -> Input {
     Input::Request(Request::Publish(Publish {
         room: room.into(),
@@ -320,15 +328,7 @@ fn a_sequence_continues_from_the_store_and_from_a_tombstone() {
     h.handle(publish("r", "a", "1", conn(0, 1)), clock.now(), &mut rec);
     assert_eq!(rec.appended(), [42]);
     // The room empties: its last seq stays, and a refill asks no store.
-    h.handle(
-        Input::Request(Request::Leave {
-            room: "r".into(),
-            user: "m".into(),
-            shard: 1,
-        }),
-        clock.now(),
-        &mut rec,
-    );
+    h.handle(leave("r", "m", 1), clock.now(), &mut rec);
     assert_eq!(h.rooms(), 0);
     rec.clear();
     clock.advance(Duration::from_secs(1));
@@ -337,15 +337,7 @@ fn a_sequence_continues_from_the_store_and_from_a_tombstone() {
     assert_eq!(rec.loads(), 0);
     assert_eq!(rec.appended(), [43]);
     // Past the store's meta TTL the tombstone is not trusted.
-    h.handle(
-        Input::Request(Request::Leave {
-            room: "r".into(),
-            user: "m".into(),
-            shard: 1,
-        }),
-        clock.now(),
-        &mut rec,
-    );
+    h.handle(leave("r", "m", 1), clock.now(), &mut rec);
     rec.clear();
     clock.advance(Duration::from_secs(61));
     h.handle(join("r", "m", conn(1, 9), None), clock.now(), &mut rec);
