@@ -4,7 +4,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use clap::{Args, Parser};
 
-use crate::{shard::Limits, ws};
+use crate::{local::Limits, ws};
 
 /// The gateway's configuration. Every flag also reads a `CORECAST_*`
 /// environment variable; flags win.
@@ -341,7 +341,7 @@ impl Config {
         if self.chat.max_body_bytes == 0 {
             return err("--max-body-bytes must be at least 1".into());
         }
-        Ok(crate::chat::Settings {
+        let session = corecast_router::session::Rules {
             verifier: self
                 .chat
                 .jwt_secret
@@ -352,10 +352,16 @@ impl Config {
             rate_limit_per_s: self.chat.rate_limit_per_s,
             rate_limit_burst: self.chat.rate_limit_burst,
             max_body_bytes: self.chat.max_body_bytes,
+            history_max_limit: self.storage.history_size.clamp(1, MAX_HISTORY_LIMIT),
+            // A connection without a token gets the handshake's time again
+            // to send `connect`.
+            auth_timeout: Duration::from_millis(self.conn.handshake_timeout_ms),
+        };
+        Ok(crate::chat::Settings {
+            session,
             presence_max_members: self.chat.presence_max_members,
             presence_ttl: Duration::from_secs(self.storage.presence_ttl_s),
             history_meta_ttl: Duration::from_secs(self.storage.history_meta_ttl_s),
-            history_max_limit: self.storage.history_size.clamp(1, MAX_HISTORY_LIMIT),
         })
     }
 

@@ -7,6 +7,11 @@
 //! replies, then the frames of its rooms, gathered from the rooms' feeds),
 //! then reads and decodes what arrived.
 //!
+//! This layer knows nothing above it: what `/ws` means (the chat session),
+//! what the side doors answer and whether cross-shard work is behind, a
+//! connection asks its [`Host`] (the shard implements it), and it carries
+//! the session it is given as [`ConnShared::app`] without looking inside.
+//!
 //! # Invariants
 //! - Lives its whole life on the shard that accepted it; `!Send` (holds `Rc`).
 //! - Never blocks: the socket is non-blocking and registered in the shard's
@@ -29,26 +34,23 @@ use std::{
     io,
     pin::Pin,
     rc::Rc,
-    task::{Context, Poll},
+    task::{Context, Poll, Waker},
     time::Instant,
 };
 
 use std::os::fd::{AsFd, OwnedFd};
 
 use corecast_router::proto as chat_proto;
-use rustix::io::Errno;
+use rustix::{event::epoll::EventFlags, io::Errno};
+use slab::Slab;
 
 use crate::{
     buf::{InBuf, GATHER_BYTES, READ_CHUNK},
-    chat::{
-        session::{self, Outcome},
-        ConnRef,
-    },
     doors,
     feed::{Cursor, Feed},
-    metrics::{self, Initiator, ShardMetrics},
+    local::Local,
+    metrics::{Initiator, ShardMetrics},
     readiness::{self, Peeked, Poller, Waiter},
-    shard::Shard,
     ws::{
         self,
         close::code,
@@ -65,10 +67,92 @@ const READS_PER_POLL: usize = 16;
 /// timeout): memory per slow client stays bounded however fast rooms are.
 const HARD_CAP_BUDGETS: usize = 4;
 
+/// What a connection asks of the layers above it: the chat session that
+/// `/ws` serves, the side doors' answers, and whether cross-shard work is
+/// behind. The shard implements it (`shard::Shard`); this module imports
+/// none of those layers.
+pub trait Host: 'static {
+    /// What the layer above keeps per connection (the chat session), in
+    /// the connection's [`ConnShared::app`].
+    type App;
+    fn local(&self) -> &Local;
+    fn conns(&self) -> &Conns<Self::App>;
+    /// The answer to a plain HTTP request for `path`, or `None` (404).
+    fn side_door(&self, path: &str) -> Option<doors::Answer>;
+    /// Cross-shard work is behind: chat input waits in the socket buffer.
+    fn congested(&self) -> bool;
+    /// Wakes `waker` when the congestion clears (once per congestion:
+    /// `epoch` remembers the release it registered for).
+    fn wait_uncongested(&self, waker: &Waker, epoch: &Cell<u64>);
+    /// A `/ws` upgrade was answered; `token` came with the request.
+    fn opened(&self, conn: &ConnShared<Self::App>, key: u32, token: Option<&str>) -> Outcome;
+    /// A text message arrived on `/ws`.
+    fn text(&self, conn: &ConnShared<Self::App>, key: u32, text: &[u8]) -> Outcome;
+    /// A `/ws` connection is gone.
+    fn closed(&self, conn: &ConnShared<Self::App>, key: u32);
+    /// When the session must have authenticated, if it has not yet.
+    fn auth_deadline(app: &Self::App) -> Option<Instant>;
+}
+
+/// What the layer above tells a connection to do after its input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Continue,
+    /// Close from our side with this code and reason.
+    Close(u16, &'static str),
+}
+
+/// The shard's sockets: the listener's readiness and the live connections
+/// (for the epoll dispatcher, the sweeper, deliveries and the drain).
+pub struct Conns<A> {
+    pub slab: RefCell<Slab<Rc<ConnShared<A>>>>,
+    /// Generation of the last connection accepted (see `ConnShared::gen`).
+    next_gen: Cell<u32>,
+    /// The listener's readiness and the acceptor waiting on it.
+    pub accepting: Waiter,
+}
+
+impl<A> Default for Conns<A> {
+    fn default() -> Self {
+        Conns {
+            slab: RefCell::new(Slab::new()),
+            next_gen: Cell::new(0),
+            accepting: Waiter::default(),
+        }
+    }
+}
+
+impl<A> Conns<A> {
+    /// The connection at `key`, if it is still the one of generation `gen`.
+    pub fn get(&self, key: u32, gen: u32) -> Option<Rc<ConnShared<A>>> {
+        let conns = self.slab.borrow();
+        conns.get(key as usize).filter(|c| c.gen == gen).cloned()
+    }
+
+    /// Hands one epoll event to whoever waits for it: the acceptor, or the
+    /// connection the token names (if it is still the same connection).
+    pub fn on_event(&self, token: u64, flags: EventFlags) {
+        if token == readiness::LISTENER {
+            if self.accepting.io.set(flags) {
+                self.accepting.wake();
+            }
+            return;
+        }
+        let (key, gen) = readiness::split_token(token);
+        let conns = self.slab.borrow();
+        if let Some(c) = conns.get(key).filter(|c| c.gen == gen) {
+            if c.ready.io.set(flags) {
+                c.wake();
+            }
+        }
+    }
+}
+
 /// What a connection shares with its shard: the sweeper's flags, the output
-/// queue that room deliveries append to, and the chat session.
+/// queue that room deliveries append to, and the session of the layer
+/// above.
 #[derive(Debug)]
-pub struct ConnShared {
+pub struct ConnShared<A> {
     /// The socket's readiness (set by the shard's epoll set) and the
     /// connection's task, woken by the shard and by room deliveries.
     pub ready: Waiter,
@@ -89,8 +173,8 @@ pub struct ConnShared {
     over_budget_since: Cell<Option<Instant>>,
     /// A delivery found the queue at its hard cap: close as a slow consumer.
     overflowed: Cell<bool>,
-    /// The chat session, for connections on `/ws`.
-    pub chat: RefCell<Option<Box<session::Session>>>,
+    /// The layer above's session (chat, for connections on `/ws`).
+    pub app: RefCell<Option<Box<A>>>,
     /// The congestion release this connection last registered for.
     congestion_epoch: Cell<u64>,
     /// Its place in the feed of each room it is in on this shard: room
@@ -100,8 +184,8 @@ pub struct ConnShared {
     pub flush_pending: Cell<bool>,
 }
 
-impl ConnShared {
-    pub fn new(deadline: Instant, gen: u32) -> ConnShared {
+impl<A> ConnShared<A> {
+    pub fn new(deadline: Instant, gen: u32) -> ConnShared<A> {
         ConnShared {
             ready: Waiter::default(),
             gen,
@@ -113,7 +197,7 @@ impl ConnShared {
             accepting: Cell::new(false),
             over_budget_since: Cell::new(None),
             overflowed: Cell::new(false),
-            chat: RefCell::new(None),
+            app: RefCell::new(None),
             congestion_epoch: Cell::new(0),
             feeds: RefCell::new(Vec::new()),
             flush_pending: Cell::new(false),
@@ -135,10 +219,10 @@ impl ConnShared {
     /// Room frames that arrived before whatever `f` queues are copied in
     /// first, so the client sees everything in the order it happened; a
     /// connection that stopped accepting deliveries drops its cursors here.
-    fn with_out<R>(&self, shard: &Shard, f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+    fn with_out<R>(&self, local: &Local, f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
         let mut out = self.out.borrow_mut();
         if out.capacity() == 0 {
-            *out = shard.pool.take_write();
+            *out = local.pool.take_write();
         } else {
             let sent = self.out_sent.get();
             if sent > 0 && sent >= out.len() / 2 {
@@ -166,7 +250,7 @@ impl ConnShared {
 
     /// Stops sending a room's frames. Those that arrived before stay queued,
     /// unless the connection is closing anyway.
-    pub fn unsubscribe(&self, shard: &Shard, feed: &Rc<Feed>) {
+    pub fn unsubscribe(&self, local: &Local, feed: &Rc<Feed>) {
         let mut feeds = self.feeds.borrow_mut();
         let Some(i) = feeds.iter().position(|c| Rc::ptr_eq(c.feed(), feed)) else {
             return;
@@ -174,7 +258,7 @@ impl ConnShared {
         let mut cursor = feeds.remove(i);
         drop(feeds);
         if self.accepting.get() && cursor.lag() > 0 {
-            self.with_out(shard, |out| cursor.drain_into(out));
+            self.with_out(local, |out| cursor.drain_into(out));
         }
     }
 
@@ -182,10 +266,10 @@ impl ConnShared {
     /// consumer, and its places in the rooms' feeds go, so the rooms keep
     /// no frames for it. A frame it had started to send is finished first,
     /// so the close frame that follows starts on a frame boundary.
-    pub fn cut_off(&self, shard: &Shard) {
+    pub fn cut_off(&self, local: &Local) {
         if !self.feeds.borrow().is_empty() {
             let mut feeds = std::mem::take(&mut *self.feeds.borrow_mut());
-            self.with_out(shard, |out| {
+            self.with_out(local, |out| {
                 for c in feeds.iter_mut() {
                     c.finish_frame_into(out);
                 }
@@ -199,13 +283,13 @@ impl ConnShared {
     /// The connection will queue nothing more from its rooms (it is
     /// closing): the frames that arrived so far stay queued, later ones are
     /// not sent, and the rooms keep none for it.
-    fn stop_accepting(&self, shard: &Shard) {
+    fn stop_accepting(&self, local: &Local) {
         self.accepting.set(false);
         let lagging = self.feeds.borrow().iter().any(|c| c.lag() > 0);
         if lagging {
             // Not accepting: `with_out` copies what is pending, then drops
             // the cursors.
-            self.with_out(shard, |_| ());
+            self.with_out(local, |_| ());
         } else {
             self.feeds.borrow_mut().clear();
         }
@@ -213,13 +297,13 @@ impl ConnShared {
 
     /// More than the outbound budget is queued: start the slow-consumer
     /// clock, unless it runs already.
-    pub fn over_budget(&self, shard: &Shard) {
+    pub fn over_budget(&self, local: &Local) {
         if self.over_budget_since.get().is_some() {
             return;
         }
-        self.over_budget_since.set(Some(shard.clock.get()));
+        self.over_budget_since.set(Some(local.clock.get()));
         // The sweeper must look at us when the timeout runs out.
-        let timeout = shard.clock.get() + shard.limits.slow_consumer_timeout;
+        let timeout = local.clock.get() + local.limits.slow_consumer_timeout;
         if timeout < self.deadline.get() {
             self.deadline.set(timeout);
         }
@@ -228,7 +312,7 @@ impl ConnShared {
     /// Sends what is queued with one `send`: our own output, then the
     /// unsent frames of each room, gathered in the shard's gather buffer
     /// (up to `GATHER_BYTES`; the rest goes in the next call).
-    fn send_queued(&self, shard: &Shard, socket: &OwnedFd) -> Result<usize, Errno> {
+    fn send_queued(&self, local: &Local, socket: &OwnedFd) -> Result<usize, Errno> {
         let io = &self.ready.io;
         if !io.writable.get() {
             return Err(Errno::AGAIN);
@@ -239,7 +323,7 @@ impl ConnShared {
         if own.len() >= GATHER_BYTES || feeds.iter().all(|c| c.lag() == 0) {
             return io.send(socket.as_fd(), own);
         }
-        shard.pool.gather(|g| {
+        local.pool.gather(|g| {
             g.extend_from_slice(own);
             for c in feeds.iter() {
                 c.copy_unsent(g, GATHER_BYTES);
@@ -273,10 +357,10 @@ impl ConnShared {
 
     /// Everything is sent: the output buffer goes back to the pool, the
     /// rooms' next frames must wake us, and the slow-consumer clock stops.
-    fn flushed(&self, shard: &Shard) {
+    fn flushed(&self, local: &Local) {
         let mut out = self.out.borrow_mut();
         if out.capacity() > 0 {
-            shard.pool.put_write(std::mem::take(&mut *out));
+            local.pool.put_write(std::mem::take(&mut *out));
             self.out_sent.set(0);
         }
         for c in self.feeds.borrow().iter() {
@@ -287,34 +371,26 @@ impl ConnShared {
 
     /// Queues a frame the connection produced itself (a reply); the
     /// connection's own poll flushes it.
-    pub fn push_own(&self, shard: &Shard, frame: &[u8]) {
-        self.with_out(shard, |out| out.extend_from_slice(frame));
-    }
-
-    /// The most a connection may hold queued for it.
-    pub fn hard_cap(shard: &Shard) -> usize {
-        shard
-            .limits
-            .outbound_budget_bytes
-            .saturating_mul(HARD_CAP_BUDGETS)
+    pub fn push_own(&self, local: &Local, frame: &[u8]) {
+        self.with_out(local, |out| out.extend_from_slice(frame));
     }
 
     /// Queues a frame delivered from a room or another connection, and wakes
     /// the connection to flush it. Dropped if the connection is closing; at
     /// the hard cap the connection is closed as a slow consumer instead.
-    pub fn enqueue(&self, shard: &Shard, frame: &[u8]) {
+    pub fn enqueue(&self, local: &Local, frame: &[u8]) {
         if !self.accepting.get() {
             return;
         }
-        let budget = shard.limits.outbound_budget_bytes;
+        let budget = local.limits.outbound_budget_bytes;
         let queued = self.queued();
         if queued + frame.len() > budget.saturating_mul(HARD_CAP_BUDGETS) {
-            self.cut_off(shard);
+            self.cut_off(local);
             return;
         }
-        self.with_out(shard, |out| out.extend_from_slice(frame));
+        self.with_out(local, |out| out.extend_from_slice(frame));
         if queued + frame.len() > budget {
-            self.over_budget(shard);
+            self.over_budget(local);
         }
         if queued == 0 {
             self.wake();
@@ -361,20 +437,20 @@ enum Then {
 
 const BINARY_REFUSED: &str = "binary frames are not part of corecast.v1";
 
-fn conn_ref(shard: &Shard, shared: &ConnShared, key: usize) -> ConnRef {
-    ConnRef {
-        node: shard.chat.node,
-        shard: shard.chat.me as u16,
-        key: key as u32,
-        gen: shared.gen,
-    }
+/// The most a connection may hold queued for it.
+pub fn hard_cap(local: &Local) -> usize {
+    local
+        .limits
+        .outbound_budget_bytes
+        .saturating_mul(HARD_CAP_BUDGETS)
 }
 
 /// The per-connection future.
-pub struct Conn {
-    shard: Rc<Shard>,
-    shared: Rc<ConnShared>,
-    key: usize,
+pub struct Conn<H: Host> {
+    host: Rc<H>,
+    shared: Rc<ConnShared<H::App>>,
+    /// Its slab key in `Conns` (a `u32`, as in its epoll token).
+    key: u32,
     /// Non-blocking TCP socket, in the shard's epoll set until dropped.
     socket: OwnedFd,
     phase: Phase,
@@ -395,29 +471,35 @@ pub struct Conn {
 }
 
 /// Starts serving an accepted, non-blocking socket on the current shard.
-pub fn spawn(shard: &Rc<Shard>, poller: &Poller, socket: OwnedFd) -> io::Result<()> {
-    let now = shard.clock.get();
-    let deadline = now + shard.limits.handshake_timeout;
-    let gen = shard.next_gen.get().wrapping_add(1);
-    shard.next_gen.set(gen);
+pub fn spawn<H: Host>(host: &Rc<H>, poller: &Poller, socket: OwnedFd) -> io::Result<()> {
+    let local = host.local();
+    let conns = host.conns();
+    let now = local.clock.get();
+    let deadline = now + local.limits.handshake_timeout;
+    let gen = conns.next_gen.get().wrapping_add(1);
+    conns.next_gen.set(gen);
     let shared = Rc::new(ConnShared::new(deadline, gen));
-    let key = shard.conns.borrow_mut().insert(shared.clone());
-    if let Err(e) = poller.add(socket.as_fd(), readiness::conn_token(key, gen)) {
-        shard.conns.borrow_mut().remove(key);
+    let slot = conns.slab.borrow_mut().insert(shared.clone());
+    let Ok(key) = u32::try_from(slot) else {
+        conns.slab.borrow_mut().remove(slot);
+        return Err(io::Error::other("more connections than a u32 counts"));
+    };
+    if let Err(e) = poller.add(socket.as_fd(), readiness::conn_token(slot, gen)) {
+        conns.slab.borrow_mut().remove(slot);
         return Err(e);
     }
-    let m = shard.metrics();
+    let m = local.metrics();
     m.connections_accepted.inc();
     m.connections_open.inc();
     let conn = Conn {
-        shard: shard.clone(),
+        host: host.clone(),
         shared,
         key,
         socket,
         phase: Phase::Request,
         endpoint: Endpoint::Echo,
         inbuf: None,
-        session: ws::Session::new(Role::Server, shard.limits.frame),
+        session: ws::Session::new(Role::Server, local.limits.frame),
         is_websocket: false,
         last_rx: now,
         ping_sent: false,
@@ -429,7 +511,7 @@ pub fn spawn(shard: &Rc<Shard>, poller: &Poller, socket: OwnedFd) -> io::Result<
     Ok(())
 }
 
-impl Future for Conn {
+impl<H: Host> Future for Conn<H> {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
@@ -479,36 +561,40 @@ impl Future for Conn {
     }
 }
 
-impl Drop for Conn {
+impl<H: Host> Drop for Conn<H> {
     fn drop(&mut self) {
         self.shared.accepting.set(false);
         if self.endpoint == Endpoint::Chat {
-            session::on_close(&self.shard, &self.shared, self.conn_ref());
+            self.host.closed(&self.shared, self.key);
         }
-        self.shard.conns.borrow_mut().try_remove(self.key);
-        let m = self.shard.metrics();
+        self.host
+            .conns()
+            .slab
+            .borrow_mut()
+            .try_remove(self.key as usize);
+        let m = self.local().metrics();
         m.connections_open.sub(1);
         if self.is_websocket {
             m.websockets_open.sub(1);
         }
         if let Some(mut b) = self.inbuf.take() {
             b.consume(b.len());
-            self.shard.pool.put_read(b);
+            self.local().pool.put_read(b);
         }
         let out = std::mem::take(&mut *self.shared.out.borrow_mut());
         if out.capacity() > 0 {
-            self.shard.pool.put_write(out);
+            self.local().pool.put_write(out);
         }
     }
 }
 
-impl Conn {
-    fn m(&self) -> &ShardMetrics {
-        self.shard.metrics()
+impl<H: Host> Conn<H> {
+    fn local(&self) -> &Local {
+        self.host.local()
     }
 
-    fn conn_ref(&self) -> ConnRef {
-        conn_ref(&self.shard, &self.shared, self.key)
+    fn m(&self) -> &ShardMetrics {
+        self.local().metrics()
     }
 
     fn queued(&self) -> usize {
@@ -519,7 +605,7 @@ impl Conn {
         match self.phase {
             Phase::Request | Phase::Linger => true,
             Phase::Open | Phase::CloseSent => {
-                if self.queued() > self.shard.limits.outbound_budget_bytes {
+                if self.queued() > self.local().limits.outbound_budget_bytes {
                     return false;
                 }
                 // Chat input makes cross-shard work: while other shards are
@@ -531,11 +617,10 @@ impl Conn {
                 // still finishes its handshakes in time.
                 if self.endpoint == Endpoint::Chat
                     && self.phase == Phase::Open
-                    && self.shard.chat.congested()
+                    && self.host.congested()
                     && !self.control_frame_next()
                 {
-                    self.shard
-                        .chat
+                    self.host
                         .wait_uncongested(cx.waker(), &self.shared.congestion_epoch);
                     return false;
                 }
@@ -562,18 +647,18 @@ impl Conn {
 
     /// Queues bytes this connection produced (a reply, a control frame).
     fn push(&self, f: impl FnOnce(&mut Vec<u8>)) {
-        self.shared.with_out(&self.shard, f);
+        self.shared.with_out(self.host.local(), f);
     }
 
     /// Writes queued output; one `send` per call when the socket keeps up.
     fn poll_flush(&mut self) -> Poll<io::Result<()>> {
         let shared = self.shared.clone();
         while shared.queued() > 0 {
-            match shared.send_queued(&self.shard, &self.socket) {
+            match shared.send_queued(self.host.local(), &self.socket) {
                 Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                 Ok(n) => {
                     shared.mark_sent(n);
-                    self.shard.metrics().bytes_out.add(n as u64);
+                    self.local().metrics().bytes_out.add(n as u64);
                 }
                 Err(Errno::AGAIN) => {
                     // The socket's buffer is full: wait for its next edge.
@@ -583,7 +668,7 @@ impl Conn {
                 Err(e) => return Poll::Ready(Err(e.into())),
             }
         }
-        shared.flushed(&self.shard);
+        shared.flushed(self.host.local());
         Poll::Ready(Ok(()))
     }
 
@@ -594,14 +679,14 @@ impl Conn {
             // all consumed goes back to the pool now, so an idle connection
             // holds none.
             if let Some(b) = self.inbuf.take_if(|b| b.is_empty()) {
-                self.shard.pool.put_read(b);
+                self.local().pool.put_read(b);
             }
             return Poll::Pending;
         }
         let mut buf = self
             .inbuf
             .take()
-            .unwrap_or_else(|| self.shard.pool.take_read());
+            .unwrap_or_else(|| self.local().pool.take_read());
         let want = match self.phase {
             Phase::Open | Phase::CloseSent => self
                 .session
@@ -624,12 +709,12 @@ impl Conn {
         };
         if let Poll::Ready(Ok(n)) = r {
             buf.advance(n);
-            self.shard.metrics().bytes_in.add(n as u64);
-            self.last_rx = self.shard.clock.get();
+            self.local().metrics().bytes_in.add(n as u64);
+            self.last_rx = self.local().clock.get();
             self.ping_sent = false;
         }
         if buf.is_empty() {
-            self.shard.pool.put_read(buf);
+            self.local().pool.put_read(buf);
         } else {
             self.inbuf = Some(buf);
         }
@@ -643,7 +728,7 @@ impl Conn {
             Phase::Linger => {
                 if let Some(mut b) = self.inbuf.take() {
                     b.consume(b.len());
-                    self.shard.pool.put_read(b);
+                    self.local().pool.put_read(b);
                 }
             }
             Phase::CloseAfterFlush => {}
@@ -656,7 +741,7 @@ impl Conn {
             return;
         };
         let parsed = handshake::parse_request(buf.filled());
-        let max = self.shard.limits.max_header_bytes;
+        let max = self.local().limits.max_header_bytes;
         let (req, len) = match parsed {
             Ok(Some((_, len))) if len > max => return self.refuse(Refusal::HeadersTooLarge),
             Ok(Some(r)) => r,
@@ -692,7 +777,7 @@ impl Conn {
                     self.endpoint = Endpoint::Chat;
                     self.open();
                     let token = req.token.as_deref();
-                    match session::on_open(&self.shard, &self.shared, self.conn_ref(), token) {
+                    match self.host.opened(&self.shared, self.key, token) {
                         Outcome::Continue => self.rearm(),
                         Outcome::Close(code, reason) => return self.start_close(code, reason),
                     }
@@ -703,26 +788,9 @@ impl Conn {
                 Some(Err(r)) => self.refuse(r),
                 None => self.refuse(Refusal::UpgradeRequired),
             },
-            path => match doors::answer(self.side_door_view(), path) {
+            path => match self.host.side_door(path) {
                 Some(a) => self.reply(a.status, a.content_type, &a.body),
                 None => self.refuse(Refusal::NotFound),
-            },
-        }
-    }
-
-    /// What the side doors report on, from this shard.
-    fn side_door_view(&self) -> doors::Node<impl FnOnce() -> String + '_> {
-        let shard = &self.shard;
-        doors::Node {
-            draining: shard.draining(),
-            cluster_ready: shard.chat.cluster_ready(),
-            metrics: move || {
-                metrics::render(
-                    &shard.all_metrics,
-                    Some(&shard.chat.storage),
-                    shard.chat.mesh(),
-                    shard.draining(),
-                )
             },
         }
     }
@@ -755,8 +823,8 @@ impl Conn {
 
     fn close_after_flush(&mut self) {
         self.phase = Phase::CloseAfterFlush;
-        self.shared.stop_accepting(&self.shard);
-        self.phase_deadline = self.shard.clock.get() + self.shard.limits.close_timeout;
+        self.shared.stop_accepting(self.host.local());
+        self.phase_deadline = self.local().clock.get() + self.local().limits.close_timeout;
         self.rearm();
     }
 
@@ -782,7 +850,7 @@ impl Conn {
                     buf.consume(buf.len());
                     if self.phase == Phase::Open {
                         // Our close frame went out just now.
-                        self.phase_deadline = Instant::now() + self.shard.limits.close_timeout;
+                        self.phase_deadline = Instant::now() + self.local().limits.close_timeout;
                     }
                     self.phase = Phase::Linger;
                     self.rearm();
@@ -790,7 +858,7 @@ impl Conn {
             }
         }
         if buf.is_empty() {
-            self.shard.pool.put_read(buf);
+            self.local().pool.put_read(buf);
         } else {
             self.inbuf = Some(buf);
         }
@@ -802,7 +870,7 @@ impl Conn {
     /// connection is returned.
     fn on_next_frame(&mut self, input: &mut [u8]) -> Then {
         let Conn {
-            shard,
+            host,
             shared,
             session,
             endpoint,
@@ -810,14 +878,18 @@ impl Conn {
             phase,
             ..
         } = self;
-        let m = shard.metrics();
+        let m = host.local().metrics();
         let step = match session.read(input) {
             Ok(Some(step)) => step,
             Ok(None) => return Then::NeedMore,
             Err(failure) => {
-                log::debug!("shard {}: closing connection: {}", shard.id, failure.error);
+                log::debug!(
+                    "shard {}: closing connection: {}",
+                    host.local().id,
+                    failure.error
+                );
                 if let Some(reply) = failure.reply {
-                    shared.with_out(shard, |out| reply.encode(out, None));
+                    shared.with_out(host.local(), |out| reply.encode(out, None));
                     m.frames_out.inc();
                     m.closed(failure.error.close_code(), Initiator::Server);
                     shared.accepting.set(false);
@@ -828,7 +900,7 @@ impl Conn {
         m.frames_in.add(u64::from(step.frames));
         let n = step.consumed;
         if let Some(reply) = &step.reply {
-            shared.with_out(shard, |out| reply.encode(out, None));
+            shared.with_out(host.local(), |out| reply.encode(out, None));
             m.frames_out.inc();
         }
         match step.event {
@@ -836,7 +908,9 @@ impl Conn {
             Some(Event::Message { opcode, data }) => match endpoint {
                 Endpoint::Echo => {
                     m.messages_in.inc();
-                    shared.with_out(shard, |out| ws::encode_frame(out, true, opcode, data, None));
+                    shared.with_out(host.local(), |out| {
+                        ws::encode_frame(out, true, opcode, data, None)
+                    });
                     m.frames_out.inc();
                     m.messages_out.inc();
                 }
@@ -845,10 +919,7 @@ impl Conn {
                         return Then::Close(n, chat_proto::close::UNSUPPORTED_DATA, BINARY_REFUSED);
                     }
                     m.messages_in.inc();
-                    let conn = conn_ref(shard, shared, *key);
-                    if let Outcome::Close(code, reason) =
-                        session::on_text(shard, shared, conn, data)
-                    {
+                    if let Outcome::Close(code, reason) = host.text(shared, *key, data) {
                         return Then::Close(n, code, reason);
                     }
                 }
@@ -882,7 +953,7 @@ impl Conn {
         self.m().frames_out.inc();
         self.m().closed(code, Initiator::Server);
         self.phase = Phase::CloseSent;
-        self.phase_deadline = Instant::now() + self.shard.limits.close_timeout;
+        self.phase_deadline = Instant::now() + self.local().limits.close_timeout;
         self.rearm();
     }
 
@@ -907,7 +978,7 @@ impl Conn {
     }
 
     fn on_timer(&mut self, now: Instant) {
-        let limits = self.shard.limits;
+        let limits = self.local().limits;
         match self.phase {
             Phase::Request => {
                 if now >= self.phase_deadline {
@@ -921,12 +992,7 @@ impl Conn {
                         return;
                     }
                 }
-                let auth_deadline = self
-                    .shared
-                    .chat
-                    .borrow()
-                    .as_ref()
-                    .and_then(|s| s.auth_deadline);
+                let auth_deadline = self.auth_deadline();
                 if auth_deadline.is_some_and(|d| now >= d) {
                     self.start_close(
                         chat_proto::close::AUTH_REQUIRED,
@@ -937,7 +1003,7 @@ impl Conn {
                 // While the shard holds chat input back (cross-shard
                 // congestion) the client may well be sending: its silence is
                 // ours, not its own, so it does not count as idle.
-                if self.endpoint == Endpoint::Chat && self.shard.chat.congested() {
+                if self.endpoint == Endpoint::Chat && self.host.congested() {
                     self.last_rx = now;
                 }
                 let idle = now.saturating_duration_since(self.last_rx);
@@ -976,7 +1042,7 @@ impl Conn {
         m.slow_consumer_closes.inc();
         log::debug!(
             "shard {}: closing slow consumer ({} bytes queued)",
-            self.shard.id,
+            self.local().id,
             self.queued()
         );
         self.start_close(
@@ -989,12 +1055,12 @@ impl Conn {
 
     /// Starts the slow-consumer clock when the queue goes over budget.
     fn track_budget(&mut self) {
-        let over = self.queued() > self.shard.limits.outbound_budget_bytes;
+        let over = self.queued() > self.local().limits.outbound_budget_bytes;
         match (over, self.shared.over_budget_since.get()) {
             (true, None) => {
                 self.shared
                     .over_budget_since
-                    .set(Some(self.shard.clock.get()));
+                    .set(Some(self.local().clock.get()));
                 self.rearm();
             }
             (false, Some(_)) => self.shared.over_budget_since.set(None),
@@ -1004,7 +1070,7 @@ impl Conn {
 
     /// Tells the sweeper when this connection next needs its timers checked.
     fn rearm(&self) {
-        let limits = &self.shard.limits;
+        let limits = &self.local().limits;
         let deadline = match self.phase {
             Phase::Open => {
                 let mut d = self.last_rx + limits.idle_timeout;
@@ -1014,13 +1080,7 @@ impl Conn {
                 if let Some(since) = self.shared.over_budget_since.get() {
                     d = d.min(since + limits.slow_consumer_timeout);
                 }
-                if let Some(auth) = self
-                    .shared
-                    .chat
-                    .borrow()
-                    .as_ref()
-                    .and_then(|s| s.auth_deadline)
-                {
+                if let Some(auth) = self.auth_deadline() {
                     d = d.min(auth);
                 }
                 d
@@ -1028,6 +1088,14 @@ impl Conn {
             _ => self.phase_deadline,
         };
         self.shared.deadline.set(deadline);
+    }
+
+    fn auth_deadline(&self) -> Option<Instant> {
+        self.shared
+            .app
+            .borrow()
+            .as_deref()
+            .and_then(H::auth_deadline)
     }
 
     /// The client closed its side of the TCP connection.
@@ -1044,23 +1112,5 @@ impl Conn {
             self.m().closed(code::ABNORMAL, Initiator::Client);
         }
         Poll::Ready(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn connection_state_stays_small() {
-        // Every idle connection holds one of these (plus its task header,
-        // glommio's stream and a pending poll). The memory target is 4 KiB
-        // per idle connection in all; keep the state itself well under it.
-        let conn = std::mem::size_of::<Conn>();
-        let shared = std::mem::size_of::<ConnShared>();
-        assert!(
-            conn + shared <= 768,
-            "Conn {conn} B + ConnShared {shared} B"
-        );
     }
 }

@@ -50,9 +50,10 @@ use std::{
 };
 
 use crate::{
-    conn::ConnShared,
+    conn::{ConnShared, Conns},
+    feed,
+    local::Local,
     readiness::Poller,
-    shard::{self, Shard},
 };
 
 /// Members woken between two looks at the shard's sockets.
@@ -68,11 +69,14 @@ pub struct Flusher {
     /// count when the current round began.
     appended: Cell<u64>,
     round_began: Cell<u64>,
+    /// Bytes the shard's feeds hold for members that have not sent them
+    /// (every feed of the shard adds to it, see `feed::Held`).
+    pub held: feed::Held,
 }
 
 impl Flusher {
     /// Puts a member with newly queued room frames on the next round.
-    pub fn schedule(&self, c: &ConnShared, key: u32, gen: u32) {
+    pub fn schedule<A>(&self, c: &ConnShared<A>, key: u32, gen: u32) {
         if c.flush_pending.replace(true) {
             return;
         }
@@ -107,8 +111,12 @@ impl Flusher {
 
 /// The shard's flusher task: one round after another, for as long as the
 /// shard runs.
-pub async fn run(shard: Rc<Shard>, poller: Rc<Poller>) {
-    let flusher = &shard.flusher;
+pub async fn run<A>(
+    local: Rc<Local>,
+    conns: Rc<Conns<A>>,
+    flusher: Rc<Flusher>,
+    poller: Rc<Poller>,
+) {
     loop {
         poll_fn(|cx| {
             if flusher.next.borrow().is_empty() {
@@ -120,21 +128,18 @@ pub async fn run(shard: Rc<Shard>, poller: Rc<Poller>) {
         })
         .await;
         let round = flusher.begin_round();
-        let m = shard.metrics();
+        let m = local.metrics();
         m.flush_rounds.inc();
         let slices = round.len().div_ceil(SLICE);
         for (i, slice) in round.chunks(SLICE).enumerate() {
-            wake_slice(&shard, slice);
+            wake_slice(&conns, slice);
             if i + 1 == slices {
                 break;
             }
-            if flusher.interleave(
-                shard.limits.outbound_budget_bytes,
-                shard.chat.feed_bytes.get(),
-            ) {
+            if flusher.interleave(local.limits.outbound_budget_bytes, flusher.held.get()) {
                 m.flush_reads_between_slices.inc();
                 // Errors are the dispatcher's to report; it collects next.
-                let _ = poller.collect(|token, flags| shard::on_event(&shard, token, flags));
+                let _ = poller.collect(|token, flags| conns.on_event(token, flags));
             }
             // Behind the woken members and readers: they run first.
             yield_now().await;
@@ -142,8 +147,8 @@ pub async fn run(shard: Rc<Shard>, poller: Rc<Poller>) {
     }
 }
 
-fn wake_slice(shard: &Shard, slice: &[(u32, u32)]) {
-    let conns = shard.conns.borrow();
+fn wake_slice<A>(conns: &Conns<A>, slice: &[(u32, u32)]) {
+    let conns = conns.slab.borrow();
     for &(key, gen) in slice {
         if let Some(c) = conns.get(key as usize).filter(|c| c.gen == gen) {
             c.flush_pending.set(false);

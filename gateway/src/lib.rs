@@ -8,10 +8,12 @@
 //! - [`server`]: binds the per-shard listeners, starts the shards, drains.
 //! - `lifecycle`: what the main thread and the shards tell each other about
 //!   starting and stopping (atomics), and the faults tests inject.
-//! - `shard`: one executor thread: accept loop, connection table, sweeper
-//!   that drives every connection's timers.
-//! - `conn`: one connection: HTTP request, upgrade, echo, close handshake,
-//!   back-pressure.
+//! - A shard's layers, each importing only those below it: `shard` (the
+//!   layers assembled, the accept loop, epoll dispatcher and sweeper; the
+//!   `conn::Host` a connection calls up to), [`chat`], `flush`, `conn` (one
+//!   connection: HTTP request, upgrade, echo, close handshake,
+//!   back-pressure; the shard's connection table), `local` (limits, clock,
+//!   buffer pool, metrics).
 //! - `doors`: the HTTP side doors (`/healthz`, `/readyz`, `/metrics`):
 //!   what each answers, as data the connection writes.
 //! - `feed`: a room's frames on one shard, sent from the same bytes to
@@ -33,7 +35,8 @@
 //! - `buf`: per-shard buffer pools, so idle connections hold no buffers.
 //! - [`ws`]: the sans-IO RFC 6455 codec and session rules (the `corecast-ws`
 //!   crate, shared with loadgen and the fuzz targets).
-//! - [`metrics`]: per-shard counters and the Prometheus rendering.
+//! - [`metrics`]: per-shard counters, their Prometheus rendering, and the
+//!   writer the storage worker and the mesh render their own series with.
 //! - [`shutdown`]: the "stop now" signal `run` waits on.
 #![deny(unsafe_code)]
 
@@ -46,6 +49,7 @@ mod feed;
 mod flush;
 mod inbox;
 mod lifecycle;
+mod local;
 pub mod mesh;
 pub mod metrics;
 mod rings;
@@ -62,8 +66,8 @@ use std::net::SocketAddr;
 
 pub use config::Config;
 pub use lifecycle::Fault;
+pub use local::Limits;
 pub use server::{run, Server};
-pub use shard::Limits;
 
 /// Why the gateway could not start or stopped badly.
 #[derive(Debug, thiserror::Error)]

@@ -171,12 +171,7 @@ impl ShardMetrics {
 }
 
 /// Renders all shards in the Prometheus text exposition format.
-pub fn render(
-    shards: &[ShardMetrics],
-    storage: Option<&crate::storage::Storage>,
-    mesh: Option<&crate::mesh::Mesh>,
-    draining: bool,
-) -> String {
+pub fn render(shards: &[ShardMetrics], draining: bool) -> String {
     let mut out = String::with_capacity(8192);
     type Series = (
         &'static str,
@@ -430,12 +425,6 @@ pub fn render(
             }
         }
     }
-    if let Some(st) = storage {
-        render_storage(&mut out, st, shards.len());
-    }
-    if let Some(mesh) = mesh {
-        render_mesh(&mut out, mesh);
-    }
     let _ = writeln!(out, "# HELP corecast_draining 1 while the gateway is shutting down.\n# TYPE corecast_draining gauge\ncorecast_draining {}", draining as u8);
     if let Some(rss) = resident_bytes() {
         let _ = writeln!(out, "# HELP process_resident_memory_bytes Resident memory size in bytes.\n# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {rss}");
@@ -443,213 +432,13 @@ pub fn render(
     out
 }
 
-fn render_storage(out: &mut String, st: &crate::storage::Storage, shards: usize) {
-    use std::sync::atomic::Ordering::Relaxed;
-    let name = "corecast_storage_queue";
+/// Writes one unlabelled series in the Prometheus text format: what the
+/// storage worker and the mesh render their own counters with.
+pub fn write_series(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
     let _ = writeln!(
         out,
-        "# HELP {name} Operations queued for the storage worker.\n# TYPE {name} gauge"
+        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
     );
-    for i in 0..shards {
-        let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", st.queued(i));
-    }
-    let m = &st.metrics;
-    let series: [(&str, &str, &str, &std::sync::atomic::AtomicU64); 12] = [
-        (
-            "corecast_storage_batches_total",
-            "counter",
-            "Write batches handled by the storage worker.",
-            &m.batches,
-        ),
-        (
-            "corecast_storage_persisted_total",
-            "counter",
-            "Messages written to the store.",
-            &m.persisted,
-        ),
-        (
-            "corecast_storage_spilled_total",
-            "counter",
-            "Messages written to the spill file while the store was unreachable.",
-            &m.spilled,
-        ),
-        (
-            "corecast_storage_replayed_total",
-            "counter",
-            "Spilled messages replayed into the store.",
-            &m.replayed,
-        ),
-        (
-            "corecast_storage_lost_total",
-            "counter",
-            "Messages neither stored nor spilled (acked stored:false).",
-            &m.lost,
-        ),
-        (
-            "corecast_storage_spill_bytes",
-            "gauge",
-            "Bytes in the spill file waiting for replay.",
-            &m.spill_bytes,
-        ),
-        (
-            "corecast_storage_breaker",
-            "gauge",
-            "Circuit breaker: 0 closed, 1 open (spilling), 2 replaying.",
-            &m.breaker,
-        ),
-        (
-            "corecast_storage_breaker_opened_total",
-            "counter",
-            "Times the breaker opened.",
-            &m.breaker_opened,
-        ),
-        (
-            "corecast_storage_presence_dropped_total",
-            "counter",
-            "Presence updates dropped (store unreachable, or queue full); heartbeats repair them.",
-            &m.presence_dropped,
-        ),
-        (
-            "corecast_storage_reads_total",
-            "counter",
-            "History, resume, load and presence reads answered by the store.",
-            &m.reads,
-        ),
-        (
-            "corecast_storage_reads_refused_total",
-            "counter",
-            "Reads answered storage_unavailable (breaker open).",
-            &m.reads_refused,
-        ),
-        (
-            "corecast_storage_conflicts_total",
-            "counter",
-            "Messages refused (room_moving) because another home had stored their seq.",
-            &m.conflicts,
-        ),
-    ];
-    for (name, kind, help, v) in series {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
-            v.load(Relaxed)
-        );
-    }
-}
-
-fn render_mesh(out: &mut String, mesh: &crate::mesh::Mesh) {
-    use std::sync::atomic::Ordering::Relaxed;
-    let m = &mesh.metrics;
-    let series: [(&str, &str, &str, &AtomicU64); 16] = [
-        (
-            "corecast_mesh_sent_total",
-            "counter",
-            "Messages published to other nodes.",
-            &m.sent,
-        ),
-        (
-            "corecast_mesh_received_total",
-            "counter",
-            "Messages received from other nodes (heartbeats included).",
-            &m.received,
-        ),
-        (
-            "corecast_mesh_dropped_queue_total",
-            "counter",
-            "Messages dropped because the shards' queue to the mesh thread was full.",
-            &m.dropped_queue,
-        ),
-        (
-            "corecast_mesh_dropped_hwm_total",
-            "counter",
-            "Messages the PUB socket refused to queue (at a subscriber's high-water mark PUB drops silently: those show as gaps on the receiver).",
-            &m.dropped_hwm,
-        ),
-        (
-            "corecast_mesh_dropped_injected_total",
-            "counter",
-            "Room messages dropped on purpose (--mesh-drop-every, tests only).",
-            &m.dropped_injected,
-        ),
-        (
-            "corecast_mesh_bad_messages_total",
-            "counter",
-            "Mesh payloads that did not parse (dropped).",
-            &m.bad_messages,
-        ),
-        (
-            "corecast_mesh_live_nodes",
-            "gauge",
-            "Nodes this node counts as live, itself included.",
-            &m.live_nodes,
-        ),
-        (
-            "corecast_mesh_membership_changes_total",
-            "counter",
-            "Times the set of live nodes changed.",
-            &m.membership_changes,
-        ),
-        (
-            "corecast_mesh_heartbeats_late_total",
-            "counter",
-            "Heartbeat ticks of this node's mesh thread that came half an interval or more late (the time is not counted against its peers).",
-            &m.heartbeats_late,
-        ),
-        (
-            "corecast_mesh_heartbeat_late_max_ms",
-            "gauge",
-            "The latest heartbeat tick of this node so far, in ms late.",
-            &m.heartbeat_late_max_ms,
-        ),
-        (
-            "corecast_mesh_forwarded_total",
-            "counter",
-            "Publishes forwarded to the room's home on another node.",
-            &m.forwarded,
-        ),
-        (
-            "corecast_mesh_gaps_total",
-            "counter",
-            "Gaps seen in a room's seqs from another node.",
-            &m.gaps,
-        ),
-        (
-            "corecast_mesh_repaired_total",
-            "counter",
-            "Messages fetched from history to fill gaps.",
-            &m.repaired,
-        ),
-        (
-            "corecast_mesh_unrepaired_total",
-            "counter",
-            "Seqs of gaps history could not fill (skipped).",
-            &m.unrepaired,
-        ),
-        (
-            "corecast_mesh_rehomed_total",
-            "counter",
-            "Rooms whose home moved to or away from this node.",
-            &m.rehomed,
-        ),
-        (
-            "corecast_mesh_misrouted_total",
-            "counter",
-            "Publishes refused with room_moving (nodes disagreed on the home).",
-            &m.misrouted,
-        ),
-    ];
-    let _ = writeln!(
-        out,
-        "# HELP corecast_mesh_node_info This node's id.\n# TYPE corecast_mesh_node_info gauge\ncorecast_mesh_node_info{{node=\"{}\"}} 1",
-        mesh.node_id
-    );
-    for (name, kind, help, v) in series {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
-            v.load(Relaxed)
-        );
-    }
 }
 
 /// Resident set size from /proc/self/statm.
@@ -670,7 +459,7 @@ mod tests {
         shards[0].handshake_failed(Refusal::UnsupportedWsVersion);
         shards[1].closed(1009, Initiator::Server);
         shards[1].closed(4321, Initiator::Client);
-        let text = render(&shards, None, None, false);
+        let text = render(&shards, false);
         assert!(
             text.contains("corecast_frames_in_total{shard=\"1\"} 5\n"),
             "{text}"

@@ -23,9 +23,9 @@ use crate::{
     chat,
     config::{Config, ShardPlan},
     lifecycle::{Fault, NodeState, Stage},
+    local::Limits,
     metrics::ShardMetrics,
     rings, shard,
-    shard::Limits,
     shutdown::{self, Trigger},
     Error,
 };
@@ -165,7 +165,7 @@ impl Server {
         let metrics: Arc<[ShardMetrics]> =
             (0..plan.shards).map(|_| ShardMetrics::default()).collect();
         let chat_settings = chat;
-        if chat_settings.verifier.is_none() && !chat_settings.allow_anonymous {
+        if chat_settings.session.verifier.is_none() && !chat_settings.session.allow_anonymous {
             log::warn!("no --jwt-secret and no --allow-anonymous: /ws will refuse every client");
         }
         let (store, worker) = crate::storage::start(&storage, plan.shards)?;

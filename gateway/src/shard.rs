@@ -1,4 +1,7 @@
-//! One shard: an executor thread's listener, connections and sweeper.
+//! One shard: an executor thread's listener, connections and sweeper, and
+//! the top of the shard's layers. It builds them bottom up (`local`, the
+//! connection table `conn::Conns`, the `flush` rounds, `chat`), each holding
+//! `Rc`s of those below, and is the [`conn::Host`] connections call up to.
 //!
 //! # Invariants
 //! - Owned by one glommio executor thread; `!Send` by construction (`Rc`,
@@ -13,97 +16,103 @@
 //! - No `RefCell` borrow is held across an `.await`.
 
 use std::{
-    cell::{Cell, RefCell},
+    cell::Cell,
     future::poll_fn,
     io,
     os::fd::{AsFd, OwnedFd},
     rc::Rc,
     sync::{atomic::Ordering, Arc},
-    task::Poll,
+    task::{Poll, Waker},
     time::{Duration, Instant},
 };
 
 use glommio::timer::Timer;
 use rustix::{io::Errno, net::SocketFlags};
-use slab::Slab;
 
 use crate::{
-    buf::BufPool,
-    chat::{self, ChatShard, Delivery, Request},
-    conn::{self, ConnShared},
+    chat::{self, session, ChatShard, ConnRef, Delivery, Member, Request, Session},
+    conn::{self, Conns, Host, Outcome},
+    doors,
     flush::{self, Flusher},
     lifecycle::{Fault, NodeState, Stage},
-    metrics::ShardMetrics,
-    readiness::{self, Poller, Waiter},
+    local::{Limits, Local},
+    metrics::{self, ShardMetrics},
+    readiness::{self, Poller},
     rings::ShardRings,
 };
 
-/// Limits every connection reads; derived from the configuration once
-/// (`Config::limits`).
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    pub frame: crate::ws::Limits,
-    pub max_header_bytes: usize,
-    pub handshake_timeout: Duration,
-    pub idle_timeout: Duration,
-    pub ping_interval: Option<Duration>,
-    pub close_timeout: Duration,
-    pub outbound_budget_bytes: usize,
-    pub slow_consumer_timeout: Duration,
-    pub drain_timeout: Duration,
-    pub drain_delay: Duration,
-    pub start_timeout: Duration,
-}
-
-/// State every connection of the shard shares.
+/// One shard, its layers assembled: its resources, its connections, its
+/// flush rounds and its chat. Each layer holds `Rc`s of those below it; the
+/// shard is what connections see above them (`conn::Host`).
 pub struct Shard {
-    pub id: usize,
-    pub limits: Limits,
-    /// Every shard's metrics (this shard writes only `all_metrics[id]`).
-    pub all_metrics: Arc<[ShardMetrics]>,
-    pub pool: BufPool,
-    /// Live connections, for the sweeper and the drain.
-    pub conns: RefCell<Slab<Rc<ConnShared>>>,
-    /// Coarse clock, refreshed every tick; read on the hot path instead of
-    /// asking the kernel for the time on every read.
-    pub clock: Cell<Instant>,
-    /// The node's stop, as `run` sets it.
-    pub node_state: Arc<NodeState>,
-    /// Generation of the last connection accepted (see `ConnShared::gen`).
-    pub next_gen: Cell<u32>,
-    pub chat: ChatShard,
-    /// The listener's readiness and the acceptor waiting on it.
-    pub accepting: Waiter,
-    /// Room members waiting for the next flush round.
-    pub flusher: Flusher,
+    pub local: Rc<Local>,
+    pub conns: Rc<Conns<Session>>,
+    pub flusher: Rc<Flusher>,
+    pub chat: Rc<ChatShard>,
 }
 
 impl Shard {
-    pub fn metrics(&self) -> &ShardMetrics {
-        &self.all_metrics[self.id]
-    }
-
-    /// The node is stopping: `/readyz` says 503 `draining`.
-    pub fn draining(&self) -> bool {
-        self.node_state.draining.load(Ordering::Acquire)
+    fn conn_ref(&self, conn: &Member, key: u32) -> ConnRef {
+        ConnRef {
+            node: self.chat.node,
+            shard: self.chat.me as u16,
+            key,
+            gen: conn.gen,
+        }
     }
 }
 
-/// Hands one epoll event to whoever waits for it: the acceptor, or the
-/// connection the token names (if it is still the same connection).
-pub fn on_event(shard: &Shard, token: u64, flags: rustix::event::epoll::EventFlags) {
-    if token == readiness::LISTENER {
-        if shard.accepting.io.set(flags) {
-            shard.accepting.wake();
-        }
-        return;
+impl Host for Shard {
+    type App = Session;
+
+    fn local(&self) -> &Local {
+        &self.local
     }
-    let (key, gen) = readiness::split_token(token);
-    let conns = shard.conns.borrow();
-    if let Some(c) = conns.get(key).filter(|c| c.gen == gen) {
-        if c.ready.io.set(flags) {
-            c.wake();
-        }
+
+    fn conns(&self) -> &Conns<Session> {
+        &self.conns
+    }
+
+    fn side_door(&self, path: &str) -> Option<doors::Answer> {
+        let (local, chat) = (&*self.local, &*self.chat);
+        let node = doors::Node {
+            draining: local.draining(),
+            cluster_ready: chat.cluster_ready(),
+            // Each subsystem renders its own series.
+            metrics: || {
+                let mut out = metrics::render(&local.all_metrics, local.draining());
+                chat.storage.render_metrics(&mut out);
+                if let Some(mesh) = chat.mesh() {
+                    mesh.render_metrics(&mut out);
+                }
+                out
+            },
+        };
+        doors::answer(node, path)
+    }
+
+    fn congested(&self) -> bool {
+        self.chat.congested()
+    }
+
+    fn wait_uncongested(&self, waker: &Waker, epoch: &Cell<u64>) {
+        self.chat.wait_uncongested(waker, epoch);
+    }
+
+    fn opened(&self, conn: &Member, key: u32, token: Option<&str>) -> Outcome {
+        session::on_open(&self.chat, conn, self.conn_ref(conn, key), token)
+    }
+
+    fn text(&self, conn: &Member, key: u32, text: &[u8]) -> Outcome {
+        session::on_text(&self.chat, conn, self.conn_ref(conn, key), text)
+    }
+
+    fn closed(&self, conn: &Member, key: u32) {
+        session::on_close(&self.chat, conn, self.conn_ref(conn, key));
+    }
+
+    fn auth_deadline(app: &Session) -> Option<Instant> {
+        app.auth_deadline()
     }
 }
 
@@ -177,26 +186,33 @@ pub async fn run(setup: ShardSetup) {
         log::error!("shard {id}: could not watch its listener: {e}");
         return;
     }
+    let local = Rc::new(Local::new(id, limits, all_metrics, node_state.clone()));
+    let conns = Rc::new(Conns::default());
+    let flusher = Rc::new(Flusher::default());
+    let lower = chat::Lower {
+        local: local.clone(),
+        conns: conns.clone(),
+        flusher: flusher.clone(),
+    };
+    let chat = ChatShard::new(settings, req_tx, del_tx, storage, node, mesh, lower);
     let shard = Rc::new(Shard {
-        id,
-        limits,
-        all_metrics,
-        pool: BufPool::default(),
-        conns: RefCell::new(Slab::new()),
-        clock: Cell::new(Instant::now()),
-        node_state: node_state.clone(),
-        next_gen: Cell::new(0),
-        chat: ChatShard::new(settings, req_tx, del_tx, storage, node, mesh),
-        accepting: Waiter::default(),
-        flusher: Flusher::default(),
+        local,
+        conns,
+        flusher,
+        chat: Rc::new(chat),
     });
-    chat::spawn_tasks(&shard, req_rx, del_rx);
+    chat::spawn_tasks(&shard.chat, req_rx, del_rx);
     // The epoll set belongs to these three tasks only (the flusher just
     // collects from it between slices), so it is closed when all are gone
     // (a task still waiting when the executor ends is never dropped, and
     // other tasks keep the shard alive).
     let poller = Rc::new(poller);
-    let flusher = glommio::spawn_local(flush::run(shard.clone(), poller.clone()));
+    let flusher = glommio::spawn_local(flush::run(
+        shard.local.clone(),
+        shard.conns.clone(),
+        shard.flusher.clone(),
+        poller.clone(),
+    ));
     let dispatcher = glommio::spawn_local(dispatch(shard.clone(), poller.clone()));
     let acceptor = glommio::spawn_local(accept_loop(shard.clone(), poller, listener));
     node_state.set_stage(id, Stage::Serving);
@@ -213,16 +229,16 @@ pub async fn run(setup: ShardSetup) {
     // kernel moves new connections to the other shards' listeners while
     // they last), then ask every connection to close with 1001.
     drop(acceptor);
-    for (_, c) in shard.conns.borrow().iter() {
+    for (_, c) in shard.conns.slab.borrow().iter() {
         c.shutdown.set(true);
         c.wake();
     }
     let deadline = Instant::now() + limits.drain_timeout;
-    while !shard.conns.borrow().is_empty() && Instant::now() < deadline {
+    while !shard.conns.slab.borrow().is_empty() && Instant::now() < deadline {
         Timer::new(tick).await;
         sweep(&shard);
     }
-    let left = shard.conns.borrow().len();
+    let left = shard.conns.slab.borrow().len();
     if left > 0 {
         log::warn!(
             "shard {id}: {left} connections did not finish the close handshake within the drain timeout ({} ms); dropping them",
@@ -238,14 +254,15 @@ pub async fn run(setup: ShardSetup) {
 
 /// Refreshes the clock and wakes the connections whose deadline passed.
 fn sweep(shard: &Shard) {
+    let local = &shard.local;
     let now = Instant::now();
-    shard.clock.set(now);
-    shard.metrics().io_buffers_lent.set(shard.pool.lent());
-    shard
+    local.clock.set(now);
+    local.metrics().io_buffers_lent.set(local.pool.lent());
+    local
         .metrics()
         .room_feed_bytes
-        .set(shard.chat.feed_bytes.get());
-    for (_, c) in shard.conns.borrow().iter() {
+        .set(shard.flusher.held.get());
+    for (_, c) in shard.conns.slab.borrow().iter() {
         if c.deadline.get() <= now {
             c.fired.set(true);
             c.wake();
@@ -256,7 +273,7 @@ fn sweep(shard: &Shard) {
 /// Collects the epoll set's events and wakes whoever waited for them.
 async fn dispatch(shard: Rc<Shard>, poller: Rc<Poller>) {
     let mut last_warning: Option<Instant> = None;
-    let on_event = |token, flags| on_event(&shard, token, flags);
+    let on_event = |token, flags| shard.conns.on_event(token, flags);
     let on_error = |what: String| warn_sometimes(&shard, &mut last_warning, &what);
     poller.dispatch(on_event, on_error).await;
 }
@@ -265,7 +282,7 @@ fn warn_sometimes(shard: &Shard, last: &mut Option<Instant>, what: &str) {
     let now = Instant::now();
     if last.is_none_or(|t| now.duration_since(t) > Duration::from_secs(5)) {
         *last = Some(now);
-        log::warn!("shard {}: {what}", shard.id);
+        log::warn!("shard {}: {what}", shard.local.id);
     }
 }
 
@@ -274,12 +291,12 @@ fn warn_sometimes(shard: &Shard, last: &mut Option<Instant>, what: &str) {
 async fn accept_loop(shard: Rc<Shard>, poller: Rc<Poller>, listener: OwnedFd) {
     let mut last_warning: Option<Instant> = None;
     loop {
-        if !shard.accepting.io.readable.get() {
+        if !shard.conns.accepting.io.readable.get() {
             poll_fn(|cx| {
-                if shard.accepting.io.readable.get() {
+                if shard.conns.accepting.io.readable.get() {
                     Poll::Ready(())
                 } else {
-                    shard.accepting.register(cx.waker());
+                    shard.conns.accepting.register(cx.waker());
                     Poll::Pending
                 }
             })
@@ -292,7 +309,7 @@ async fn accept_loop(shard: Rc<Shard>, poller: Rc<Poller>, listener: OwnedFd) {
                 // We coalesce writes ourselves; Nagle would only add latency.
                 let _ = rustix::net::sockopt::set_tcp_nodelay(&socket, true);
                 if let Err(e) = conn::spawn(&shard, &poller, socket) {
-                    shard.metrics().accept_errors.inc();
+                    shard.local.metrics().accept_errors.inc();
                     warn_sometimes(
                         &shard,
                         &mut last_warning,
@@ -301,11 +318,11 @@ async fn accept_loop(shard: Rc<Shard>, poller: Rc<Poller>, listener: OwnedFd) {
                 }
                 glommio::yield_if_needed().await;
             }
-            Err(Errno::AGAIN) => shard.accepting.io.readable.set(false),
+            Err(Errno::AGAIN) => shard.conns.accepting.io.readable.set(false),
             Err(Errno::INTR | Errno::CONNABORTED) => {}
             Err(e) => {
                 let e = io::Error::from(e);
-                shard.metrics().accept_errors.inc();
+                shard.local.metrics().accept_errors.inc();
                 warn_sometimes(
                     &shard,
                     &mut last_warning,
@@ -315,5 +332,25 @@ async fn accept_loop(shard: Rc<Shard>, poller: Rc<Poller>, listener: OwnedFd) {
                 Timer::new(Duration::from_millis(20)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_state_stays_small() {
+        // Every idle connection holds one of these (plus its task header,
+        // glommio's stream and a pending poll). The memory target is 4 KiB
+        // per idle connection in all; keep the state itself well under it.
+        // (Conn 200 B + ConnShared 176 B on x86_64 today: a field that
+        // grows either shows in `benches/idle-memory.sh`.)
+        let conn = std::mem::size_of::<conn::Conn<Shard>>();
+        let shared = std::mem::size_of::<Member>();
+        assert!(
+            conn + shared <= 384,
+            "Conn {conn} B + ConnShared {shared} B"
+        );
     }
 }

@@ -10,6 +10,9 @@
 //! - [`homes`]: a shard's homes as a sans-IO state machine: sequencing,
 //!   joins and resumes, relays of rooms homed on other nodes, re-homing and
 //!   gap repair. `Homes::handle(input, now, ports)`; the gateway drives it.
+//! - [`session`]: one chat connection's session as a sans-IO state
+//!   machine: authentication, rate limit, the rooms it asked for, and what
+//!   each client frame asks of the homes. `Session::text(.., ports)`.
 //! - [`store`], [`node`]: what a home asks of the store and says to other
 //!   nodes, and what comes back: plain data the gateway's storage worker and
 //!   mesh thread carry out.
@@ -35,6 +38,7 @@ pub mod node;
 pub mod proto;
 pub mod ratelimit;
 pub mod room;
+pub mod session;
 pub mod store;
 
 pub use home::{home_node, home_node_by, home_shard, room_hash, user_home_shard};

@@ -55,16 +55,28 @@ pub use corecast_router::{
 };
 use glommio::{GlommioError, ResourceType};
 
+use corecast_router::session::Rules;
+
 use crate::{
-    auth::Verifier,
-    conn::ConnShared,
-    feed::{self, Feed},
+    conn::{self, ConnShared, Conns},
+    feed::Feed,
+    flush::Flusher,
+    local::Local,
     mesh::{self, Inbound, Mesh, NodeTag, Out},
     rings::{Receivers, Senders},
-    shard::Shard,
     storage::{Op, PresenceOp, Reply, Storage},
 };
 pub use session::Session;
+
+/// A connection as chat sees it: its session is the chat session.
+pub type Member = ConnShared<Session>;
+
+/// The layers of the shard below chat, which chat works through.
+pub struct Lower {
+    pub local: Rc<Local>,
+    pub conns: Rc<Conns<Session>>,
+    pub flusher: Rc<Flusher>,
+}
 
 /// Items a task handles from one batch (mesh inbox, storage replies,
 /// presence refreshes) between two chances for the shard's other tasks to
@@ -82,20 +94,14 @@ pub const RING_SLOTS: usize = 1024;
 /// Chat settings, validated from the configuration.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    pub verifier: Option<Verifier>,
-    pub allow_anonymous: bool,
-    pub max_rooms_per_connection: usize,
-    pub rate_limit_per_s: f64,
-    pub rate_limit_burst: f64,
-    pub max_body_bytes: usize,
+    /// What every connection's session is held to.
+    pub session: Rules,
     pub presence_max_members: usize,
     /// How long a presence entry in the store lives without a heartbeat.
     pub presence_ttl: Duration,
     /// How long the store keeps an idle room's seq and epoch; a tombstone
     /// older than that is not trusted.
     pub history_meta_ttl: Duration,
-    /// Most messages one `history` request returns.
-    pub history_max_limit: usize,
 }
 
 /// A resume answer: the join's nonce, the `joined` frame and the missed
@@ -216,6 +222,10 @@ pub struct LocalRoom {
 
 /// One shard's chat state.
 pub struct ChatShard {
+    /// The shard's resources, connections and flush rounds.
+    pub local: Rc<Local>,
+    pub conns: Rc<Conns<Session>>,
+    pub flusher: Rc<Flusher>,
     /// This shard's index in the meshes (the index homes are computed in).
     pub me: usize,
     /// This node's tag.
@@ -235,8 +245,6 @@ pub struct ChatShard {
     early_recoveries: RefCell<HashMap<(Arc<str>, LocalConn), Recovered>>,
     /// Local members of each room.
     local_rooms: RefCell<HashMap<Arc<str>, LocalRoom>>,
-    /// Bytes the rooms' feeds hold for members that have not sent them.
-    pub feed_bytes: feed::Held,
     /// Local connections of each user.
     local_users: RefCell<LocalTable>,
     /// Connections waiting for the whole backlog to drain.
@@ -258,6 +266,7 @@ impl ChatShard {
         storage: Storage,
         node: NodeTag,
         mesh: Option<Mesh>,
+        lower: Lower,
     ) -> ChatShard {
         let me = requests.peer_id();
         let shards = requests.nr_consumers();
@@ -271,7 +280,15 @@ impl ChatShard {
             store_keeps_presence: storage.keeps_presence(),
             store_acks_at_home: storage.acks_at_home(),
         });
+        let Lower {
+            local,
+            conns,
+            flusher,
+        } = lower;
         ChatShard {
+            local,
+            conns,
+            flusher,
             me,
             node,
             mesh,
@@ -284,7 +301,6 @@ impl ChatShard {
             recovering: RefCell::new(HashMap::new()),
             early_recoveries: RefCell::new(HashMap::new()),
             local_rooms: RefCell::new(HashMap::new()),
-            feed_bytes: feed::Held::default(),
             local_users: RefCell::new(HashMap::new()),
             congestion_waiters: RefCell::new(Vec::new()),
             release_epoch: Cell::new(0),
@@ -317,8 +333,8 @@ impl ChatShard {
         n
     }
 
-    pub fn request(&self, shard: &Shard, to: usize, req: Request) {
-        self.requests.send(to, req, shard.metrics());
+    pub fn request(&self, to: usize, req: Request) {
+        self.requests.send(to, req, self.local.metrics());
     }
 
     /// Too much is queued: connections stop reading new work.
@@ -345,10 +361,10 @@ impl ChatShard {
     }
 
     /// Updates the backlog gauge and wakes whoever waits for the backlog.
-    fn maybe_release(&self, shard: &Shard) {
+    fn maybe_release(&self) {
         let deliveries = self.deliveries.backlog();
         let total = self.requests.backlog() + deliveries;
-        shard.metrics().outbox_backlog.set(total as u64);
+        self.local.metrics().outbox_backlog.set(total as u64);
         if deliveries <= OUTBOX_LOW && !self.handler_waiters.borrow().is_empty() {
             let waiters = std::mem::take(&mut *self.handler_waiters.borrow_mut());
             waiters.into_iter().for_each(Waker::wake);
@@ -360,22 +376,22 @@ impl ChatShard {
         }
     }
 
-    pub fn add_local_member(&self, shard: &Shard, room: &Arc<str>, key: (u32, u32)) {
+    pub fn add_local_member(&self, room: &Arc<str>, key: (u32, u32)) {
         let mut rooms = self.local_rooms.borrow_mut();
         let local = rooms.entry(room.clone()).or_insert_with(|| LocalRoom {
             members: Vec::new(),
-            feed: Feed::new(self.feed_bytes.clone()),
+            feed: Feed::new(self.flusher.held.clone()),
         });
         local.members.push(key);
-        if let Some(c) = lookup_key(shard, key.0, key.1) {
+        if let Some(c) = self.conns.get(key.0, key.1) {
             c.subscribe(&local.feed);
         }
-        shard.metrics().room_members.inc();
+        self.local.metrics().room_members.inc();
     }
 
     /// Removes a local membership (or a resume in progress). Linear in the
     /// room's local members: cheap for the sizes chat rooms have on one shard.
-    pub fn remove_local_member(&self, shard: &Shard, room: &str, key: (u32, u32)) {
+    pub fn remove_local_member(&self, room: &str, key: (u32, u32)) {
         {
             let mut rec = self.recovering.borrow_mut();
             if let Some(list) = rec.get_mut(room) {
@@ -389,15 +405,20 @@ impl ChatShard {
         if let Some(local) = rooms.get_mut(room) {
             if let Some(i) = local.members.iter().position(|k| *k == key) {
                 local.members.swap_remove(i);
-                shard.metrics().room_members.sub(1);
+                self.local.metrics().room_members.sub(1);
             }
-            if let Some(c) = lookup_key(shard, key.0, key.1) {
-                c.unsubscribe(shard, &local.feed);
+            if let Some(c) = self.conns.get(key.0, key.1) {
+                c.unsubscribe(&self.local, &local.feed);
             }
             if local.members.is_empty() {
                 rooms.remove(room);
             }
         }
+    }
+
+    /// The connection `conn` names, if it is still open.
+    fn lookup(&self, conn: ConnRef) -> Option<Rc<Member>> {
+        self.conns.get(conn.key, conn.gen)
     }
 
     pub fn add_local_user(&self, user: &Arc<str>, key: (u32, u32)) {
@@ -424,60 +445,60 @@ impl ChatShard {
 /// The homes' ports on a running shard: rings, the storage worker's queue,
 /// the mesh thread, the shard's metrics.
 struct Driver<'a> {
-    shard: &'a Shard,
+    chat: &'a ChatShard,
 }
 
 impl Ports for Driver<'_> {
     fn deliver(&mut self, to: usize, d: Delivery) {
-        let chat = &self.shard.chat;
-        chat.deliveries.send(to, d, self.shard.metrics());
+        let chat = self.chat;
+        chat.deliveries.send(to, d, self.chat.local.metrics());
     }
 
     fn enqueue(&mut self, conn: ConnRef, frame: &[u8]) {
-        if let Some(c) = lookup(self.shard, conn) {
-            c.enqueue(self.shard, frame);
+        if let Some(c) = self.chat.lookup(conn) {
+            c.enqueue(&self.chat.local, frame);
         }
     }
 
     fn try_store(&mut self, op: Op) -> Result<(), Op> {
-        let chat = &self.shard.chat;
+        let chat = self.chat;
         chat.storage.try_send(chat.me, op)
     }
 
     fn try_store_load(&mut self, op: Op) -> Result<(), Op> {
-        let chat = &self.shard.chat;
+        let chat = self.chat;
         chat.storage.try_send_load(chat.me, op)
     }
 
     fn store(&mut self, op: Op) -> bool {
-        let chat = &self.shard.chat;
+        let chat = self.chat;
         chat.storage.send(chat.me, op)
     }
 
     fn store_has_room(&self) -> bool {
-        let chat = &self.shard.chat;
+        let chat = self.chat;
         chat.storage.has_room(chat.me)
     }
 
     fn store_failing(&self) -> bool {
-        self.shard.chat.storage.failing()
+        self.chat.storage.failing()
     }
 
     fn wire(&mut self, w: Wire) {
-        if let Some(mesh) = &self.shard.chat.mesh {
+        if let Some(mesh) = &self.chat.mesh {
             mesh.wire(w);
         }
     }
 
     fn try_wire(&mut self, w: Wire) -> Result<(), Wire> {
-        match &self.shard.chat.mesh {
+        match &self.chat.mesh {
             Some(mesh) => mesh.try_wire(w),
             None => Err(w),
         }
     }
 
     fn subscribe(&mut self, topic: Topic<'_>, on: bool) {
-        let Some(mesh) = &self.shard.chat.mesh else {
+        let Some(mesh) = &self.chat.mesh else {
             return;
         };
         let t = match topic {
@@ -492,8 +513,8 @@ impl Ports for Driver<'_> {
     }
 
     fn count(&mut self, c: Count) {
-        let m = self.shard.metrics();
-        let chat = &self.shard.chat;
+        let m = self.chat.local.metrics();
+        let chat = self.chat;
         let mesh = chat.mesh.as_ref().map(|mesh| &mesh.metrics);
         match c {
             Count::RoomOpened => m.rooms.inc(),
@@ -523,37 +544,32 @@ fn bump(counter: Option<&std::sync::atomic::AtomicU64>, n: u64) {
 }
 
 /// Hands one input to the shard's homes.
-fn handle(shard: &Shard, input: Input) {
-    let now = Now::at(shard.clock.get());
-    let mut driver = Driver { shard };
-    shard
-        .chat
-        .homes
-        .borrow_mut()
-        .handle(input, now, &mut driver);
+fn handle(chat: &ChatShard, input: Input) {
+    let now = Now::at(chat.local.clock.get());
+    let mut driver = Driver { chat };
+    chat.homes.borrow_mut().handle(input, now, &mut driver);
 }
 
-fn handle_request(shard: &Shard, req: Request) {
-    handle(shard, Input::Request(req));
+fn handle_request(chat: &ChatShard, req: Request) {
+    handle(chat, Input::Request(req));
 }
 
 /// Starts the tasks that drain the outboxes and handle what arrives.
 pub fn spawn_tasks(
-    shard: &Rc<Shard>,
+    chat: &Rc<ChatShard>,
     mut requests: Receivers<Request>,
     mut deliveries: Receivers<Delivery>,
 ) {
-    let chat = &shard.chat;
     for peer in 0..chat.shards {
         if peer == chat.me {
             continue;
         }
-        spawn_forwarder(shard, peer, |c| &c.requests);
-        spawn_forwarder(shard, peer, |c| &c.deliveries);
+        spawn_forwarder(chat, peer, |c| &c.requests);
+        spawn_forwarder(chat, peer, |c| &c.deliveries);
     }
     // Requests: from each peer's ring, and from this shard's own queue.
     for (_, stream) in requests.streams() {
-        let s = shard.clone();
+        let s = chat.clone();
         glommio::spawn_local(async move {
             while let Some(req) = stream.recv().await {
                 handle_request(&s, req);
@@ -562,18 +578,18 @@ pub fn spawn_tasks(
         })
         .detach();
     }
-    let s = shard.clone();
+    let s = chat.clone();
     glommio::spawn_local(async move {
         loop {
-            let req = s.chat.requests.queues[s.chat.me].pop().await;
+            let req = s.requests.queues[s.me].pop().await;
             handle_request(&s, req);
-            s.chat.maybe_release(&s);
+            s.maybe_release();
             pause_while_congested(&s).await;
         }
     })
     .detach();
     for (_, stream) in deliveries.streams() {
-        let s = shard.clone();
+        let s = chat.clone();
         glommio::spawn_local(async move {
             while let Some(d) = stream.recv().await {
                 handle_delivery(&s, d);
@@ -584,31 +600,31 @@ pub fn spawn_tasks(
         })
         .detach();
     }
-    let s = shard.clone();
+    let s = chat.clone();
     glommio::spawn_local(async move {
         loop {
-            let replies = poll_fn(|cx| s.chat.storage.inbox(s.chat.me).poll_recv(cx)).await;
+            let replies = poll_fn(|cx| s.storage.inbox(s.me).poll_recv(cx)).await;
             for (i, r) in replies.into_iter().enumerate() {
                 handle_reply(&s, r);
                 if i % YIELD_EVERY == YIELD_EVERY - 1 {
                     glommio::yield_if_needed().await;
                 }
             }
-            s.chat.maybe_release(&s);
+            s.maybe_release();
             glommio::yield_if_needed().await;
         }
     })
     .detach();
     if chat.storage.keeps_presence() {
-        spawn_presence_heartbeat(shard);
+        spawn_presence_heartbeat(chat);
     }
-    spawn_mesh_tasks(shard);
-    let s = shard.clone();
+    spawn_mesh_tasks(chat);
+    let s = chat.clone();
     glommio::spawn_local(async move {
         loop {
-            let d = s.chat.deliveries.queues[s.chat.me].pop().await;
+            let d = s.deliveries.queues[s.me].pop().await;
             handle_delivery(&s, d);
-            s.chat.maybe_release(&s);
+            s.maybe_release();
             glommio::yield_if_needed().await;
         }
     })
@@ -617,19 +633,19 @@ pub fn spawn_tasks(
 
 /// Drains one outbox's queue for `peer` into the ring, waiting for space.
 fn spawn_forwarder<T: Send + 'static>(
-    shard: &Rc<Shard>,
+    chat: &Rc<ChatShard>,
     peer: usize,
     outbox: fn(&ChatShard) -> &Outbox<T>,
 ) {
-    let s = shard.clone();
+    let s = chat.clone();
     glommio::spawn_local(async move {
-        let outbox = outbox(&s.chat);
+        let outbox = outbox(&s);
         loop {
             let msg = outbox.queues[peer].pop().await;
             outbox.in_flight[peer].set(true);
             let sent = outbox.senders.send_to(peer, msg).await;
             outbox.in_flight[peer].set(false);
-            s.chat.maybe_release(&s);
+            s.maybe_release();
             if sent.is_err() {
                 return;
             }
@@ -640,16 +656,16 @@ fn spawn_forwarder<T: Send + 'static>(
 
 /// Refreshes the store's presence entries of the rooms homed here, three
 /// times per presence TTL, so they outlive no node by more than the TTL.
-fn spawn_presence_heartbeat(shard: &Rc<Shard>) {
-    let s = shard.clone();
-    let every = (s.chat.settings.presence_ttl / 3).max(Duration::from_millis(100));
+fn spawn_presence_heartbeat(chat: &Rc<ChatShard>) {
+    let s = chat.clone();
+    let every = (s.settings.presence_ttl / 3).max(Duration::from_millis(100));
     glommio::spawn_local(async move {
         loop {
             glommio::timer::sleep(every).await;
-            let rooms = s.chat.homes.borrow().presence();
+            let rooms = s.homes.borrow().presence();
             for (i, (room, users)) in rooms.into_iter().enumerate() {
                 let op = Op::Presence(PresenceOp::Refresh { room, users });
-                if s.chat.storage.try_send(s.chat.me, op).is_err() {
+                if s.storage.try_send(s.me, op).is_err() {
                     break;
                 }
                 if i % YIELD_EVERY == YIELD_EVERY - 1 {
@@ -663,14 +679,14 @@ fn spawn_presence_heartbeat(shard: &Rc<Shard>) {
 
 /// In a cluster: the inbox from the mesh thread, and the timer that asks
 /// homes again when a `Synced` is late and releases parked resumes.
-fn spawn_mesh_tasks(shard: &Rc<Shard>) {
-    let Some(mesh) = shard.chat.mesh.clone() else {
+fn spawn_mesh_tasks(chat: &Rc<ChatShard>) {
+    let Some(mesh) = chat.mesh.clone() else {
         return;
     };
-    let s = shard.clone();
+    let s = chat.clone();
     glommio::spawn_local(async move {
         loop {
-            let batch = poll_fn(|cx| mesh.inbox(s.chat.me).poll_recv(cx)).await;
+            let batch = poll_fn(|cx| mesh.inbox(s.me).poll_recv(cx)).await;
             // A batch holds up to a SUB socket's high-water mark: give the
             // shard's sockets a turn between slices of it.
             for (i, inbound) in batch.into_iter().enumerate() {
@@ -679,12 +695,12 @@ fn spawn_mesh_tasks(shard: &Rc<Shard>) {
                     glommio::yield_if_needed().await;
                 }
             }
-            s.chat.maybe_release(&s);
+            s.maybe_release();
             glommio::yield_if_needed().await;
         }
     })
     .detach();
-    let s = shard.clone();
+    let s = chat.clone();
     glommio::spawn_local(async move {
         loop {
             glommio::timer::sleep(homes::SYNC_RETRY / 2).await;
@@ -697,7 +713,7 @@ fn spawn_mesh_tasks(shard: &Rc<Shard>) {
 
 /// Hands what the mesh thread brought to the homes (or, for a frame to one
 /// of this shard's connections, straight to it).
-fn on_inbound(shard: &Shard, inbound: Inbound) {
+fn on_inbound(chat: &ChatShard, inbound: Inbound) {
     let input = match inbound {
         Inbound::Nodes(set) => Input::Nodes(set),
         Inbound::Wire(w) => match w {
@@ -713,7 +729,7 @@ fn on_inbound(shard: &Shard, inbound: Inbound) {
                 nonce,
                 last_seq,
                 epoch,
-            } if node == shard.chat.node => Input::Synced {
+            } if node == chat.node => Input::Synced {
                 room,
                 home,
                 nonce,
@@ -736,21 +752,21 @@ fn on_inbound(shard: &Shard, inbound: Inbound) {
             Wire::Event { room, frame } => Input::Event { room, frame },
             Wire::Direct { user, frame } => Input::Direct { user, frame },
             Wire::ToConn { conn, frame } => {
-                if let Some(c) = lookup(shard, conn) {
-                    c.enqueue(shard, &frame);
+                if let Some(c) = chat.lookup(conn) {
+                    c.enqueue(&chat.local, &frame);
                 }
                 return;
             }
             Wire::Synced { .. } | Wire::Heartbeat { .. } => return,
         },
     };
-    handle(shard, input);
+    handle(chat, input);
 }
 
-async fn pause_while_congested(shard: &Rc<Shard>) {
+async fn pause_while_congested(chat: &Rc<ChatShard>) {
     poll_fn(|cx| {
-        if shard.chat.deliveries_congested() {
-            let mut w = shard.chat.handler_waiters.borrow_mut();
+        if chat.deliveries_congested() {
+            let mut w = chat.handler_waiters.borrow_mut();
             if !w.iter().any(|x| x.will_wake(cx.waker())) {
                 w.push(cx.waker().clone());
             }
@@ -765,8 +781,7 @@ async fn pause_while_congested(shard: &Rc<Shard>) {
 
 /// Applies a delivery to this shard's connections. Never sends across shards
 /// except to undo a join nobody wants any more.
-fn handle_delivery(shard: &Shard, d: Delivery) {
-    let chat = &shard.chat;
+fn handle_delivery(chat: &ChatShard, d: Delivery) {
     match d {
         Delivery::Joined {
             room,
@@ -778,9 +793,9 @@ fn handle_delivery(shard: &Shard, d: Delivery) {
             resume,
             nonce,
         } => {
-            let live = lookup(shard, conn);
+            let live = chat.lookup(conn);
             let wanted = live.as_ref().is_some_and(|c| {
-                c.chat
+                c.app
                     .borrow_mut()
                     .as_mut()
                     .is_some_and(|s| s.mark_joined(&room, nonce))
@@ -795,9 +810,9 @@ fn handle_delivery(shard: &Shard, d: Delivery) {
                 Some(c) if wanted => {
                     match (resume, early) {
                         (Resume::Pending, Some((_, joined, missed))) => {
-                            c.enqueue(shard, &joined);
-                            c.enqueue(shard, &missed);
-                            chat.add_local_member(shard, &room, key);
+                            c.enqueue(&chat.local, &joined);
+                            c.enqueue(&chat.local, &missed);
+                            chat.add_local_member(&room, key);
                         }
                         (Resume::Pending, None) => {
                             chat.recovering.borrow_mut().entry(room).or_default().push(
@@ -811,14 +826,16 @@ fn handle_delivery(shard: &Shard, d: Delivery) {
                         }
                         (resume, _) => {
                             let resumed = (resume == Resume::Refused).then_some((false, 0));
-                            chat.add_local_member(shard, &room, key);
-                            c.enqueue(shard, &proto::joined(&room, seq, members, &epoch, resumed));
+                            chat.add_local_member(&room, key);
+                            c.enqueue(
+                                &chat.local,
+                                &proto::joined(&room, seq, members, &epoch, resumed),
+                            );
                         }
                     }
                 }
                 // The client left (or went away) before the join completed.
                 _ => chat.request(
-                    shard,
                     chat.room_home(&room),
                     Request::Leave {
                         room,
@@ -831,7 +848,7 @@ fn handle_delivery(shard: &Shard, d: Delivery) {
         Delivery::Room { room, frame } => {
             // Members still resuming hold the frame, whether or not the
             // shard has members that already receive the room.
-            hold_for_recovering(shard, &room, &frame);
+            hold_for_recovering(chat, &room, &frame);
             // Scheduling, cutting off and timing members touches only their
             // own flags and cursors, never the room table, so the borrow
             // can stay.
@@ -839,30 +856,33 @@ fn handle_delivery(shard: &Shard, d: Delivery) {
             let Some(local) = rooms.get(&room) else {
                 return;
             };
-            shard.metrics().deliveries.add(local.members.len() as u64);
-            shard.flusher.appended(frame.len());
+            chat.local
+                .metrics()
+                .deliveries
+                .add(local.members.len() as u64);
+            chat.flusher.appended(frame.len());
             if local.feed.push(frame) {
                 for &(key, gen) in &local.members {
-                    if let Some(c) = lookup_key(shard, key, gen) {
-                        shard.flusher.schedule(&c, key, gen);
+                    if let Some(c) = chat.conns.get(key, gen) {
+                        chat.flusher.schedule(&c, key, gen);
                     }
                 }
             }
-            let budget = shard.limits.outbound_budget_bytes;
+            let budget = chat.local.limits.outbound_budget_bytes;
             if local.feed.needs_scan(budget) {
-                check_lag(shard, local, budget);
+                check_lag(chat, local, budget);
             }
         }
         Delivery::ToConn { conn, frame } => {
-            if let Some(c) = lookup(shard, conn) {
-                c.enqueue(shard, &frame);
+            if let Some(c) = chat.lookup(conn) {
+                c.enqueue(&chat.local, &frame);
             }
         }
         Delivery::ToUser { user, frame } => {
             let users = chat.local_users.borrow();
             for &(key, gen) in users.get(&user).map_or(&[][..], |v| v.as_slice()) {
-                if let Some(c) = lookup_key(shard, key, gen) {
-                    c.enqueue(shard, &frame);
+                if let Some(c) = chat.conns.get(key, gen) {
+                    c.enqueue(&chat.local, &frame);
                 }
             }
         }
@@ -874,15 +894,15 @@ fn handle_delivery(shard: &Shard, d: Delivery) {
 /// closed as a slow consumer (so no feed holds frames for it any more),
 /// past the budget its slow-consumer clock starts. A member that reads
 /// sends its frames and never gets there.
-fn check_lag(shard: &Shard, local: &LocalRoom, budget: usize) {
-    let hard_cap = ConnShared::hard_cap(shard);
+fn check_lag(chat: &ChatShard, local: &LocalRoom, budget: usize) {
+    let hard_cap = conn::hard_cap(&chat.local);
     for &(key, gen) in &local.members {
-        let Some(c) = lookup_key(shard, key, gen) else {
+        let Some(c) = chat.conns.get(key, gen) else {
             continue;
         };
         match c.queued() {
-            q if q > hard_cap => c.cut_off(shard),
-            q if q > budget => c.over_budget(shard),
+            q if q > hard_cap => c.cut_off(&chat.local),
+            q if q > budget => c.over_budget(&chat.local),
             _ => {}
         }
     }
@@ -890,20 +910,20 @@ fn check_lag(shard: &Shard, local: &LocalRoom, budget: usize) {
 
 /// Keeps a room frame for the members whose resume is still being
 /// answered; one that would hold more than its hard cap is closed.
-fn hold_for_recovering(shard: &Shard, room: &Arc<str>, frame: &Arc<[u8]>) {
-    let mut recovering = shard.chat.recovering.borrow_mut();
+fn hold_for_recovering(chat: &ChatShard, room: &Arc<str>, frame: &Arc<[u8]>) {
+    let mut recovering = chat.recovering.borrow_mut();
     if recovering.is_empty() {
         return;
     }
     let Some(list) = recovering.get_mut(room) else {
         return;
     };
-    let cap = ConnShared::hard_cap(shard);
+    let cap = conn::hard_cap(&chat.local);
     for r in list.iter_mut() {
         r.bytes += frame.len();
         if r.bytes > cap {
-            if let Some(c) = lookup_key(shard, r.key.0, r.key.1) {
-                c.cut_off(shard);
+            if let Some(c) = chat.conns.get(r.key.0, r.key.1) {
+                c.cut_off(&chat.local);
             }
             r.held = Vec::new();
         } else {
@@ -913,22 +933,21 @@ fn hold_for_recovering(shard: &Shard, room: &Arc<str>, frame: &Arc<[u8]>) {
 }
 
 /// Handles what the storage worker sent back.
-fn handle_reply(shard: &Shard, reply: Reply) {
-    let chat = &shard.chat;
+fn handle_reply(chat: &ChatShard, reply: Reply) {
     match reply {
         Reply::ToConn { conn, frame } => {
-            let mut driver = Driver { shard };
+            let mut driver = Driver { chat };
             chat.homes.borrow().to_conn(&mut driver, conn, frame);
         }
-        Reply::Loaded { room, meta } => handle(shard, Input::Loaded { room, meta }),
-        Reply::Stored { room, seq, frame } => handle(shard, Input::Stored { room, seq, frame }),
+        Reply::Loaded { room, meta } => handle(chat, Input::Loaded { room, meta }),
+        Reply::Stored { room, seq, frame } => handle(chat, Input::Stored { room, seq, frame }),
         Reply::Conflict {
             room,
             from,
             id,
             seq,
         } => handle(
-            shard,
+            chat,
             Input::Conflict {
                 room,
                 from,
@@ -943,7 +962,7 @@ fn handle_reply(shard: &Shard, reply: Reply) {
             frames,
             got,
         } => handle(
-            shard,
+            chat,
             Input::Repaired {
                 room,
                 after,
@@ -971,25 +990,25 @@ fn handle_reply(shard: &Shard, reply: Reply) {
                 }
                 entry
             };
-            let Some(c) = lookup(shard, conn) else {
+            let Some(c) = chat.lookup(conn) else {
                 return;
             };
             match entry {
                 Some(r) => {
-                    if r.bytes > ConnShared::hard_cap(shard) {
+                    if r.bytes > conn::hard_cap(&chat.local) {
                         return;
                     }
-                    c.enqueue(shard, &joined);
-                    c.enqueue(shard, &missed);
+                    c.enqueue(&chat.local, &joined);
+                    c.enqueue(&chat.local, &missed);
                     for f in &r.held {
-                        c.enqueue(shard, f);
+                        c.enqueue(&chat.local, f);
                     }
-                    chat.add_local_member(shard, &room, key);
+                    chat.add_local_member(&room, key);
                 }
                 // The home's `Joined` is still on its way.
                 None => {
                     let waiting = c
-                        .chat
+                        .app
                         .borrow()
                         .as_ref()
                         .is_some_and(|s| s.awaits_join(&room, nonce));
@@ -1002,17 +1021,4 @@ fn handle_reply(shard: &Shard, reply: Reply) {
             }
         }
     }
-}
-
-fn lookup(shard: &Shard, conn: ConnRef) -> Option<Rc<ConnShared>> {
-    lookup_key(shard, conn.key, conn.gen)
-}
-
-fn lookup_key(shard: &Shard, key: u32, gen: u32) -> Option<Rc<ConnShared>> {
-    shard
-        .conns
-        .borrow()
-        .get(key as usize)
-        .filter(|c| c.gen == gen)
-        .cloned()
 }

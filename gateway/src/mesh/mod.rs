@@ -20,6 +20,7 @@
 //! What the messages mean is the chat module's business; see
 //! docs/cluster.md for the protocol between nodes and its guarantees.
 
+mod exposition;
 mod registry;
 mod thread;
 pub mod wire;

@@ -18,6 +18,7 @@
 //! - An ack with `"stored":true` means the message is in the backend, or in
 //!   the spill file (fsynced) to be replayed into it; see docs/storage.md.
 
+mod exposition;
 pub mod memory;
 pub mod redis_backend;
 pub mod spill;

@@ -1,0 +1,450 @@
+//! One chat connection's session as a sans-IO state machine: who it is,
+//! which rooms it asked for, its rate limit, and what each client frame
+//! does.
+//!
+//! A session turns the client's frames into replies for the client and
+//! requests for the homes of rooms and users; it does both through its
+//! [`Ports`], and tells the connection whether to go on or close
+//! ([`Outcome`]). It holds no socket and no executor and reads no clock
+//! (the caller passes the shard's), so
+//! `session/tests.rs` drives it with plain values.
+//!
+//! # Invariants
+//! - Nothing reaches another connection from here: every effect is a reply
+//!   to this client, a request to a home, or a change of this shard's local
+//!   tables (the user's connections, a room's local members).
+//! - A join is wanted until the client leaves: [`Session::mark_joined`]
+//!   says whether the home's confirmation is still wanted, so a join that
+//!   arrives after a leave is undone by the caller.
+//! - Until a user is known (a token in the request, anonymous mode, or a
+//!   `connect` frame) the only frame accepted is `connect`.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    auth::{AuthError, Claims, Verifier, MAX_SUBJECT_BYTES},
+    home_shard,
+    homes::Request,
+    message::{ConnRef, Publish},
+    proto::{self, close, ClientFrame, ErrorCode},
+    ratelimit::TokenBucket,
+    store::Query,
+    user_home_shard,
+};
+
+/// What every session on a node is held to.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    /// Checks tokens; `None`: no secret configured, so no token passes.
+    pub verifier: Option<Verifier>,
+    pub allow_anonymous: bool,
+    pub max_rooms_per_connection: usize,
+    pub rate_limit_per_s: f64,
+    pub rate_limit_burst: f64,
+    pub max_body_bytes: usize,
+    /// Most messages one `history` request returns.
+    pub history_max_limit: usize,
+    /// How long a connection may stay unauthenticated.
+    pub auth_timeout: Duration,
+}
+
+/// Where a session runs: its connection (node, shard, key) and how many
+/// shards the node has (homes are computed over them).
+#[derive(Debug, Clone, Copy)]
+pub struct Place {
+    pub me: ConnRef,
+    pub shards: usize,
+}
+
+/// What a session does to the world.
+pub trait Ports {
+    /// A frame for this connection's client.
+    fn reply(&mut self, frame: &[u8]);
+    /// A request for shard `to`: the home of a room or of a user.
+    fn request(&mut self, to: usize, req: Request);
+    /// The connection now belongs to `user` on this shard.
+    fn add_local_user(&mut self, user: &Arc<str>);
+    fn remove_local_user(&mut self, user: &str);
+    /// The connection is no longer a local member of `room`.
+    fn remove_local_member(&mut self, room: &str);
+    /// A name for an anonymous user, unique in the cluster.
+    fn anonymous_name(&mut self) -> String;
+    /// The wall clock, Unix seconds (tokens' `exp` and `nbf`); asked only
+    /// when a token is checked.
+    fn unix_s(&mut self) -> u64;
+    fn count(&mut self, what: Count);
+}
+
+/// What a session counts (the gateway's metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Count {
+    RateLimited,
+    /// A frame answered with an `error` frame.
+    Error,
+    AuthFailed(AuthError),
+}
+
+/// What the connection does after the session's step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Continue,
+    /// Close with this code and reason.
+    Close(u16, &'static str),
+}
+
+#[derive(Debug)]
+struct RoomEntry {
+    room: Arc<str>,
+    /// The home confirmed the join (until then deliveries are not ours).
+    joined: bool,
+    /// Which join of the room this is (a client may leave and join again
+    /// before the first join's answers arrive).
+    nonce: u32,
+}
+
+/// A chat connection's state.
+#[derive(Debug)]
+pub struct Session {
+    user: Option<Arc<str>>,
+    claims: Option<Box<Claims>>,
+    rooms: Vec<RoomEntry>,
+    joins: u32,
+    bucket: TokenBucket,
+    /// Until an authenticated user is known: when to give up (4001).
+    auth_deadline: Option<Instant>,
+}
+
+const SEND_CONNECT_FIRST: &str = "authentication required: send connect first";
+
+/// The close a token that failed verification gets.
+pub fn auth_close(e: AuthError) -> Outcome {
+    let code = match e {
+        AuthError::Missing => close::AUTH_REQUIRED,
+        AuthError::Expired | AuthError::NotYetValid => close::TOKEN_EXPIRED,
+        _ => close::INVALID_TOKEN,
+    };
+    Outcome::Close(code, e.reason())
+}
+
+impl Session {
+    /// Right after the upgrade: authenticates from the request's `token`,
+    /// or anonymously, or starts waiting for a `connect` frame.
+    pub fn open(
+        rules: &Rules,
+        place: Place,
+        token: Option<&str>,
+        now: Instant,
+        ports: &mut dyn Ports,
+    ) -> (Session, Outcome) {
+        let mut session = Session {
+            user: None,
+            claims: None,
+            rooms: Vec::new(),
+            joins: 0,
+            bucket: TokenBucket::new(rules.rate_limit_per_s, rules.rate_limit_burst, now),
+            auth_deadline: None,
+        };
+        let outcome = match token {
+            Some(t) => session.connect(rules, place, t, ports),
+            None if rules.allow_anonymous => {
+                let user = Arc::from(ports.anonymous_name());
+                session.authenticate(place, user, None, ports);
+                Outcome::Continue
+            }
+            None => {
+                session.auth_deadline = Some(now + rules.auth_timeout);
+                Outcome::Continue
+            }
+        };
+        (session, outcome)
+    }
+
+    /// The user, once authenticated.
+    pub fn user(&self) -> Option<&Arc<str>> {
+        self.user.as_ref()
+    }
+
+    /// When the connection must have authenticated, while it has not.
+    pub fn auth_deadline(&self) -> Option<Instant> {
+        self.auth_deadline
+    }
+
+    /// Is this join of `room` asked for and not yet confirmed by the home?
+    pub fn awaits_join(&self, room: &str, nonce: u32) -> bool {
+        self.rooms
+            .iter()
+            .any(|e| &*e.room == room && e.nonce == nonce && !e.joined)
+    }
+
+    /// The home confirmed a join; `false` if this connection no longer wants
+    /// it (it left meanwhile, perhaps joining again since).
+    pub fn mark_joined(&mut self, room: &str, nonce: u32) -> bool {
+        match self
+            .rooms
+            .iter_mut()
+            .find(|e| &*e.room == room && e.nonce == nonce && !e.joined)
+        {
+            Some(e) => {
+                e.joined = true;
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn connect(
+        &mut self,
+        rules: &Rules,
+        place: Place,
+        token: &str,
+        ports: &mut dyn Ports,
+    ) -> Outcome {
+        let verified = match &rules.verifier {
+            Some(v) => v.verify(token, ports.unix_s()),
+            // No secret configured: no token can be checked.
+            None => Err(AuthError::BadSignature),
+        };
+        match verified {
+            Ok(claims) => {
+                let user = Arc::from(claims.sub.as_str());
+                self.authenticate(place, user, Some(claims), ports);
+                Outcome::Continue
+            }
+            Err(e) => {
+                ports.count(Count::AuthFailed(e));
+                auth_close(e)
+            }
+        }
+    }
+
+    fn authenticate(
+        &mut self,
+        place: Place,
+        user: Arc<str>,
+        claims: Option<Claims>,
+        ports: &mut dyn Ports,
+    ) {
+        self.auth_deadline = None;
+        self.claims = claims.map(Box::new);
+        ports.add_local_user(&user);
+        ports.request(
+            user_home_shard(&user, place.shards),
+            Request::UserOnline {
+                user: user.clone(),
+                shard: place.me.shard,
+            },
+        );
+        let conn_id = format!("{}.{}", place.me.shard, place.me.key);
+        ports.reply(&proto::welcome(&user, &conn_id));
+        self.user = Some(user);
+    }
+
+    /// Handles one text message from the client.
+    pub fn text(
+        &mut self,
+        rules: &Rules,
+        place: Place,
+        text: &[u8],
+        now: Instant,
+        ports: &mut dyn Ports,
+    ) -> Outcome {
+        if !self.bucket.try_take(now) {
+            ports.count(Count::RateLimited);
+            ports.reply(&proto::error(ErrorCode::RateLimited, None, None));
+            return Outcome::Continue;
+        }
+        let Ok(frame) = ClientFrame::parse(text) else {
+            if self.user.is_none() {
+                return Outcome::Close(close::AUTH_REQUIRED, SEND_CONNECT_FIRST);
+            }
+            return refuse(ports, ErrorCode::BadRequest, None, None);
+        };
+        let Some(user) = self.user.clone() else {
+            return match frame {
+                ClientFrame::Connect { token } => self.connect(rules, place, &token, ports),
+                _ => Outcome::Close(close::AUTH_REQUIRED, SEND_CONNECT_FIRST),
+            };
+        };
+        let me = place.me;
+        let room_home = |room: &str| home_shard(room, place.shards);
+        let may_join = |room: &str| self.claims.as_ref().is_none_or(|c| c.may_join(room));
+        match frame {
+            ClientFrame::Connect { .. } => {
+                refuse(ports, ErrorCode::AlreadyAuthenticated, None, None)
+            }
+            ClientFrame::Join { room, since } => {
+                if !proto::valid_room(&room) {
+                    return refuse(ports, ErrorCode::InvalidRoom, None, None);
+                }
+                if !may_join(&room) {
+                    return refuse(ports, ErrorCode::Forbidden, None, Some(&room));
+                }
+                if self.rooms.iter().any(|e| *e.room == *room) {
+                    return refuse(ports, ErrorCode::AlreadyJoined, None, Some(&room));
+                }
+                if self.rooms.len() >= rules.max_rooms_per_connection {
+                    return refuse(ports, ErrorCode::TooManyRooms, None, Some(&room));
+                }
+                let room: Arc<str> = Arc::from(&*room);
+                self.joins = self.joins.wrapping_add(1);
+                let nonce = self.joins;
+                self.rooms.push(RoomEntry {
+                    room: room.clone(),
+                    joined: false,
+                    nonce,
+                });
+                let req = Request::Join {
+                    room: room.clone(),
+                    user,
+                    conn: me,
+                    since: since.map(|(seq, epoch)| (seq, epoch.into())),
+                    nonce,
+                    parked: false,
+                };
+                ports.request(room_home(&room), req);
+                Outcome::Continue
+            }
+            ClientFrame::Leave { room } => {
+                let Some(i) = self.rooms.iter().position(|e| *e.room == *room) else {
+                    return refuse(ports, ErrorCode::NotJoined, None, Some(&room));
+                };
+                let entry = self.rooms.swap_remove(i);
+                // A join still in flight is undone when its confirmation arrives.
+                if entry.joined {
+                    leave_joined(place, entry.room.clone(), user, ports);
+                }
+                ports.reply(&proto::left(&entry.room));
+                Outcome::Continue
+            }
+            ClientFrame::Publish { room, id, body } => {
+                let id = id.as_deref().unwrap_or("");
+                if id.len() > proto::MAX_ID_BYTES {
+                    return refuse(ports, ErrorCode::InvalidId, None, Some(&room));
+                }
+                let Some(entry) = self.rooms.iter().find(|e| *e.room == *room) else {
+                    return refuse(ports, ErrorCode::NotJoined, Some(id), Some(&room));
+                };
+                if self.claims.as_ref().is_some_and(|c| !c.may_publish(&room)) {
+                    return refuse(ports, ErrorCode::Forbidden, Some(id), Some(&room));
+                }
+                if body.get().len() > rules.max_body_bytes {
+                    return refuse(ports, ErrorCode::BodyTooLarge, Some(id), Some(&room));
+                }
+                let room = entry.room.clone();
+                let publish = Publish {
+                    room: room.clone(),
+                    user,
+                    id: id.into(),
+                    body: body.get().into(),
+                    conn: me,
+                    hops: 0,
+                };
+                ports.request(room_home(&room), Request::Publish(publish));
+                Outcome::Continue
+            }
+            ClientFrame::Dm { to, id, body } => {
+                let id = id.as_deref().unwrap_or("");
+                if id.len() > proto::MAX_ID_BYTES {
+                    return refuse(ports, ErrorCode::InvalidId, None, None);
+                }
+                if to.is_empty() || to.len() > MAX_SUBJECT_BYTES || to.chars().any(char::is_control)
+                {
+                    return refuse(ports, ErrorCode::BadRequest, Some(id), None);
+                }
+                if body.get().len() > rules.max_body_bytes {
+                    return refuse(ports, ErrorCode::BodyTooLarge, Some(id), None);
+                }
+                let to: Arc<str> = Arc::from(&*to);
+                let req = Request::Direct {
+                    to: to.clone(),
+                    from: user,
+                    id: id.into(),
+                    body: body.get().into(),
+                    conn: me,
+                };
+                ports.request(user_home_shard(&to, place.shards), req);
+                Outcome::Continue
+            }
+            ClientFrame::History { room, since, limit } => {
+                if !proto::valid_room(&room) {
+                    return refuse(ports, ErrorCode::InvalidRoom, None, None);
+                }
+                if !may_join(&room) {
+                    return refuse(ports, ErrorCode::Forbidden, None, Some(&room));
+                }
+                let max = rules.history_max_limit;
+                let n = limit.map_or(max.min(100), |l| (l as usize).min(max));
+                let query = match since {
+                    Some(after) => Query::After { after, n },
+                    None => Query::Last(n),
+                };
+                let room: Arc<str> = Arc::from(&*room);
+                let req = Request::History {
+                    room: room.clone(),
+                    query,
+                    conn: me,
+                };
+                ports.request(room_home(&room), req);
+                Outcome::Continue
+            }
+            ClientFrame::Presence { room } => {
+                if !proto::valid_room(&room) {
+                    return refuse(ports, ErrorCode::InvalidRoom, None, None);
+                }
+                if !may_join(&room) {
+                    return refuse(ports, ErrorCode::Forbidden, None, Some(&room));
+                }
+                let room: Arc<str> = Arc::from(&*room);
+                let req = Request::Presence {
+                    room: room.clone(),
+                    conn: me,
+                };
+                ports.request(room_home(&room), req);
+                Outcome::Continue
+            }
+        }
+    }
+
+    /// The connection is going away: leave its rooms, go offline.
+    pub fn close(self, place: Place, ports: &mut dyn Ports) {
+        let Some(user) = self.user else { return };
+        for entry in self.rooms {
+            if entry.joined {
+                leave_joined(place, entry.room, user.clone(), ports);
+            }
+        }
+        ports.remove_local_user(&user);
+        let home = user_home_shard(&user, place.shards);
+        let req = Request::UserOffline {
+            user,
+            shard: place.me.shard,
+        };
+        ports.request(home, req);
+    }
+}
+
+/// Answers the frame with an `error` frame; the connection goes on.
+fn refuse(ports: &mut dyn Ports, code: ErrorCode, id: Option<&str>, room: Option<&str>) -> Outcome {
+    ports.count(Count::Error);
+    ports.reply(&proto::error(code, id, room));
+    Outcome::Continue
+}
+
+/// Leaves a room the home confirmed: local membership now, the home's count
+/// through a request.
+fn leave_joined(place: Place, room: Arc<str>, user: Arc<str>, ports: &mut dyn Ports) {
+    ports.remove_local_member(&room);
+    let home = home_shard(&room, place.shards);
+    let req = Request::Leave {
+        room,
+        user,
+        shard: place.me.shard,
+    };
+    ports.request(home, req);
+}
+
+#[cfg(test)]
+mod tests;
