@@ -90,8 +90,9 @@ pub trait Host: 'static {
     fn text(&self, conn: &ConnShared<Self::App>, key: u32, text: &[u8]) -> Outcome;
     /// A `/ws` connection is gone.
     fn closed(&self, conn: &ConnShared<Self::App>, key: u32);
-    /// When the session must have authenticated, if it has not yet.
-    fn auth_deadline(app: &Self::App) -> Option<Instant>;
+    /// When the session must close unless its client acts first (time to
+    /// authenticate, token expiry), and the close code and reason then.
+    fn deadline(app: &Self::App) -> Option<(Instant, u16, &'static str)>;
 }
 
 /// What the layer above tells a connection to do after its input.
@@ -862,6 +863,14 @@ impl<H: Host> Conn<H> {
         } else {
             self.inbuf = Some(buf);
         }
+        // A frame may have brought the session's deadline forward (a
+        // `refresh` with a token that expires sooner): the sweeper must
+        // look at us by then.
+        if let Some((at, ..)) = self.app_deadline() {
+            if at < self.shared.deadline.get() {
+                self.shared.deadline.set(at);
+            }
+        }
     }
 
     /// Hands the session the next frame of `input` and acts on what it
@@ -992,13 +1001,11 @@ impl<H: Host> Conn<H> {
                         return;
                     }
                 }
-                let auth_deadline = self.auth_deadline();
-                if auth_deadline.is_some_and(|d| now >= d) {
-                    self.start_close(
-                        chat_proto::close::AUTH_REQUIRED,
-                        "authentication required: no token and no connect frame in time",
-                    );
-                    return;
+                if let Some((at, code, reason)) = self.app_deadline() {
+                    if now >= at {
+                        self.start_close(code, reason);
+                        return;
+                    }
                 }
                 // While the shard holds chat input back (cross-shard
                 // congestion) the client may well be sending: its silence is
@@ -1080,8 +1087,8 @@ impl<H: Host> Conn<H> {
                 if let Some(since) = self.shared.over_budget_since.get() {
                     d = d.min(since + limits.slow_consumer_timeout);
                 }
-                if let Some(auth) = self.auth_deadline() {
-                    d = d.min(auth);
+                if let Some((at, ..)) = self.app_deadline() {
+                    d = d.min(at);
                 }
                 d
             }
@@ -1090,12 +1097,8 @@ impl<H: Host> Conn<H> {
         self.shared.deadline.set(deadline);
     }
 
-    fn auth_deadline(&self) -> Option<Instant> {
-        self.shared
-            .app
-            .borrow()
-            .as_deref()
-            .and_then(H::auth_deadline)
+    fn app_deadline(&self) -> Option<(Instant, u16, &'static str)> {
+        self.shared.app.borrow().as_deref().and_then(H::deadline)
     }
 
     /// The client closed its side of the TCP connection.

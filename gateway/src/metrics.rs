@@ -75,8 +75,9 @@ impl Counter {
 }
 
 /// Close codes counted one by one; anything else is counted as "other".
-pub const CLOSE_CODES: [u16; 15] = [
-    1000, 1001, 1002, 1003, 1005, 1006, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 0,
+pub const CLOSE_CODES: [u16; 18] = [
+    1000, 1001, 1002, 1003, 1005, 1006, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 4001, 4002,
+    4003, 0,
 ];
 
 /// Who sent the first close frame (or dropped the connection).

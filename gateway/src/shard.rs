@@ -111,8 +111,8 @@ impl Host for Shard {
         session::on_close(&self.chat, conn, self.conn_ref(conn, key));
     }
 
-    fn auth_deadline(app: &Session) -> Option<Instant> {
-        app.auth_deadline()
+    fn deadline(app: &Session) -> Option<(Instant, u16, &'static str)> {
+        app.deadline()
     }
 }
 

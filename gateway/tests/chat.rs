@@ -661,3 +661,44 @@ fn a_room_larger_than_a_flush_slice_gets_every_message_in_order() {
     assert!(server.metric("corecast_flush_rounds_total", "") > 0);
     assert!(server.metric("corecast_flush_reads_between_slices_total", "") > 0);
 }
+
+#[test]
+fn a_token_that_expires_while_connected_closes_unless_refreshed() {
+    let server = chat_server(&["--jwt-leeway-s", "0"]);
+    let short = |sub: &str, ttl_s: u64| {
+        token_with(Claims {
+            sub: sub.into(),
+            exp: Some(unix_now() + ttl_s),
+            ..Default::default()
+        })
+    };
+    // Left alone, the connection closes with 4003 once exp passes.
+    let mut idle = Chat::connect_raw(&server, Some(&short("ivy", 2)));
+    assert_eq!(idle.recv()["type"], "welcome");
+    let (code, reason) = idle.close_code();
+    assert_eq!(code, 4003, "{reason}");
+    assert!(reason.contains("refresh"), "{reason}");
+    // Refreshed in time, it stays.
+    let mut kept = Chat::connect_raw(&server, Some(&short("kim", 2)));
+    assert_eq!(kept.recv()["type"], "welcome");
+    kept.send(json!({"type":"refresh","token":short("someone-else", 600)}));
+    assert_eq!(kept.recv()["code"], "token_user_mismatch");
+    let fresh = short("kim", 600);
+    kept.send(json!({"type":"refresh","token":fresh}));
+    let r = kept.recv();
+    assert_eq!(r["type"], "refreshed", "{r}");
+    let exp = r["exp"].as_u64().unwrap();
+    assert!(exp >= unix_now() + 590, "{r}");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        kept.join("after-the-first-exp"),
+        0,
+        "still open past the old exp"
+    );
+    assert!(
+        server.metric(
+            "corecast_ws_closes_total",
+            "code=\"4003\",initiator=\"server\""
+        ) >= 1
+    );
+}

@@ -241,6 +241,12 @@ impl Verifier {
         }
     }
 
+    /// Until when (Unix seconds) a token with these `claims` is accepted here:
+    /// its `exp` plus the leeway; `None` for a token without `exp`.
+    pub fn valid_until(&self, claims: &Claims) -> Option<u64> {
+        claims.exp.map(|exp| exp.saturating_add(self.leeway_s))
+    }
+
     /// Checks `token` at time `now_unix_s` and returns its claims.
     pub fn verify(&self, token: &str, now_unix_s: u64) -> Result<Claims, AuthError> {
         if token.is_empty() {

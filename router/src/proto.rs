@@ -34,6 +34,10 @@ pub enum ClientFrame<'a> {
     Connect {
         token: Cow<'a, str>,
     },
+    /// A fresh token for the same user, before the current one expires.
+    Refresh {
+        token: Cow<'a, str>,
+    },
     Join {
         room: Cow<'a, str>,
         /// Resume: the last seq the client saw, and its epoch.
@@ -111,6 +115,9 @@ impl<'a> ClientFrame<'a> {
             "connect" => ClientFrame::Connect {
                 token: need(f.token)?,
             },
+            "refresh" => ClientFrame::Refresh {
+                token: need(f.token)?,
+            },
             "join" => ClientFrame::Join {
                 room: need(f.room)?,
                 since: match (f.since, f.epoch) {
@@ -162,10 +169,12 @@ pub enum ErrorCode {
     StorageBusy,
     StorageUnavailable,
     RoomMoving,
+    InvalidToken,
+    TokenUserMismatch,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 13] = [
+    pub const ALL: [ErrorCode; 15] = [
         ErrorCode::BadRequest,
         ErrorCode::InvalidRoom,
         ErrorCode::InvalidId,
@@ -179,6 +188,8 @@ impl ErrorCode {
         ErrorCode::StorageBusy,
         ErrorCode::StorageUnavailable,
         ErrorCode::RoomMoving,
+        ErrorCode::InvalidToken,
+        ErrorCode::TokenUserMismatch,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -196,6 +207,8 @@ impl ErrorCode {
             ErrorCode::StorageBusy => "storage_busy",
             ErrorCode::StorageUnavailable => "storage_unavailable",
             ErrorCode::RoomMoving => "room_moving",
+            ErrorCode::InvalidToken => "invalid_token",
+            ErrorCode::TokenUserMismatch => "token_user_mismatch",
         }
     }
 
@@ -216,6 +229,12 @@ impl ErrorCode {
             ErrorCode::StorageBusy => "the store is behind: not published; retry with the same id",
             ErrorCode::StorageUnavailable => "the store is unreachable: retry later",
             ErrorCode::RoomMoving => "the room's home is moving between nodes: retry in a moment",
+            ErrorCode::InvalidToken => {
+                "the new token was not accepted (expired, altered or malformed): the current one still holds until it expires"
+            }
+            ErrorCode::TokenUserMismatch => {
+                "the new token is for another user: reconnect to change users"
+            }
         }
     }
 }
@@ -371,6 +390,19 @@ pub fn history(
             .origin(&r.from, &r.id, r.ts, &r.body);
     }
     w.raw("]}");
+    w.finish()
+}
+
+/// The answer to a `refresh`: the new token holds until `exp` (Unix
+/// seconds; `None`: it does not expire).
+pub fn refreshed(exp: Option<u64>) -> Vec<u8> {
+    let mut w = FrameWriter::new(48);
+    w.raw(r#"{"type":"refreshed","exp":"#);
+    match exp {
+        Some(exp) => w.number(exp),
+        None => w.raw("null"),
+    };
+    w.raw("}");
     w.finish()
 }
 

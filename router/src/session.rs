@@ -18,6 +18,10 @@
 //!   arrives after a leave is undone by the caller.
 //! - Until a user is known (a token in the request, anonymous mode, or a
 //!   `connect` frame) the only frame accepted is `connect`.
+//! - A session always knows its next deadline ([`Session::deadline`]): the
+//!   end of the time to authenticate, then its token's `exp` plus the
+//!   leeway. A `refresh` with a token for the same user moves it; nothing
+//!   else does.
 
 use std::{
     sync::Arc,
@@ -113,11 +117,34 @@ pub struct Session {
     rooms: Vec<RoomEntry>,
     joins: u32,
     bucket: TokenBucket,
-    /// Until an authenticated user is known: when to give up (4001).
-    auth_deadline: Option<Instant>,
+    /// Before authentication: when to give up (4001); after: when the
+    /// token expires (4003). `None`: never (anonymous, or no `exp`).
+    deadline: Option<Instant>,
 }
 
 const SEND_CONNECT_FIRST: &str = "authentication required: send connect first";
+const AUTH_TIMED_OUT: &str = "authentication required: no token and no connect frame in time";
+const TOKEN_RAN_OUT: &str = "token expired: send refresh with a new token before exp";
+
+/// Checks `token` and says when, on the shard's clock, it stops being
+/// accepted (`None`: it has no `exp`).
+fn verify(
+    rules: &Rules,
+    token: &str,
+    now: Instant,
+    ports: &mut dyn Ports,
+) -> Result<(Claims, Option<Instant>), AuthError> {
+    // No secret configured: no token can be checked.
+    let Some(v) = &rules.verifier else {
+        return Err(AuthError::BadSignature);
+    };
+    let unix = ports.unix_s();
+    let claims = v.verify(token, unix)?;
+    let expires = v
+        .valid_until(&claims)
+        .map(|until| now + Duration::from_secs(until.saturating_sub(unix)));
+    Ok((claims, expires))
+}
 
 /// The close a token that failed verification gets.
 pub fn auth_close(e: AuthError) -> Outcome {
@@ -145,17 +172,17 @@ impl Session {
             rooms: Vec::new(),
             joins: 0,
             bucket: TokenBucket::new(rules.rate_limit_per_s, rules.rate_limit_burst, now),
-            auth_deadline: None,
+            deadline: None,
         };
         let outcome = match token {
-            Some(t) => session.connect(rules, place, t, ports),
+            Some(t) => session.connect(rules, place, t, now, ports),
             None if rules.allow_anonymous => {
                 let user = Arc::from(ports.anonymous_name());
-                session.authenticate(place, user, None, ports);
+                session.authenticate(place, user, None, None, ports);
                 Outcome::Continue
             }
             None => {
-                session.auth_deadline = Some(now + rules.auth_timeout);
+                session.deadline = Some(now + rules.auth_timeout);
                 Outcome::Continue
             }
         };
@@ -167,9 +194,15 @@ impl Session {
         self.user.as_ref()
     }
 
-    /// When the connection must have authenticated, while it has not.
-    pub fn auth_deadline(&self) -> Option<Instant> {
-        self.auth_deadline
+    /// When the connection must close unless the client acts first, with
+    /// the close code and reason: 4001 while it has not authenticated,
+    /// 4003 when its token expires without a `refresh`.
+    pub fn deadline(&self) -> Option<(Instant, u16, &'static str)> {
+        let at = self.deadline?;
+        Some(match self.user {
+            None => (at, close::AUTH_REQUIRED, AUTH_TIMED_OUT),
+            Some(_) => (at, close::TOKEN_EXPIRED, TOKEN_RAN_OUT),
+        })
     }
 
     /// Is this join of `room` asked for and not yet confirmed by the home?
@@ -200,17 +233,13 @@ impl Session {
         rules: &Rules,
         place: Place,
         token: &str,
+        now: Instant,
         ports: &mut dyn Ports,
     ) -> Outcome {
-        let verified = match &rules.verifier {
-            Some(v) => v.verify(token, ports.unix_s()),
-            // No secret configured: no token can be checked.
-            None => Err(AuthError::BadSignature),
-        };
-        match verified {
-            Ok(claims) => {
+        match verify(rules, token, now, ports) {
+            Ok((claims, expires)) => {
                 let user = Arc::from(claims.sub.as_str());
-                self.authenticate(place, user, Some(claims), ports);
+                self.authenticate(place, user, Some(claims), expires, ports);
                 Outcome::Continue
             }
             Err(e) => {
@@ -225,9 +254,10 @@ impl Session {
         place: Place,
         user: Arc<str>,
         claims: Option<Claims>,
+        expires: Option<Instant>,
         ports: &mut dyn Ports,
     ) {
-        self.auth_deadline = None;
+        self.deadline = expires;
         self.claims = claims.map(Box::new);
         ports.add_local_user(&user);
         ports.request(
@@ -264,7 +294,7 @@ impl Session {
         };
         let Some(user) = self.user.clone() else {
             return match frame {
-                ClientFrame::Connect { token } => self.connect(rules, place, &token, ports),
+                ClientFrame::Connect { token } => self.connect(rules, place, &token, now, ports),
                 _ => Outcome::Close(close::AUTH_REQUIRED, SEND_CONNECT_FIRST),
             };
         };
@@ -275,6 +305,7 @@ impl Session {
             ClientFrame::Connect { .. } => {
                 refuse(ports, ErrorCode::AlreadyAuthenticated, None, None)
             }
+            ClientFrame::Refresh { token } => self.refresh(rules, place, &user, &token, now, ports),
             ClientFrame::Join { room, since } => {
                 if !proto::valid_room(&room) {
                     return refuse(ports, ErrorCode::InvalidRoom, None, None);
@@ -406,6 +437,47 @@ impl Session {
                 Outcome::Continue
             }
         }
+    }
+
+    /// A new token for the same user: its expiry replaces the old one's and
+    /// its room claims apply from now on, so joined rooms it does not allow
+    /// are left (each answered `left`, as if the client had left them).
+    fn refresh(
+        &mut self,
+        rules: &Rules,
+        place: Place,
+        user: &Arc<str>,
+        token: &str,
+        now: Instant,
+        ports: &mut dyn Ports,
+    ) -> Outcome {
+        let (claims, expires) = match verify(rules, token, now, ports) {
+            Ok(v) => v,
+            Err(e) => {
+                ports.count(Count::AuthFailed(e));
+                return refuse(ports, ErrorCode::InvalidToken, None, None);
+            }
+        };
+        // An anonymous session holds no token to replace.
+        if *claims.sub != **user || self.claims.is_none() {
+            return refuse(ports, ErrorCode::TokenUserMismatch, None, None);
+        }
+        let mut i = 0;
+        while i < self.rooms.len() {
+            if claims.may_join(&self.rooms[i].room) {
+                i += 1;
+                continue;
+            }
+            let entry = self.rooms.swap_remove(i);
+            if entry.joined {
+                leave_joined(place, entry.room.clone(), user.clone(), ports);
+            }
+            ports.reply(&proto::left(&entry.room));
+        }
+        self.deadline = expires;
+        ports.reply(&proto::refreshed(claims.exp));
+        self.claims = Some(Box::new(claims));
+        Outcome::Continue
     }
 
     /// The connection is going away: leave its rooms, go offline.

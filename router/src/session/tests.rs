@@ -65,11 +65,15 @@ struct Rec {
 
 impl Ports for Rec {
     fn reply(&mut self, frame: &[u8]) {
-        // An unmasked server text frame under 126 bytes: a 2-byte header.
+        // One unmasked server text frame, under 64 KiB.
         assert_eq!(frame[0], 0x81);
-        let len = (frame[1] & 0x7f) as usize;
-        assert!(len < 126, "replies here are short");
-        let json = serde_json::from_slice(&frame[2..2 + len]).unwrap();
+        let (len, header) = match frame[1] & 0x7f {
+            126 => (u16::from_be_bytes([frame[2], frame[3]]) as usize, 4),
+            127 => panic!("replies here are short"),
+            n => (n as usize, 2),
+        };
+        assert_eq!(frame.len(), header + len, "one frame");
+        let json = serde_json::from_slice(&frame[header..]).unwrap();
         self.replies.push(json);
     }
     fn request(&mut self, to: usize, req: Request) {
@@ -157,7 +161,11 @@ impl Client {
 fn a_token_in_the_request_authenticates_at_once() {
     let c = Client::authed("alice", None, None);
     assert_eq!(c.user(), Some("alice"));
-    assert_eq!(c.s.auth_deadline(), None);
+    assert_eq!(
+        c.s.deadline().map(|d| d.0),
+        Some(c.at + Duration::from_secs(60)),
+        "exp"
+    );
     assert_eq!(c.rec.replies.len(), 1);
     let welcome = &c.rec.replies[0];
     assert_eq!(welcome["type"], "welcome");
@@ -206,7 +214,14 @@ fn a_bad_token_closes_with_its_own_code() {
 fn without_a_token_only_connect_is_accepted_before_the_deadline() {
     let (mut c, out) = Client::open(rules(), None);
     assert_eq!(out, Outcome::Continue);
-    assert_eq!(c.s.auth_deadline(), Some(c.at + c.rules.auth_timeout));
+    assert_eq!(
+        c.s.deadline(),
+        Some((
+            c.at + c.rules.auth_timeout,
+            close::AUTH_REQUIRED,
+            AUTH_TIMED_OUT
+        ))
+    );
     assert!(c.rec.replies.is_empty() && c.rec.requests.is_empty());
     // Anything but connect closes with 4001, garbage too.
     for frame in [r#"{"type":"join","room":"r"}"#, "not json"] {
@@ -223,7 +238,7 @@ fn without_a_token_only_connect_is_accepted_before_the_deadline() {
     );
     assert_eq!(c.send(&connect), Outcome::Continue);
     assert_eq!(c.user(), Some("carol"));
-    assert_eq!(c.s.auth_deadline(), None);
+    assert_eq!(c.s.deadline().map(|d| d.1), Some(close::TOKEN_EXPIRED));
     assert_eq!(c.rec.replies.last().unwrap()["type"], "welcome");
     // A second connect is an error, not a new identity.
     c.expect(&[(&connect, Some("already_authenticated"))]);
@@ -241,7 +256,25 @@ fn anonymous_mode_names_each_user() {
     let (b, _) = Session::open(&rules, place(), None, at, &mut rec);
     assert_eq!(a.user().map(|u| &**u), Some("anon-1"));
     assert_eq!(b.user().map(|u| &**u), Some("anon-2"));
-    assert_eq!(a.auth_deadline(), None);
+    assert_eq!(a.deadline(), None, "anonymous users hold no token");
+    // Nor can they take one on, even one for their own name.
+    let mut c = Client {
+        rules,
+        at,
+        s: a,
+        rec,
+    };
+    let own = mint(
+        SECRET,
+        &Claims {
+            sub: "anon-1".into(),
+            ..Claims::default()
+        },
+    );
+    c.expect(&[(
+        &format!(r#"{{"type":"refresh","token":"{own}"}}"#),
+        Some("token_user_mismatch"),
+    )]);
 }
 
 #[test]
@@ -474,5 +507,129 @@ fn garbage_after_authentication_is_a_bad_request() {
         ("{", Some("bad_request")),
         (r#"{"type":"nope"}"#, Some("bad_request")),
         (r#"{"type":"join"}"#, Some("bad_request")),
+    ]);
+}
+
+/// A token for `sub` that expires `ttl_s` after [`UNIX_S`] (`None`: never).
+fn token_for(sub: &str, ttl_s: Option<u64>, rooms: Option<&[&str]>) -> String {
+    let claims = Claims {
+        sub: sub.into(),
+        exp: ttl_s.map(|t| UNIX_S + t),
+        rooms: rooms.map(|l| l.iter().map(|s| s.to_string()).collect()),
+        ..Claims::default()
+    };
+    mint(SECRET, &claims)
+}
+
+fn refresh(token: &str) -> String {
+    format!(r#"{{"type":"refresh","token":"{token}"}}"#)
+}
+
+#[test]
+fn a_token_expires_at_exp_plus_the_leeway() {
+    let leeway = Rules {
+        verifier: Some(Verifier::new(SECRET, 5)),
+        ..rules()
+    };
+    let cases = [
+        (rules(), Some(60), Some(60)),
+        (leeway.clone(), Some(60), Some(65)),
+        (leeway, Some(0), Some(5)),
+        (rules(), None, None),
+    ];
+    for (rules, ttl, expires_in) in cases {
+        let t = token_for("alice", ttl, None);
+        let (c, out) = Client::open(rules, Some(&t));
+        assert_eq!(out, Outcome::Continue);
+        let want = expires_in.map(|s| {
+            (
+                c.at + Duration::from_secs(s),
+                close::TOKEN_EXPIRED,
+                TOKEN_RAN_OUT,
+            )
+        });
+        assert_eq!(c.s.deadline(), want, "ttl {ttl:?}");
+    }
+}
+
+#[test]
+fn refresh_moves_the_expiry_and_only_for_the_same_user() {
+    let mut c = Client::authed("alice", None, None);
+    let first = c.s.deadline();
+    // Refused: the session keeps its expiry and goes on.
+    let cases = [
+        (
+            refresh(&token_for("mallory", Some(600), None)),
+            "token_user_mismatch",
+        ),
+        (refresh(&token_for("alice", Some(0), None)), "invalid_token"),
+        (refresh("not.a.token"), "invalid_token"),
+    ];
+    for (frame, code) in &cases {
+        c.expect(&[(frame, Some(code))]);
+        assert_eq!(c.s.deadline(), first, "{code}");
+    }
+    let failed: Vec<_> = c
+        .rec
+        .counts
+        .iter()
+        .filter(|x| matches!(x, Count::AuthFailed(_)))
+        .collect();
+    assert_eq!(
+        failed,
+        [
+            &Count::AuthFailed(AuthError::Expired),
+            &Count::AuthFailed(AuthError::Malformed)
+        ]
+    );
+    assert_eq!(
+        c.send(&refresh(&token_for("alice", Some(600), None))),
+        Outcome::Continue
+    );
+    let last = c.rec.replies.last().unwrap();
+    assert_eq!(
+        (&last["type"], &last["exp"]),
+        (&Value::from("refreshed"), &Value::from(UNIX_S + 600))
+    );
+    assert_eq!(
+        c.s.deadline().map(|d| d.0),
+        Some(c.at + Duration::from_secs(600))
+    );
+    // A token without exp: the connection no longer expires.
+    c.send(&refresh(&token_for("alice", None, None)));
+    assert_eq!(c.rec.replies.last().unwrap()["exp"], Value::Null);
+    assert_eq!(c.s.deadline(), None);
+    // Before authentication a refresh is like any frame but connect.
+    let (mut anonymous, _) = Client::open(rules(), None);
+    let out = anonymous.send(&refresh(&token_for("alice", Some(600), None)));
+    assert!(matches!(out, Outcome::Close(close::AUTH_REQUIRED, _)));
+}
+
+#[test]
+fn a_refreshed_tokens_room_claims_apply_from_then_on() {
+    let t = token_for("alice", Some(60), Some(&["a", "b", "c"]));
+    let (mut c, _) = Client::open(rules(), Some(&t));
+    c.send(r#"{"type":"join","room":"a"}"#);
+    c.send(r#"{"type":"join","room":"b"}"#);
+    assert!(c.s.mark_joined("a", 1));
+    c.rec.requests.clear();
+    c.send(&refresh(&token_for("alice", Some(600), Some(&["b", "c"]))));
+    // `a` is left as if the client had left it; `b` (still joining) stays.
+    let types: Vec<_> = c
+        .rec
+        .replies
+        .iter()
+        .rev()
+        .take(2)
+        .map(|v| v["type"].clone())
+        .collect();
+    assert_eq!(types, ["refreshed", "left"]);
+    assert_eq!(c.rec.replies[c.rec.replies.len() - 2]["room"], "a");
+    assert_eq!(c.rec.removed_members, ["a"]);
+    assert!(matches!(&c.rec.requests[..], [(_, Request::Leave { room, .. })] if &**room == "a"));
+    assert!(c.s.awaits_join("b", 2));
+    c.expect(&[
+        (r#"{"type":"join","room":"a"}"#, Some("forbidden")),
+        (r#"{"type":"join","room":"c"}"#, None),
     ]);
 }
