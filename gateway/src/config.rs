@@ -126,6 +126,18 @@ pub struct ConnArgs {
         default_value_t = 10_000
     )]
     pub slow_consumer_timeout_ms: u64,
+
+    /// Page origins whose browsers may open WebSockets, comma-separated:
+    /// exact (`https://chat.example.com`), a wildcard subdomain
+    /// (`https://*.example.com`), or `*`. Another origin gets 403. Unset:
+    /// every origin. The defence against cross-site WebSocket hijacking.
+    #[arg(long, env = "CORECAST_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+
+    /// Refuse (403) upgrades that carry no `Origin` header, i.e. clients
+    /// other than browsers.
+    #[arg(long, env = "CORECAST_REQUIRE_ORIGIN")]
+    pub require_origin: bool,
 }
 
 /// The chat endpoint (`/ws`): access tokens, per-connection limits.
@@ -290,6 +302,8 @@ fn mesh_endpoint(flag: &str, v: &str) -> Result<String, ConfigError> {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub limits: Limits,
+    /// Which page origins may upgrade.
+    pub origins: crate::origin::Origins,
     pub plan: ShardPlan,
     pub chat: crate::chat::Settings,
     pub storage: crate::storage::StorageConfig,
@@ -303,12 +317,16 @@ impl Config {
     /// error, a sentence that names the flag and what to do.
     pub fn validate(&self) -> Result<Settings, ConfigError> {
         let limits = self.limits()?;
+        let origins =
+            crate::origin::Origins::parse(&self.conn.allowed_origins, self.conn.require_origin)
+                .map_err(ConfigError)?;
         let plan = self.placement()?;
         let chat = self.chat_settings()?;
         let storage = self.storage()?;
         let mesh = self.mesh(&storage)?;
         Ok(Settings {
             limits,
+            origins,
             plan,
             chat,
             storage,

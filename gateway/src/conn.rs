@@ -753,6 +753,13 @@ impl<H: Host> Conn<H> {
         if let Some(b) = self.inbuf.as_mut() {
             b.consume(len);
         }
+        // A browser's upgrade must come from a page of an allowed origin.
+        let upgrade = matches!(req.upgrade, Some(Ok(_))) && matches!(&*req.path, "/echo" | "/ws");
+        if upgrade {
+            if let Err(r) = self.local().origins.check(req.origin.as_deref()) {
+                return self.refuse(r);
+            }
+        }
         match req.path.as_str() {
             "/echo" => match req.upgrade {
                 Some(Ok(up)) => {

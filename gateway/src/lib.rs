@@ -14,6 +14,7 @@
 //!   connection: HTTP request, upgrade, echo, close handshake,
 //!   back-pressure; the shard's connection table), `local` (limits, clock,
 //!   buffer pool, metrics).
+//! - `origin`: which page origins may upgrade (`--allowed-origins`).
 //! - `doors`: the HTTP side doors (`/healthz`, `/readyz`, `/metrics`):
 //!   what each answers, as data the connection writes.
 //! - `feed`: a room's frames on one shard, sent from the same bytes to
@@ -52,6 +53,7 @@ mod lifecycle;
 mod local;
 pub mod mesh;
 pub mod metrics;
+mod origin;
 mod rings;
 pub mod server;
 mod shard;

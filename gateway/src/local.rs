@@ -1,5 +1,5 @@
-//! What every layer of a shard reads: its index, limits, coarse clock,
-//! buffer pool, metrics and the node's stop.
+//! What every layer of a shard reads: its index, limits, origin policy,
+//! coarse clock, buffer pool, metrics and the node's stop.
 //!
 //! The bottom of the shard's layers: connections (`conn`), flush rounds
 //! (`flush`) and chat (`chat`) each hold an `Rc<Local>`; it imports none of
@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{buf::BufPool, lifecycle::NodeState, metrics::ShardMetrics};
+use crate::{buf::BufPool, lifecycle::NodeState, metrics::ShardMetrics, origin::Origins};
 
 /// Limits every connection reads; derived from the configuration once
 /// (`Config::validate`).
@@ -34,6 +34,8 @@ pub struct Limits {
 pub struct Local {
     pub id: usize,
     pub limits: Limits,
+    /// Which page origins may upgrade.
+    pub origins: Origins,
     /// Every shard's metrics (this shard writes only `all_metrics[id]`).
     pub all_metrics: Arc<[ShardMetrics]>,
     pub pool: BufPool,
@@ -48,12 +50,14 @@ impl Local {
     pub fn new(
         id: usize,
         limits: Limits,
+        origins: Origins,
         all_metrics: Arc<[ShardMetrics]>,
         node_state: Arc<NodeState>,
     ) -> Local {
         Local {
             id,
             limits,
+            origins,
             all_metrics,
             pool: BufPool::default(),
             clock: Cell::new(Instant::now()),

@@ -38,6 +38,7 @@ const IO_MEMORY_BYTES: usize = 1 << 20;
 pub struct Server {
     config: Config,
     limits: Limits,
+    origins: crate::origin::Origins,
     plan: ShardPlan,
     chat: crate::chat::Settings,
     storage: crate::storage::StorageConfig,
@@ -52,6 +53,7 @@ impl Server {
     pub fn bind(config: Config) -> Result<Server, Error> {
         let crate::config::Settings {
             limits,
+            origins,
             plan,
             chat,
             storage,
@@ -99,6 +101,7 @@ impl Server {
         Ok(Server {
             config,
             limits,
+            origins,
             plan,
             chat,
             storage,
@@ -130,6 +133,7 @@ impl Server {
         let Server {
             config,
             limits,
+            origins,
             plan,
             chat,
             storage,
@@ -200,6 +204,7 @@ impl Server {
                 id,
                 listener,
                 limits,
+                origins: origins.clone(),
                 all_metrics: metrics.clone(),
                 node_state: node_state.clone(),
                 chat: chat_settings.clone(),

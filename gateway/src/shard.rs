@@ -37,6 +37,7 @@ use crate::{
     lifecycle::{Fault, NodeState, Stage},
     local::{Limits, Local},
     metrics::{self, ShardMetrics},
+    origin::Origins,
     readiness::{self, Poller},
     rings::ShardRings,
 };
@@ -138,6 +139,7 @@ pub struct ShardSetup {
     pub id: usize,
     pub listener: OwnedFd,
     pub limits: Limits,
+    pub origins: Origins,
     pub all_metrics: Arc<[ShardMetrics]>,
     pub node_state: Arc<NodeState>,
     pub chat: chat::Settings,
@@ -156,6 +158,7 @@ pub async fn run(setup: ShardSetup) {
         id,
         listener,
         limits,
+        origins,
         all_metrics,
         node_state,
         chat: settings,
@@ -186,7 +189,13 @@ pub async fn run(setup: ShardSetup) {
         log::error!("shard {id}: could not watch its listener: {e}");
         return;
     }
-    let local = Rc::new(Local::new(id, limits, all_metrics, node_state.clone()));
+    let local = Rc::new(Local::new(
+        id,
+        limits,
+        origins,
+        all_metrics,
+        node_state.clone(),
+    ));
     let conns = Rc::new(Conns::default());
     let flusher = Rc::new(Flusher::default());
     let lower = chat::Lower {

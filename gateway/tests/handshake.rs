@@ -159,3 +159,115 @@ fn side_doors() {
     assert_eq!(server.metric("corecast_messages_in_total", ""), 1);
     assert_eq!(server.metric("corecast_messages_out_total", ""), 1);
 }
+
+#[test]
+fn upgrades_from_origins_not_allowed_get_403() {
+    let with_origin = |path: &str, origin: &str| {
+        upgrade_with("/echo", path).replacen(
+            "Host: t\r\n",
+            &format!("Host: t\r\nOrigin: {origin}\r\n"),
+            1,
+        )
+    };
+    let server = TestServer::start(&[
+        "--allowed-origins",
+        "https://chat.example.com,https://*.example.org",
+    ]);
+    let cases = [
+        (
+            "allowed",
+            with_origin("/echo", "https://chat.example.com"),
+            101,
+        ),
+        (
+            "wildcard",
+            with_origin("/echo", "https://a.b.example.org"),
+            101,
+        ),
+        (
+            "other site",
+            with_origin("/echo", "https://evil.example.net"),
+            403,
+        ),
+        (
+            "other scheme",
+            with_origin("/echo", "http://chat.example.com"),
+            403,
+        ),
+        (
+            "chat too",
+            with_origin("/ws", "https://evil.example.net"),
+            403,
+        ),
+        ("no origin: not a browser", UPGRADE.to_string(), 101),
+    ];
+    for (name, req, status) in cases {
+        let (got, head, body) = answer_head(server.addr, &req);
+        assert_eq!(got, status, "{name}: {head}\n{body}");
+        if status == 403 {
+            assert_eq!(
+                body,
+                "origin not allowed: the page's origin is not in the server's --allowed-origins\n"
+            );
+        }
+    }
+    // Side doors are plain HTTP: no origin check.
+    let (got, ..) = http(
+        server.addr,
+        "GET /healthz HTTP/1.1\r\nHost: t\r\nOrigin: https://evil.example.net\r\n\r\n",
+    );
+    assert_eq!(got, 200);
+    assert_eq!(
+        server.metric(
+            "corecast_handshake_failures_total",
+            "reason=\"origin_not_allowed\""
+        ),
+        3
+    );
+
+    let strict = TestServer::start(&[
+        "--allowed-origins",
+        "https://chat.example.com",
+        "--require-origin",
+    ]);
+    let (got, _, body) = answer_head(strict.addr, UPGRADE);
+    assert_eq!(
+        (got, body.as_str()),
+        (403, "an Origin header is required (--require-origin)\n")
+    );
+    let (got, ..) = answer_head(
+        strict.addr,
+        &with_origin("/echo", "https://chat.example.com"),
+    );
+    assert_eq!(got, 101);
+}
+
+/// The response to `request`: a refusal whole (the server closes after
+/// it), a 101 up to its blank line (the WebSocket stays open).
+fn answer_head(addr: std::net::SocketAddr, request: &str) -> (u16, String, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut resp = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = s.read(&mut buf).unwrap_or(0);
+        resp.extend_from_slice(&buf[..n]);
+        let head_done = resp.windows(4).any(|w| w == b"\r\n\r\n");
+        if n == 0 || (head_done && resp.starts_with(b"HTTP/1.1 101")) {
+            return split_response(&resp);
+        }
+    }
+}
+
+#[test]
+fn a_bad_allowed_origin_is_refused_at_start_by_name() {
+    use clap::Parser;
+    let argv = ["gateway", "--allowed-origins", "https://chat.example.com/"];
+    let config = corecast_gateway::Config::try_parse_from(argv).expect("parses");
+    let err = config.validate().expect_err("refused").to_string();
+    assert!(
+        err.contains("--allowed-origins") && err.contains("https://chat.example.com/"),
+        "{err}"
+    );
+}

@@ -45,11 +45,16 @@ pub enum Refusal {
     NotFound,
     /// The request did not arrive within the handshake timeout.
     Timeout,
+    /// A browser's upgrade from an origin the server does not allow (a
+    /// page on another site trying to use the user's connection).
+    OriginNotAllowed,
+    /// An upgrade without `Origin` where the server requires one.
+    OriginRequired,
 }
 
 impl Refusal {
     /// Every refusal, for metrics labels.
-    pub const ALL: [Refusal; 14] = [
+    pub const ALL: [Refusal; 16] = [
         Refusal::MalformedRequest,
         Refusal::HeadersTooLarge,
         Refusal::UnsupportedHttpVersion,
@@ -64,6 +69,8 @@ impl Refusal {
         Refusal::UnsupportedSubprotocol,
         Refusal::NotFound,
         Refusal::Timeout,
+        Refusal::OriginNotAllowed,
+        Refusal::OriginRequired,
     ];
 
     pub fn status(self) -> u16 {
@@ -81,6 +88,7 @@ impl Refusal {
             Refusal::UpgradeRequired | Refusal::UnsupportedWsVersion => 426,
             Refusal::NotFound => 404,
             Refusal::Timeout => 408,
+            Refusal::OriginNotAllowed | Refusal::OriginRequired => 403,
         }
     }
 
@@ -101,6 +109,8 @@ impl Refusal {
             Refusal::UnsupportedSubprotocol => "subprotocol",
             Refusal::NotFound => "not_found",
             Refusal::Timeout => "timeout",
+            Refusal::OriginNotAllowed => "origin_not_allowed",
+            Refusal::OriginRequired => "origin_required",
         }
     }
 
@@ -125,6 +135,10 @@ impl Refusal {
             }
             Refusal::NotFound => "no such path (try /ws, /echo, /healthz, /readyz or /metrics)",
             Refusal::Timeout => "request not received within the handshake timeout",
+            Refusal::OriginNotAllowed => {
+                "origin not allowed: the page's origin is not in the server's --allowed-origins"
+            }
+            Refusal::OriginRequired => "an Origin header is required (--require-origin)",
         }
     }
 
@@ -175,6 +189,9 @@ pub struct Request {
     /// An access token: the `token` query parameter, or the credentials of
     /// `Authorization: Bearer`.
     pub token: Option<String>,
+    /// The `Origin` header (the first, if a client sent several): browsers
+    /// send the page's origin; other clients usually send none.
+    pub origin: Option<String>,
     /// Present when the request asks for a WebSocket upgrade and every
     /// required header is right; the caller answers with [`write_accept`].
     pub upgrade: Option<Result<Upgrade, Refusal>>,
@@ -242,6 +259,9 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(Request, usize)>, Refusal> {
                     .then(|| cred.trim().to_string())
             })
         });
+    let origin = header("origin")
+        .next()
+        .map(|h| String::from_utf8_lossy(h.value.trim_ascii()).into_owned());
     let upgrade = header("upgrade").next().map(|_| {
         if !header("upgrade").any(|h| has_token(h.value, "websocket")) {
             return Err(Refusal::UpgradeNotWebsocket);
@@ -277,6 +297,7 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(Request, usize)>, Refusal> {
             path: path.to_string(),
             query,
             token,
+            origin,
             upgrade,
         },
         len,
@@ -485,6 +506,10 @@ mod tests {
         let req = upgrade_req("Authorization: Bearer xyz.abc.def\r\n");
         let (r, _) = parse_request(req.as_bytes()).unwrap().unwrap();
         assert_eq!(r.token.as_deref(), Some("xyz.abc.def"));
+        assert_eq!(r.origin, None);
+        let req = upgrade_req("Origin: https://a.example\r\nOrigin: https://b.example\r\n");
+        let (r, _) = parse_request(req.as_bytes()).unwrap().unwrap();
+        assert_eq!(r.origin.as_deref(), Some("https://a.example"), "the first");
     }
 
     #[test]
