@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Installs what the build and the tests need beyond cargo, from Debian's
 # packages: libzmq3-dev and pkg-config (the cross-node mesh links the
-# system's libzmq) and redis-server (the storage and cluster tests start
-# private servers on loopback ports). Does nothing when all are there.
+# system's libzmq), redis-server (the storage and cluster tests start
+# private servers on loopback ports) and Python's cryptography (the token
+# tests make RS256/ES256 keys with scripts/jwt-keys.py; from PyPI if the
+# python3 on PATH is not Debian's). Does nothing when all are there.
 set -euo pipefail
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
 pkg-config --exists libzmq 2>/dev/null || missing+=(libzmq3-dev)
+have_cryptography() { python3 -c 'import cryptography' >/dev/null 2>&1; }
+have_cryptography || missing+=(python3-cryptography)
 if [[ ${#missing[@]} -eq 0 ]]; then
   exit 0
 fi
@@ -27,3 +31,8 @@ $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 # not use it, and they must not depend on it either.
 command -v redis-server >/dev/null 2>&1 || { echo "scripts/deps.sh: redis-server still missing after apt-get" >&2; exit 1; }
 pkg-config --exists libzmq || { echo "scripts/deps.sh: libzmq still missing after apt-get" >&2; exit 1; }
+if ! have_cryptography; then
+  # The python3 on PATH is not Debian's (pyenv, a venv): give it its own.
+  python3 -m pip install --quiet cryptography >&2 || true
+  have_cryptography || { echo "scripts/deps.sh: python3 cannot import cryptography: run 'python3 -m pip install cryptography'" >&2; exit 1; }
+fi

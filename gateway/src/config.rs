@@ -149,6 +149,17 @@ pub struct ChatArgs {
     #[arg(long, env = "CORECAST_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
 
+    /// PEM file with the public key(s) RS256 or ES256 tokens are signed
+    /// with (`-----BEGIN PUBLIC KEY-----`, RSA ≥ 2048 bits or EC P-256).
+    /// Re-read on SIGHUP.
+    #[arg(long, env = "CORECAST_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<std::path::PathBuf>,
+
+    /// JWKS file (`{"keys":[...]}`) with the issuer's RS256/ES256 signing
+    /// keys; a token's `kid` picks its key. Re-read on SIGHUP.
+    #[arg(long, env = "CORECAST_JWT_JWKS")]
+    pub jwt_jwks: Option<std::path::PathBuf>,
+
     /// Clock skew forgiven on a token's exp and nbf, in seconds.
     #[arg(long, env = "CORECAST_JWT_LEEWAY_S", default_value_t = 30)]
     pub jwt_leeway_s: u64,
@@ -306,6 +317,8 @@ pub struct Settings {
     pub origins: crate::origin::Origins,
     pub plan: ShardPlan,
     pub chat: crate::chat::Settings,
+    /// The public-key files, for reloads; `None` without RS256/ES256 keys.
+    pub key_files: Option<crate::keys::KeyFiles>,
     pub storage: crate::storage::StorageConfig,
     /// `None` when the node runs alone.
     pub mesh: Option<crate::mesh::MeshConfig>,
@@ -321,7 +334,7 @@ impl Config {
             crate::origin::Origins::parse(&self.conn.allowed_origins, self.conn.require_origin)
                 .map_err(ConfigError)?;
         let plan = self.placement()?;
-        let chat = self.chat_settings()?;
+        let (chat, key_files) = self.chat_settings()?;
         let storage = self.storage()?;
         let mesh = self.mesh(&storage)?;
         Ok(Settings {
@@ -329,6 +342,7 @@ impl Config {
             origins,
             plan,
             chat,
+            key_files,
             storage,
             mesh,
         })
@@ -336,8 +350,11 @@ impl Config {
 }
 
 impl Config {
-    /// The chat endpoint's settings.
-    fn chat_settings(&self) -> Result<crate::chat::Settings, ConfigError> {
+    /// The chat endpoint's settings, and the public-key files when tokens
+    /// may be RS256 or ES256.
+    fn chat_settings(
+        &self,
+    ) -> Result<(crate::chat::Settings, Option<crate::keys::KeyFiles>), ConfigError> {
         let err = |m: String| Err(ConfigError(m));
         if let Some(secret) = &self.chat.jwt_secret {
             if secret.len() < crate::auth::MIN_SECRET_BYTES {
@@ -359,12 +376,23 @@ impl Config {
         if self.chat.max_body_bytes == 0 {
             return err("--max-body-bytes must be at least 1".into());
         }
+        let key_files = crate::keys::KeyFiles::load(
+            self.chat.jwt_public_key.as_deref(),
+            self.chat.jwt_jwks.as_deref(),
+        )
+        .map_err(ConfigError)?;
+        let leeway = self.chat.jwt_leeway_s;
+        let secret = self.chat.jwt_secret.as_ref().map(|s| s.as_bytes());
+        let verifier = match (&key_files, secret) {
+            (Some(files), Some(s)) => {
+                Some(crate::auth::Verifier::with_keys(files.keys(), leeway).and_secret(s))
+            }
+            (Some(files), None) => Some(crate::auth::Verifier::with_keys(files.keys(), leeway)),
+            (None, Some(s)) => Some(crate::auth::Verifier::new(s, leeway)),
+            (None, None) => None,
+        };
         let session = corecast_router::session::Rules {
-            verifier: self
-                .chat
-                .jwt_secret
-                .as_ref()
-                .map(|s| crate::auth::Verifier::new(s.as_bytes(), self.chat.jwt_leeway_s)),
+            verifier,
             allow_anonymous: self.chat.allow_anonymous,
             max_rooms_per_connection: self.chat.max_rooms_per_connection,
             rate_limit_per_s: self.chat.rate_limit_per_s,
@@ -375,12 +403,13 @@ impl Config {
             // to send `connect`.
             auth_timeout: Duration::from_millis(self.conn.handshake_timeout_ms),
         };
-        Ok(crate::chat::Settings {
+        let chat = crate::chat::Settings {
             session,
             presence_max_members: self.chat.presence_max_members,
             presence_ttl: Duration::from_secs(self.storage.presence_ttl_s),
             history_meta_ttl: Duration::from_secs(self.storage.history_meta_ttl_s),
-        })
+        };
+        Ok((chat, key_files))
     }
 
     /// The mesh settings; `None` when the node runs alone.

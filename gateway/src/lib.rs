@@ -6,6 +6,8 @@
 //! - [`config`]: command line and environment, validated into each subsystem's settings
 //!   (the shards' [`Limits`], chat, storage, mesh).
 //! - [`server`]: binds the per-shard listeners, starts the shards, drains.
+//! - [`keys`]: the public-key files RS256/ES256 tokens are checked against,
+//!   and their reload.
 //! - `lifecycle`: what the main thread and the shards tell each other about
 //!   starting and stopping (atomics), and the faults tests inject.
 //! - A shard's layers, each importing only those below it: `shard` (the
@@ -49,6 +51,7 @@ mod doors;
 mod feed;
 mod flush;
 mod inbox;
+pub mod keys;
 mod lifecycle;
 mod local;
 pub mod mesh;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use corecast_gateway::{auth, shutdown, Config};
 use signal_hook::{
-    consts::{SIGINT, SIGTERM},
+    consts::{SIGHUP, SIGINT, SIGTERM},
     iterator::Signals,
 };
 
@@ -79,8 +79,16 @@ fn main() -> ExitCode {
         return mint(args);
     }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let server = match corecast_gateway::Server::bind(cli.config) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("gateway: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let key_files = server.key_files();
     let (trigger, fired) = shutdown::channel();
-    let mut signals = match Signals::new([SIGINT, SIGTERM]) {
+    let mut signals = match Signals::new([SIGINT, SIGTERM, SIGHUP]) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("gateway: cannot install signal handlers: {e}");
@@ -91,6 +99,14 @@ fn main() -> ExitCode {
         .name("signals".into())
         .spawn(move || {
             for sig in signals.forever() {
+                if sig == SIGHUP {
+                    match key_files.as_ref().map(|k| k.reload()) {
+                        Some(Ok(n)) => log::info!("SIGHUP: token keys reloaded ({n} keys)"),
+                        Some(Err(e)) => log::error!("SIGHUP: {e}; the old token keys stay in use"),
+                        None => log::info!("SIGHUP: no --jwt-public-key or --jwt-jwks to reload"),
+                    }
+                    continue;
+                }
                 if trigger.is_fired() {
                     log::warn!("second signal {sig}: exiting without waiting for the drain");
                     std::process::exit(1);
@@ -100,7 +116,7 @@ fn main() -> ExitCode {
             }
         })
         .expect("spawning the signal thread");
-    match corecast_gateway::run(cli.config, fired) {
+    match server.run(fired) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("gateway: {e}");

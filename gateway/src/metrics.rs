@@ -15,10 +15,11 @@ use std::{
 use crate::{auth::AuthError, ws::handshake::Refusal};
 
 /// Authentication failures counted by kind.
-pub const AUTH_ERRORS: [AuthError; 9] = [
+pub const AUTH_ERRORS: [AuthError; 10] = [
     AuthError::Missing,
     AuthError::Malformed,
     AuthError::UnsupportedAlgorithm,
+    AuthError::UnknownKey,
     AuthError::UnsupportedCriticalHeader,
     AuthError::BadSignature,
     AuthError::Expired,
@@ -32,6 +33,7 @@ fn auth_label(e: AuthError) -> &'static str {
         AuthError::Missing => "missing",
         AuthError::Malformed => "malformed",
         AuthError::UnsupportedAlgorithm => "algorithm",
+        AuthError::UnknownKey => "unknown_key",
         AuthError::UnsupportedCriticalHeader => "crit_header",
         AuthError::BadSignature => "bad_signature",
         AuthError::Expired => "expired",

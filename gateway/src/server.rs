@@ -41,6 +41,7 @@ pub struct Server {
     origins: crate::origin::Origins,
     plan: ShardPlan,
     chat: crate::chat::Settings,
+    key_files: Option<crate::keys::KeyFiles>,
     storage: crate::storage::StorageConfig,
     mesh: Option<crate::mesh::MeshConfig>,
     listeners: Vec<OwnedFd>,
@@ -56,6 +57,7 @@ impl Server {
             origins,
             plan,
             chat,
+            key_files,
             storage,
             mesh,
         } = config.validate()?;
@@ -104,12 +106,20 @@ impl Server {
             origins,
             plan,
             chat,
+            key_files,
             storage,
             mesh,
             listeners,
             local_addr,
             fault: None,
         })
+    }
+
+    /// The public-key files behind RS256/ES256 tokens, to reload them (on
+    /// SIGHUP) while the node runs; `None` without `--jwt-public-key` or
+    /// `--jwt-jwks`.
+    pub fn key_files(&self) -> Option<crate::keys::KeyFiles> {
+        self.key_files.clone()
     }
 
     /// Injects a fault into one shard (tests only).
@@ -136,12 +146,19 @@ impl Server {
             origins,
             plan,
             chat,
+            key_files,
             storage,
             mesh,
             listeners,
             local_addr,
             fault,
         } = self;
+        if let Some(files) = &key_files {
+            log::info!(
+                "RS256/ES256 tokens: {} public keys loaded (SIGHUP reloads them)",
+                files.count()
+            );
+        }
         log::info!(
             "corecast gateway {} listening on {local_addr}: {} shards, {}; backlog {}",
             env!("CARGO_PKG_VERSION"),
@@ -170,7 +187,7 @@ impl Server {
             (0..plan.shards).map(|_| ShardMetrics::default()).collect();
         let chat_settings = chat;
         if chat_settings.session.verifier.is_none() && !chat_settings.session.allow_anonymous {
-            log::warn!("no --jwt-secret and no --allow-anonymous: /ws will refuse every client");
+            log::warn!("no --jwt-secret, --jwt-public-key, --jwt-jwks or --allow-anonymous: /ws will refuse every client");
         }
         let (store, worker) = crate::storage::start(&storage, plan.shards)?;
         let node = crate::mesh::node_tag(&storage.node_id);

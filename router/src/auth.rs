@@ -1,13 +1,27 @@
-//! Access tokens for the chat endpoint: HS256 JWT (RFC 7519) verification and minting.
+//! Access tokens for the chat endpoint: JWT (RFC 7519) verification (HS256,
+//! RS256, ES256) and HS256 minting.
 //!
 //! A token is a JWS in compact form (RFC 7515 §7.1):
-//! `b64(header) "." b64(payload) "." b64(HMAC-SHA256(secret, b64(header) "." b64(payload)))`,
-//! where `b64` is base64url.
+//! `b64(header) "." b64(payload) "." b64(signature over b64(header) "." b64(payload))`,
+//! where `b64` is base64url; the signature is HMAC-SHA256 with the shared secret
+//! (HS256), RSASSA-PKCS1-v1_5 with SHA-256 (RS256) or ECDSA P-256 with SHA-256 in
+//! its fixed 64-byte form (ES256), the last two with a public key ([`keys`]).
 //!
 //! # Decisions
-//! - The verifier fixes the algorithm; the token does not choose it (RFC 8725 §3.1).
-//!   `alg` must be exactly `"HS256"`: a missing `alg`, `"none"`, `"HS512"`, `"RS256"`
-//!   or `"hs256"` is refused.
+//! - Hand-written, on `hmac` and `ring` for the cryptography. A JWT library would
+//!   bring its own claim validation, error kinds and key types; what the gateway
+//!   promises (one close code and reason per failure, `crit` refused, one spelling per
+//!   token, the size bound, claims that must have their type) lives in this file, in a
+//!   few hundred lines with their tests. The signature math is not written here:
+//!   `hmac` for HS256 and `ring` (already the TLS provider's) for RS256 and ES256.
+//! - The verifier fixes the algorithms; the token does not choose a key's (RFC 8725
+//!   §3.1). `alg` must be exactly `"HS256"` when a secret is configured, or `"RS256"` /
+//!   `"ES256"` when a public key of that kind is: a missing `alg`, `"none"`, `"HS512"`
+//!   or `"hs256"` is refused, and an RS256 token is never checked against the HMAC
+//!   secret (no algorithm confusion).
+//! - A token's `kid` picks among the public keys: a key with a `kid` answers only
+//!   tokens naming it; a key without one answers any. A token whose `kid` names no
+//!   key is [`AuthError::UnknownKey`] (the issuer rotated: reload the keys).
 //! - base64url without padding, as RFC 7515 §2 requires. A `=` or a non-canonical last
 //!   symbol is `Malformed`, so a token has one spelling only and a signature cannot be
 //!   re-spelled to dodge a deny list keyed on the token text.
@@ -26,7 +40,8 @@
 //!
 //! # Invariants
 //! - [`Verifier`] holds the HMAC state already keyed with the secret, so `verify` hashes
-//!   only the token. It is read-only after `new`, `Send + Sync`, and cheap to clone into
+//!   only the token, and a handle on the public keys that a reload replaces whole (one
+//!   atomic load per token, no lock). It is `Send + Sync` and cheap to clone into
 //!   each shard.
 //! - `verify` never blocks, never panics, and looks at nothing but the length of a token
 //!   over [`MAX_TOKEN_BYTES`].
@@ -41,6 +56,9 @@ use serde::{
     Deserialize, Deserializer, Serialize,
 };
 use sha2::Sha256;
+
+pub mod keys;
+pub use keys::{Alg, KeySet, Keys};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -152,12 +170,19 @@ pub enum AuthError {
          (re-mint it with a JWT library)"
     )]
     Malformed,
-    /// `alg` is missing or is not exactly `"HS256"`.
+    /// `alg` is missing, or is not one this gateway has a key for (`"HS256"` with a
+    /// secret, `"RS256"`/`"ES256"` with public keys).
     #[error(
-        "access token is not signed with HS256 (this gateway accepts only alg \"HS256\"; \
-         re-mint the token with it)"
+        "access token is signed with an algorithm this gateway has no key for (HS256 \
+         needs --jwt-secret, RS256 and ES256 need --jwt-public-key or --jwt-jwks)"
     )]
     UnsupportedAlgorithm,
+    /// The token's `kid` names none of the gateway's public keys.
+    #[error(
+        "access token names a key (kid) this gateway does not have (if the issuer \
+         rotated its keys, update the gateway's --jwt-jwks file and send it SIGHUP)"
+    )]
+    UnknownKey,
     /// The header lists `crit` extensions, none of which this gateway implements
     /// (RFC 7515 §4.1.11).
     #[error(
@@ -200,7 +225,8 @@ impl AuthError {
         match self {
             AuthError::Missing => "token required: log in and reconnect",
             AuthError::Malformed => "malformed token: log in again",
-            AuthError::UnsupportedAlgorithm => "token must be signed with HS256",
+            AuthError::UnsupportedAlgorithm => "token signed with an algorithm not accepted here",
+            AuthError::UnknownKey => "token signed with an unknown key (kid)",
             AuthError::UnsupportedCriticalHeader => "token has unsupported crit header",
             AuthError::BadSignature => "bad token signature: log in again",
             AuthError::Expired => "token expired: log in again",
@@ -211,12 +237,15 @@ impl AuthError {
     }
 }
 
-/// Checks HS256 tokens against one shared secret.
+/// Checks tokens against a shared secret (HS256), public keys (RS256, ES256), or both.
 #[derive(Clone)]
 pub struct Verifier {
     /// HMAC state after absorbing the padded key, cloned per token so the key is not
-    /// rehashed on every handshake.
-    keyed: HmacSha256,
+    /// rehashed on every handshake; `None`: HS256 tokens are refused.
+    keyed: Option<HmacSha256>,
+    /// The public keys, shared with whoever reloads them; `None`: RS256 and ES256
+    /// tokens are refused.
+    keys: Option<Keys>,
     /// Clock skew forgiven on `exp` and `nbf`, in seconds. Without it a token minted on a
     /// host whose clock runs slightly ahead is refused as not yet valid.
     leeway_s: u64,
@@ -226,6 +255,8 @@ impl fmt::Debug for Verifier {
     // Hand-written so the keyed state never reaches a log.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Verifier")
+            .field("hs256", &self.keyed.is_some())
+            .field("keys", &self.keys)
             .field("leeway_s", &self.leeway_s)
             .finish_non_exhaustive()
     }
@@ -236,9 +267,26 @@ impl Verifier {
     /// skew. Any secret length works; see [`MIN_SECRET_BYTES`] for the one to require.
     pub fn new(secret: &[u8], leeway_s: u64) -> Verifier {
         Verifier {
-            keyed: keyed(secret),
+            keyed: Some(keyed(secret)),
+            keys: None,
             leeway_s,
         }
+    }
+
+    /// A verifier for RS256 and ES256 tokens signed by one of `keys` (and, with
+    /// [`Verifier::and_secret`], HS256 tokens too).
+    pub fn with_keys(keys: Keys, leeway_s: u64) -> Verifier {
+        Verifier {
+            keyed: None,
+            keys: Some(keys),
+            leeway_s,
+        }
+    }
+
+    /// Also accepts HS256 tokens signed with `secret`.
+    pub fn and_secret(mut self, secret: &[u8]) -> Verifier {
+        self.keyed = Some(keyed(secret));
+        self
     }
 
     /// Until when (Unix seconds) a token with these `claims` is accepted here:
@@ -263,7 +311,13 @@ impl Verifier {
         }
 
         let header: Header = decode_json_object(header_b64)?;
-        if header.alg.as_deref() != Some("HS256") {
+        let alg = header.alg.as_deref();
+        let public = alg.and_then(Alg::from_name);
+        let known = match public {
+            Some(_) => self.keys.is_some(),
+            None => alg == Some("HS256") && self.keyed.is_some(),
+        };
+        if !known {
             return Err(AuthError::UnsupportedAlgorithm);
         }
         if header.crit.is_some() {
@@ -273,13 +327,28 @@ impl Verifier {
         let signature = URL_SAFE_NO_PAD
             .decode(signature_b64)
             .map_err(|_| AuthError::Malformed)?;
-        if signature.len() != SIGNATURE_BYTES {
-            return Err(AuthError::BadSignature);
+        match (public, &self.keyed, &self.keys) {
+            (Some(alg), _, Some(keys)) => {
+                let set = keys.current();
+                let mut candidates = set.candidates(alg, header.kid.as_deref()).peekable();
+                if candidates.peek().is_none() {
+                    return Err(AuthError::UnknownKey);
+                }
+                if !candidates.any(|k| k.verifies(signing_input.as_bytes(), &signature)) {
+                    return Err(AuthError::BadSignature);
+                }
+            }
+            (None, Some(keyed), _) => {
+                if signature.len() != SIGNATURE_BYTES {
+                    return Err(AuthError::BadSignature);
+                }
+                let mut mac = keyed.clone();
+                mac.update(signing_input.as_bytes());
+                mac.verify_slice(&signature)
+                    .map_err(|_| AuthError::BadSignature)?;
+            }
+            _ => return Err(AuthError::UnsupportedAlgorithm),
         }
-        let mut mac = self.keyed.clone();
-        mac.update(signing_input.as_bytes());
-        mac.verify_slice(&signature)
-            .map_err(|_| AuthError::BadSignature)?;
 
         let claims: Claims = decode_json_object(payload_b64)?;
         if claims.sub.is_empty() {
@@ -327,13 +396,15 @@ fn keyed(secret: &[u8]) -> HmacSha256 {
         .expect("HMAC takes keys of any length (RFC 2104 §2)")
 }
 
-/// The JOSE header members we act on. Others (`typ`, `kid`, ...) are ignored.
+/// The JOSE header members we act on. Others (`typ`, `x5t`, ...) are ignored.
 #[derive(Deserialize)]
 struct Header {
     #[serde(default)]
     alg: Option<String>,
     #[serde(default)]
     crit: Option<IgnoredAny>,
+    #[serde(default)]
+    kid: Option<String>,
 }
 
 /// Decodes one base64url part and parses it as a JSON object into `T`.
@@ -760,7 +831,11 @@ mod tests {
         fn send_sync<T: Send + Sync + Clone>() {}
         send_sync::<Verifier>();
         let shown = format!("{:?}", Verifier::new(b"hunter2-hunter2", 5));
-        assert_eq!(shown, "Verifier { leeway_s: 5, .. }");
+        assert_eq!(
+            shown,
+            "Verifier { hs256: true, keys: None, leeway_s: 5, .. }"
+        );
+        assert!(!shown.contains("hunter2"));
     }
 
     /// xorshift64: reproducible noise without a dependency.

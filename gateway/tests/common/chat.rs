@@ -120,6 +120,19 @@ impl Chat {
         j["seq"].as_u64().unwrap()
     }
 
+    /// The next JSON frame, or the close code and reason if the server
+    /// closes instead.
+    pub fn recv_or_close(&mut self) -> Result<Value, (u16, String)> {
+        loop {
+            match self.ws.read() {
+                Ok(Message::Text(t)) => return Ok(serde_json::from_str(&t).unwrap()),
+                Ok(Message::Close(Some(f))) => return Err((f.code.into(), f.reason.to_string())),
+                Ok(Message::Ping(_) | Message::Pong(_)) => continue,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
     /// The close code and reason the server ends the connection with.
     pub fn close_code(&mut self) -> (u16, String) {
         loop {
