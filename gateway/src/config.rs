@@ -169,6 +169,11 @@ pub struct ChatArgs {
     #[arg(long, env = "CORECAST_ALLOW_ANONYMOUS")]
     pub allow_anonymous: bool,
 
+    /// Most /ws connections one user may hold on this node; the next one is
+    /// closed with 4004 right after its welcome. 0: no cap.
+    #[arg(long, env = "CORECAST_MAX_CONNECTIONS_PER_USER", default_value_t = 0)]
+    pub max_connections_per_user: usize,
+
     /// Rooms one connection may be in at once. Guards the per-room tables
     /// against one client joining everything.
     #[arg(long, env = "CORECAST_MAX_ROOMS_PER_CONNECTION", default_value_t = 64)]
@@ -408,6 +413,7 @@ impl Config {
             presence_max_members: self.chat.presence_max_members,
             presence_ttl: Duration::from_secs(self.storage.presence_ttl_s),
             history_meta_ttl: Duration::from_secs(self.storage.history_meta_ttl_s),
+            max_connections_per_user: Some(self.chat.max_connections_per_user).filter(|&n| n > 0),
         };
         Ok((chat, key_files))
     }

@@ -137,6 +137,9 @@ pub struct ShardMetrics {
     /// the shard).
     pub deliveries: Counter,
     pub direct_messages: Counter,
+    /// Connections closed (4004) because their user was at
+    /// `--max-connections-per-user` on this node (counted at the user's home).
+    pub user_cap_refusals: Counter,
     /// Messages sent to another shard (requests and deliveries).
     pub cross_shard_messages: Counter,
     /// Sends that found a ring full and queued locally instead.
@@ -182,7 +185,7 @@ pub fn render(shards: &[ShardMetrics], draining: bool) -> String {
         &'static str,
         fn(&ShardMetrics) -> &Counter,
     );
-    let simple: [Series; 31] = [
+    let simple: [Series; 32] = [
         (
             "corecast_io_buffers_lent",
             "gauge",
@@ -326,6 +329,12 @@ pub fn render(shards: &[ShardMetrics], draining: bool) -> String {
             "counter",
             "Direct messages routed by the shard as the user's home.",
             |m| &m.direct_messages,
+        ),
+        (
+            "corecast_user_cap_refusals_total",
+            "counter",
+            "Connections closed with 4004: their user already had --max-connections-per-user on this node (counted by the user's home shard).",
+            |m| &m.user_cap_refusals,
         ),
         (
             "corecast_cross_shard_messages_total",

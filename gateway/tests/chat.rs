@@ -702,3 +702,33 @@ fn a_token_that_expires_while_connected_closes_unless_refreshed() {
         ) >= 1
     );
 }
+
+#[test]
+fn a_user_over_the_per_user_cap_is_closed_with_4004() {
+    let server = chat_server(&["--max-connections-per-user", "2", "--shards", "2"]);
+    let mut first = Chat::connect(&server, "cap");
+    let mut second = Chat::connect(&server, "cap");
+    let _other_user = Chat::connect(&server, "free");
+    // The third gets its welcome, then the user's home refuses it.
+    let mut third = Chat::connect(&server, "cap");
+    let (code, reason) = third.close_code();
+    assert_eq!(code, 4004, "{reason}");
+    assert!(reason.contains("too many connections"), "{reason}");
+    assert_eq!(server.metric("corecast_user_cap_refusals_total", ""), 1);
+    // The two counted ones are untouched.
+    assert_eq!(first.join("cap-room"), 0);
+    second.join("cap-room");
+    // Once one goes, a new connection is counted in its place.
+    first.ws.close(None).unwrap();
+    while first.ws.read().is_ok() {}
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let mut c = Chat::connect(&server, "cap");
+            // Long enough for a refusal to arrive first.
+            std::thread::sleep(Duration::from_millis(200));
+            c.send(json!({"type":"presence","room":"cap-room"}));
+            c.recv_or_close().is_ok_and(|v| v["type"] == "presence")
+        }),
+        "a connection after one closed is not refused"
+    );
+}

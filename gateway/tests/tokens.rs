@@ -198,7 +198,11 @@ fn sighup_reloads_the_key_files_of_a_running_gateway() {
     wait_for("shards serving");
     let hup = || {
         let pid = child.id().to_string();
-        assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+        assert!(Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success());
     };
     hup();
     wait_for("SIGHUP: token keys reloaded (2 keys)");
@@ -208,5 +212,8 @@ fn sighup_reloads_the_key_files_of_a_running_gateway() {
     assert!(line.contains("--jwt-jwks"), "{line}");
     let pid = child.id().to_string();
     Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    assert!(child.wait().unwrap().success(), "a clean stop after the reloads");
+    assert!(
+        child.wait().unwrap().success(),
+        "a clean stop after the reloads"
+    );
 }

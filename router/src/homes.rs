@@ -111,9 +111,13 @@ pub enum Request {
         query: Query,
         conn: ConnRef,
     },
+    /// A connection of `user` authenticated on shard `shard`. Over the
+    /// node's per-user cap, the home answers [`Delivery::Refused`] instead
+    /// of counting it.
     UserOnline {
         user: Arc<str>,
         shard: u16,
+        conn: ConnRef,
     },
     UserOffline {
         user: Arc<str>,
@@ -176,6 +180,16 @@ pub enum Delivery {
     ToConn { conn: ConnRef, frame: Box<[u8]> },
     /// A frame for every local connection of a user (a direct message).
     ToUser { user: Arc<str>, frame: Arc<[u8]> },
+    /// The user's home did not count this connection online (the user is at
+    /// `max_connections_per_user`): close it.
+    Refused { conn: ConnRef, why: Refusal },
+}
+
+/// Why a home refused a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The user has `max_connections_per_user` connections on this node.
+    TooManyForUser,
 }
 
 /// A topic a node subscribes to on the other nodes' PUB sockets.
@@ -213,6 +227,8 @@ pub enum Count {
     Unrepaired(u64),
     /// A room changed home node.
     Rehomed,
+    /// A connection refused: its user is at the per-user cap.
+    UserCapRefused,
 }
 
 /// Where the homes act: implemented by the gateway over its rings, store
@@ -266,6 +282,8 @@ pub struct Settings {
     /// The store's writes cannot fail (the embedded memory store): outside
     /// a cluster a home acks a publish as soon as the store has it.
     pub store_acks_at_home: bool,
+    /// Most connections one user may hold on this node (`None`: no cap).
+    pub max_connections_per_user: Option<usize>,
 }
 
 /// The time an input is handled at.
@@ -889,12 +907,28 @@ impl Homes {
                     self.to_conn(ports, conn, frame);
                 }
             }
-            Request::UserOnline { user, shard: at } => {
+            Request::UserOnline {
+                user,
+                shard: at,
+                conn,
+            } => {
                 let n = self.settings.shards;
-                if !self.users.contains_key(&user) {
-                    ports.subscribe(Topic::User(&user), true);
+                let counts = self.users.get(&user);
+                let open: usize = counts.map_or(0, |c| c.iter().map(|&x| x as usize).sum());
+                if self
+                    .settings
+                    .max_connections_per_user
+                    .is_some_and(|cap| open >= cap)
+                {
+                    ports.count(Count::UserCapRefused);
+                    let why = Refusal::TooManyForUser;
+                    ports.deliver(conn.shard as usize, Delivery::Refused { conn, why });
+                } else {
+                    if counts.is_none() {
+                        ports.subscribe(Topic::User(&user), true);
+                    }
+                    self.users.entry(user).or_insert_with(|| vec![0; n])[at as usize] += 1;
                 }
-                self.users.entry(user).or_insert_with(|| vec![0; n])[at as usize] += 1;
             }
             Request::UserOffline { user, shard: at } => {
                 if let Some(counts) = self.users.get_mut(&user) {

@@ -26,6 +26,7 @@ pub mod close {
     pub const AUTH_REQUIRED: u16 = 4001;
     pub const INVALID_TOKEN: u16 = 4002;
     pub const TOKEN_EXPIRED: u16 = 4003;
+    pub const TOO_MANY_CONNECTIONS: u16 = 4004;
 }
 
 /// A frame from the client.

@@ -31,7 +31,7 @@ use std::{
 use crate::{
     auth::{AuthError, Claims, Verifier, MAX_SUBJECT_BYTES},
     home_shard,
-    homes::Request,
+    homes::{Refusal, Request},
     message::{ConnRef, Publish},
     proto::{self, close, ClientFrame, ErrorCode},
     ratelimit::TokenBucket,
@@ -120,11 +120,15 @@ pub struct Session {
     /// Before authentication: when to give up (4001); after: when the
     /// token expires (4003). `None`: never (anonymous, or no `exp`).
     deadline: Option<Instant>,
+    /// The user's home did not count this connection: it closes now, and
+    /// has no `UserOffline` to send.
+    refused: Option<Refusal>,
 }
 
 const SEND_CONNECT_FIRST: &str = "authentication required: send connect first";
 const AUTH_TIMED_OUT: &str = "authentication required: no token and no connect frame in time";
 const TOKEN_RAN_OUT: &str = "token expired: send refresh with a new token before exp";
+const TOO_MANY: &str = "too many connections for this user: close another one first";
 
 /// Checks `token` and says when, on the shard's clock, it stops being
 /// accepted (`None`: it has no `exp`).
@@ -173,6 +177,7 @@ impl Session {
             joins: 0,
             bucket: TokenBucket::new(rules.rate_limit_per_s, rules.rate_limit_burst, now),
             deadline: None,
+            refused: None,
         };
         let outcome = match token {
             Some(t) => session.connect(rules, place, t, now, ports),
@@ -199,10 +204,19 @@ impl Session {
     /// 4003 when its token expires without a `refresh`.
     pub fn deadline(&self) -> Option<(Instant, u16, &'static str)> {
         let at = self.deadline?;
-        Some(match self.user {
-            None => (at, close::AUTH_REQUIRED, AUTH_TIMED_OUT),
-            Some(_) => (at, close::TOKEN_EXPIRED, TOKEN_RAN_OUT),
+        Some(match (self.refused, &self.user) {
+            (Some(Refusal::TooManyForUser), _) => (at, close::TOO_MANY_CONNECTIONS, TOO_MANY),
+            (None, None) => (at, close::AUTH_REQUIRED, AUTH_TIMED_OUT),
+            (None, Some(_)) => (at, close::TOKEN_EXPIRED, TOKEN_RAN_OUT),
         })
+    }
+
+    /// The user's home refused this connection ([`Request::UserOnline`]
+    /// over the per-user cap): its deadline is now, with the refusal's
+    /// close code.
+    pub fn refuse(&mut self, why: Refusal, now: Instant) {
+        self.refused = Some(why);
+        self.deadline = Some(now);
     }
 
     /// Is this join of `room` asked for and not yet confirmed by the home?
@@ -265,6 +279,7 @@ impl Session {
             Request::UserOnline {
                 user: user.clone(),
                 shard: place.me.shard,
+                conn: place.me,
             },
         );
         let conn_id = format!("{}.{}", place.me.shard, place.me.key);
@@ -489,6 +504,10 @@ impl Session {
             }
         }
         ports.remove_local_user(&user);
+        if self.refused.is_some() {
+            // Never counted online at the user's home.
+            return;
+        }
         let home = user_home_shard(&user, place.shards);
         let req = Request::UserOffline {
             user,

@@ -102,6 +102,8 @@ pub struct Settings {
     /// How long the store keeps an idle room's seq and epoch; a tombstone
     /// older than that is not trusted.
     pub history_meta_ttl: Duration,
+    /// Most connections one user may hold on this node (`None`: no cap).
+    pub max_connections_per_user: Option<usize>,
 }
 
 /// A resume answer: the join's nonce, the `joined` frame and the missed
@@ -279,6 +281,7 @@ impl ChatShard {
             history_meta_ttl: settings.history_meta_ttl,
             store_keeps_presence: storage.keeps_presence(),
             store_acks_at_home: storage.acks_at_home(),
+            max_connections_per_user: settings.max_connections_per_user,
         });
         let Lower {
             local,
@@ -533,6 +536,7 @@ impl Ports for Driver<'_> {
             Count::Repaired(n) => bump(mesh.map(|x| &x.repaired), n),
             Count::Unrepaired(n) => bump(mesh.map(|x| &x.unrepaired), n),
             Count::Rehomed => bump(mesh.map(|x| &x.rehomed), 1),
+            Count::UserCapRefused => m.user_cap_refusals.inc(),
         }
     }
 }
@@ -877,6 +881,18 @@ fn handle_delivery(chat: &ChatShard, d: Delivery) {
             if let Some(c) = chat.lookup(conn) {
                 c.enqueue(&chat.local, &frame);
             }
+        }
+        Delivery::Refused { conn, why } => {
+            // The session's deadline becomes now; the connection's timer
+            // closes it with the refusal's code.
+            let Some(c) = chat.lookup(conn) else { return };
+            let now = chat.local.clock.get();
+            if let Some(session) = c.app.borrow_mut().as_mut() {
+                session.refuse(why, now);
+            }
+            c.deadline.set(now);
+            c.fired.set(true);
+            c.wake();
         }
         Delivery::ToUser { user, frame } => {
             let users = chat.local_users.borrow();

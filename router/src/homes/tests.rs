@@ -178,6 +178,7 @@ fn settings(clustered: bool, acks_at_home: bool) -> Settings {
         history_meta_ttl: Duration::from_secs(60),
         store_keeps_presence: false,
         store_acks_at_home: acks_at_home,
+        max_connections_per_user: None,
     }
 }
 
@@ -861,6 +862,7 @@ fn presence_events_and_direct_messages_reach_the_shards_with_members() {
             Input::Request(Request::UserOnline {
                 user: "b".into(),
                 shard,
+                conn: conn(shard, 9),
             }),
             clock.now(),
             &mut rec,
@@ -884,4 +886,58 @@ fn presence_events_and_direct_messages_reach_the_shards_with_members() {
         .collect();
     assert_eq!(to, [0, 1]);
     assert_eq!(rec.frames_to(conn(0, 1))[0]["delivered"], 2);
+}
+
+#[test]
+fn a_user_at_the_cap_gets_its_next_connection_refused_until_one_goes() {
+    let mut h = Homes::new(Settings {
+        max_connections_per_user: Some(2),
+        ..settings(false, true)
+    });
+    let mut rec = Rec::new();
+    let clock = Clock::new();
+    let online = |shard: u16, key: u32| {
+        Input::Request(Request::UserOnline {
+            user: "u".into(),
+            shard,
+            conn: conn(shard, key),
+        })
+    };
+    let refused = |rec: &Rec| -> Vec<(usize, ConnRef)> {
+        let r = rec.deliveries.iter().filter_map(|(to, d)| match d {
+            Delivery::Refused {
+                conn,
+                why: Refusal::TooManyForUser,
+            } => Some((*to, *conn)),
+            _ => None,
+        });
+        r.collect()
+    };
+    // Two connections, on two shards: both counted.
+    h.handle(online(0, 1), clock.now(), &mut rec);
+    h.handle(online(1, 2), clock.now(), &mut rec);
+    assert!(refused(&rec).is_empty());
+    // The third, wherever it is, is refused back to its own shard.
+    h.handle(online(1, 3), clock.now(), &mut rec);
+    assert_eq!(refused(&rec), [(1, conn(1, 3))]);
+    assert_eq!(rec.counts, [Count::UserCapRefused]);
+    // Another user is not affected.
+    let other = Request::UserOnline {
+        user: "v".into(),
+        shard: 0,
+        conn: conn(0, 4),
+    };
+    h.handle(Input::Request(other), clock.now(), &mut rec);
+    assert_eq!(refused(&rec).len(), 1);
+    // One goes offline: the next one is counted.
+    let offline = Request::UserOffline {
+        user: "u".into(),
+        shard: 0,
+    };
+    h.handle(Input::Request(offline), clock.now(), &mut rec);
+    rec.clear();
+    h.handle(online(0, 5), clock.now(), &mut rec);
+    assert!(refused(&rec).is_empty());
+    h.handle(online(0, 6), clock.now(), &mut rec);
+    assert_eq!(refused(&rec), [(0, conn(0, 6))]);
 }

@@ -174,7 +174,9 @@ fn a_token_in_the_request_authenticates_at_once() {
     assert_eq!(c.rec.users, ["alice"]);
     let (to, req) = &c.rec.requests[0];
     assert_eq!(*to, user_home_shard("alice", SHARDS));
-    assert!(matches!(req, Request::UserOnline { user, shard: 1 } if &**user == "alice"));
+    assert!(
+        matches!(req, Request::UserOnline { user, shard: 1, conn } if &**user == "alice" && *conn == ME)
+    );
 }
 
 #[test]
@@ -632,4 +634,26 @@ fn a_refreshed_tokens_room_claims_apply_from_then_on() {
         (r#"{"type":"join","room":"a"}"#, Some("forbidden")),
         (r#"{"type":"join","room":"c"}"#, None),
     ]);
+}
+
+#[test]
+fn a_connection_the_users_home_refused_closes_now_and_never_goes_offline() {
+    let mut c = Client::authed("alice", None, None);
+    c.send(r#"{"type":"join","room":"a"}"#);
+    assert!(c.s.mark_joined("a", 1));
+    let later = c.at + Duration::from_millis(5);
+    c.s.refuse(Refusal::TooManyForUser, later);
+    let (at, code, reason) = c.s.deadline().unwrap();
+    assert_eq!((at, code), (later, close::TOO_MANY_CONNECTIONS));
+    assert!(reason.contains("too many connections"), "{reason}");
+    let Client { s, mut rec, .. } = c;
+    rec.requests.clear();
+    s.close(place(), &mut rec);
+    assert_eq!(rec.removed_members, ["a"], "its rooms are left as usual");
+    assert!(rec.users.is_empty(), "and the local user table forgets it");
+    let offline = rec
+        .requests
+        .iter()
+        .any(|(_, r)| matches!(r, Request::UserOffline { .. }));
+    assert!(!offline, "the home never counted it");
 }
