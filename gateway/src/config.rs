@@ -174,6 +174,13 @@ pub struct ChatArgs {
     #[arg(long, env = "CORECAST_MAX_CONNECTIONS_PER_USER", default_value_t = 0)]
     pub max_connections_per_user: usize,
 
+    /// Most /ws connections from one client address (IPv4, or IPv6 whole)
+    /// on this node; the next one is closed with 4005 right after its
+    /// upgrade. 0: no cap. Behind a proxy every client has the proxy's
+    /// address: cap in the proxy then.
+    #[arg(long, env = "CORECAST_MAX_CONNECTIONS_PER_IP", default_value_t = 0)]
+    pub max_connections_per_ip: usize,
+
     /// Rooms one connection may be in at once. Guards the per-room tables
     /// against one client joining everything.
     #[arg(long, env = "CORECAST_MAX_ROOMS_PER_CONNECTION", default_value_t = 64)]
@@ -414,6 +421,7 @@ impl Config {
             presence_ttl: Duration::from_secs(self.storage.presence_ttl_s),
             history_meta_ttl: Duration::from_secs(self.storage.history_meta_ttl_s),
             max_connections_per_user: Some(self.chat.max_connections_per_user).filter(|&n| n > 0),
+            max_connections_per_ip: Some(self.chat.max_connections_per_ip).filter(|&n| n > 0),
         };
         Ok((chat, key_files))
     }

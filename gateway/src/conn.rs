@@ -84,8 +84,17 @@ pub trait Host: 'static {
     /// Wakes `waker` when the congestion clears (once per congestion:
     /// `epoch` remembers the release it registered for).
     fn wait_uncongested(&self, waker: &Waker, epoch: &Cell<u64>);
-    /// A `/ws` upgrade was answered; `token` came with the request.
-    fn opened(&self, conn: &ConnShared<Self::App>, key: u32, token: Option<&str>) -> Outcome;
+    /// Whether `opened` wants the client's address (a per-address cap).
+    fn wants_peer(&self) -> bool;
+    /// A `/ws` upgrade was answered; `token` came with the request, `peer`
+    /// is the client's address when `wants_peer`.
+    fn opened(
+        &self,
+        conn: &ConnShared<Self::App>,
+        key: u32,
+        token: Option<&str>,
+        peer: Option<std::net::IpAddr>,
+    ) -> Outcome;
     /// A text message arrived on `/ws`.
     fn text(&self, conn: &ConnShared<Self::App>, key: u32, text: &[u8]) -> Outcome;
     /// A `/ws` connection is gone.
@@ -785,7 +794,8 @@ impl<H: Host> Conn<H> {
                     self.endpoint = Endpoint::Chat;
                     self.open();
                     let token = req.token.as_deref();
-                    match self.host.opened(&self.shared, self.key, token) {
+                    let peer = self.host.wants_peer().then(|| self.peer()).flatten();
+                    match self.host.opened(&self.shared, self.key, token, peer) {
                         Outcome::Continue => self.rearm(),
                         Outcome::Close(code, reason) => return self.start_close(code, reason),
                     }
@@ -1102,6 +1112,14 @@ impl<H: Host> Conn<H> {
             _ => self.phase_deadline,
         };
         self.shared.deadline.set(deadline);
+    }
+
+    /// The client's address, asked of the kernel (once, at the upgrade).
+    fn peer(&self) -> Option<std::net::IpAddr> {
+        let addr = rustix::net::getpeername(&self.socket).ok()??;
+        std::net::SocketAddr::try_from(addr)
+            .ok()
+            .map(|a| a.ip().to_canonical())
     }
 
     fn app_deadline(&self) -> Option<(Instant, u16, &'static str)> {

@@ -140,6 +140,9 @@ pub struct ShardMetrics {
     /// Connections closed (4004) because their user was at
     /// `--max-connections-per-user` on this node (counted at the user's home).
     pub user_cap_refusals: Counter,
+    /// Connections closed (4005): their address was at
+    /// `--max-connections-per-ip` on this node (counted at its home).
+    pub address_cap_refusals: Counter,
     /// Messages sent to another shard (requests and deliveries).
     pub cross_shard_messages: Counter,
     /// Sends that found a ring full and queued locally instead.
@@ -185,7 +188,7 @@ pub fn render(shards: &[ShardMetrics], draining: bool) -> String {
         &'static str,
         fn(&ShardMetrics) -> &Counter,
     );
-    let simple: [Series; 32] = [
+    let simple: [Series; 33] = [
         (
             "corecast_io_buffers_lent",
             "gauge",
@@ -335,6 +338,12 @@ pub fn render(shards: &[ShardMetrics], draining: bool) -> String {
             "counter",
             "Connections closed with 4004: their user already had --max-connections-per-user on this node (counted by the user's home shard).",
             |m| &m.user_cap_refusals,
+        ),
+        (
+            "corecast_address_cap_refusals_total",
+            "counter",
+            "Connections closed with 4005: their address already had --max-connections-per-ip on this node (counted by the address's home shard).",
+            |m| &m.address_cap_refusals,
         ),
         (
             "corecast_cross_shard_messages_total",

@@ -100,8 +100,18 @@ impl Host for Shard {
         self.chat.wait_uncongested(waker, epoch);
     }
 
-    fn opened(&self, conn: &Member, key: u32, token: Option<&str>) -> Outcome {
-        session::on_open(&self.chat, conn, self.conn_ref(conn, key), token)
+    fn wants_peer(&self) -> bool {
+        self.chat.settings.max_connections_per_ip.is_some()
+    }
+
+    fn opened(
+        &self,
+        conn: &Member,
+        key: u32,
+        token: Option<&str>,
+        peer: Option<std::net::IpAddr>,
+    ) -> Outcome {
+        session::on_open(&self.chat, conn, self.conn_ref(conn, key), token, peer)
     }
 
     fn text(&self, conn: &Member, key: u32, text: &[u8]) -> Outcome {

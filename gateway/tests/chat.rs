@@ -732,3 +732,60 @@ fn a_user_over_the_per_user_cap_is_closed_with_4004() {
         "a connection after one closed is not refused"
     );
 }
+
+/// A chat connection from the loopback source address `from`.
+fn connect_from(server: &TestServer, from: &str, user: &str) -> Chat {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    let source: std::net::SocketAddr = format!("{from}:0").parse().unwrap();
+    socket.bind(&source.into()).unwrap();
+    socket.connect(&server.addr.into()).unwrap();
+    let stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let url = format!("ws://{}/ws?token={}", server.addr, token(user));
+    let (ws, _) = tungstenite::client(url, stream).expect("handshake");
+    Chat {
+        ws,
+        user: user.into(),
+    }
+}
+
+#[test]
+fn an_address_over_the_per_address_cap_is_closed_with_4005() {
+    let server = chat_server(&["--max-connections-per-ip", "2", "--shards", "2"]);
+    let mut a1 = connect_from(&server, "127.0.0.1", "a1");
+    let mut a2 = connect_from(&server, "127.0.0.1", "a2");
+    assert_eq!(a1.recv()["type"], "welcome");
+    assert_eq!(a2.recv()["type"], "welcome");
+    // The third from the same address is closed; another address is not.
+    let mut a3 = connect_from(&server, "127.0.0.1", "a3");
+    let (code, reason) = a3.close_code();
+    assert_eq!(code, 4005, "{reason}");
+    assert!(reason.contains("this address"), "{reason}");
+    let mut b1 = connect_from(&server, "127.0.0.2", "b1");
+    assert_eq!(b1.recv()["type"], "welcome");
+    std::thread::sleep(Duration::from_millis(200));
+    b1.send(json!({"type":"presence","room":"r"}));
+    assert_eq!(b1.recv_or_close().map(|v| v["type"].clone()), Ok("presence".into()));
+    assert_eq!(server.metric("corecast_address_cap_refusals_total", ""), 1);
+    // One closes: the address may connect again.
+    a1.ws.close(None).unwrap();
+    while a1.ws.read().is_ok() {}
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let mut c = connect_from(&server, "127.0.0.1", "a4");
+            std::thread::sleep(Duration::from_millis(200));
+            c.send(json!({"type":"presence","room":"r"}));
+            loop {
+                match c.recv_or_close() {
+                    Ok(v) if v["type"] == "presence" => return true,
+                    Ok(_) => continue,
+                    Err(_) => return false,
+                }
+            }
+        }),
+        "a slot came free"
+    );
+    a2.send(json!({"type":"presence","room":"r"}));
+    assert_eq!(a2.recv_type("presence")["room"], "r");
+}

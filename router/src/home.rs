@@ -28,6 +28,12 @@ pub fn user_home_shard(user: &str, shards: usize) -> usize {
     home_shard(&format!("user:{user}"), shards)
 }
 
+/// The shard (of `shards`) that counts the connections from address `ip`
+/// on a node.
+pub fn peer_home_shard(ip: std::net::IpAddr, shards: usize) -> usize {
+    home_shard(&format!("ip:{ip}"), shards)
+}
+
 /// The node (of the live `nodes`, by id) that owns `room`: highest random
 /// weight. When a node leaves, only the rooms it owned move; when one joins,
 /// it takes about 1/n of the rooms, from every node evenly. `None` if no node

@@ -39,6 +39,7 @@
 
 use std::{
     collections::{HashMap, VecDeque},
+    net::IpAddr,
     sync::Arc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -123,6 +124,17 @@ pub enum Request {
         user: Arc<str>,
         shard: u16,
     },
+    /// A `/ws` connection from `ip` opened (sent to the address's home
+    /// shard, [`crate::home::peer_home_shard`], when a per-address cap is
+    /// set). Over the cap the home answers [`Delivery::Refused`].
+    PeerOnline {
+        ip: IpAddr,
+        conn: ConnRef,
+    },
+    /// A connection the address's home counted closed.
+    PeerOffline {
+        ip: IpAddr,
+    },
     Direct {
         to: Arc<str>,
         from: Arc<str>,
@@ -190,6 +202,8 @@ pub enum Delivery {
 pub enum Refusal {
     /// The user has `max_connections_per_user` connections on this node.
     TooManyForUser,
+    /// The address has `max_connections_per_ip` connections on this node.
+    TooManyForAddress,
 }
 
 /// A topic a node subscribes to on the other nodes' PUB sockets.
@@ -229,6 +243,8 @@ pub enum Count {
     Rehomed,
     /// A connection refused: its user is at the per-user cap.
     UserCapRefused,
+    /// A connection refused: its address is at the per-address cap.
+    AddressCapRefused,
 }
 
 /// Where the homes act: implemented by the gateway over its rings, store
@@ -284,6 +300,8 @@ pub struct Settings {
     pub store_acks_at_home: bool,
     /// Most connections one user may hold on this node (`None`: no cap).
     pub max_connections_per_user: Option<usize>,
+    /// Most `/ws` connections from one address on this node (`None`: no cap).
+    pub max_connections_per_ip: Option<usize>,
 }
 
 /// The time an input is handled at.
@@ -485,6 +503,8 @@ pub struct Homes {
     tombstones: HashMap<Arc<str>, Tombstone>,
     /// Users homed here: connections per shard.
     users: HashMap<Arc<str>, Vec<u32>>,
+    /// Open connections per address homed here (only with a per-address cap).
+    peers: HashMap<IpAddr, usize>,
 }
 
 impl Homes {
@@ -500,6 +520,7 @@ impl Homes {
             rooms: HashMap::new(),
             tombstones: HashMap::new(),
             users: HashMap::new(),
+            peers: HashMap::new(),
         }
     }
 
@@ -928,6 +949,28 @@ impl Homes {
                         ports.subscribe(Topic::User(&user), true);
                     }
                     self.users.entry(user).or_insert_with(|| vec![0; n])[at as usize] += 1;
+                }
+            }
+            Request::PeerOnline { ip, conn } => {
+                let open = self.peers.get(&ip).copied().unwrap_or(0);
+                if self
+                    .settings
+                    .max_connections_per_ip
+                    .is_some_and(|cap| open >= cap)
+                {
+                    ports.count(Count::AddressCapRefused);
+                    let why = Refusal::TooManyForAddress;
+                    ports.deliver(conn.shard as usize, Delivery::Refused { conn, why });
+                } else {
+                    *self.peers.entry(ip).or_insert(0) += 1;
+                }
+            }
+            Request::PeerOffline { ip } => {
+                if let Some(open) = self.peers.get_mut(&ip) {
+                    *open = open.saturating_sub(1);
+                    if *open == 0 {
+                        self.peers.remove(&ip);
+                    }
                 }
             }
             Request::UserOffline { user, shard: at } => {

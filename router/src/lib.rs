@@ -41,4 +41,4 @@ pub mod room;
 pub mod session;
 pub mod store;
 
-pub use home::{home_node, home_node_by, home_shard, room_hash, user_home_shard};
+pub use home::{home_node, home_node_by, home_shard, peer_home_shard, room_hash, user_home_shard};

@@ -27,6 +27,7 @@ pub mod close {
     pub const INVALID_TOKEN: u16 = 4002;
     pub const TOKEN_EXPIRED: u16 = 4003;
     pub const TOO_MANY_CONNECTIONS: u16 = 4004;
+    pub const TOO_MANY_FROM_ADDRESS: u16 = 4005;
 }
 
 /// A frame from the client.

@@ -24,6 +24,7 @@
 //!   else does.
 
 use std::{
+    net::IpAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -33,6 +34,7 @@ use crate::{
     home_shard,
     homes::{Refusal, Request},
     message::{ConnRef, Publish},
+    peer_home_shard,
     proto::{self, close, ClientFrame, ErrorCode},
     ratelimit::TokenBucket,
     store::Query,
@@ -120,15 +122,20 @@ pub struct Session {
     /// Before authentication: when to give up (4001); after: when the
     /// token expires (4003). `None`: never (anonymous, or no `exp`).
     deadline: Option<Instant>,
-    /// The user's home did not count this connection: it closes now, and
-    /// has no `UserOffline` to send.
-    refused: Option<Refusal>,
+    /// The address counted at its home shard (only with a per-address
+    /// cap; boxed, so a session without one pays a null pointer).
+    peer: Option<Box<IpAddr>>,
+    /// A home did not count this connection (`refuse`): it closes now, and
+    /// does not tell that home it went.
+    refused_user: bool,
+    refused_peer: bool,
 }
 
 const SEND_CONNECT_FIRST: &str = "authentication required: send connect first";
 const AUTH_TIMED_OUT: &str = "authentication required: no token and no connect frame in time";
 const TOKEN_RAN_OUT: &str = "token expired: send refresh with a new token before exp";
 const TOO_MANY: &str = "too many connections for this user: close another one first";
+const TOO_MANY_FROM_ADDRESS: &str = "too many connections from this address";
 
 /// Checks `token` and says when, on the shard's clock, it stops being
 /// accepted (`None`: it has no `exp`).
@@ -167,6 +174,7 @@ impl Session {
         rules: &Rules,
         place: Place,
         token: Option<&str>,
+        peer: Option<IpAddr>,
         now: Instant,
         ports: &mut dyn Ports,
     ) -> (Session, Outcome) {
@@ -177,8 +185,15 @@ impl Session {
             joins: 0,
             bucket: TokenBucket::new(rules.rate_limit_per_s, rules.rate_limit_burst, now),
             deadline: None,
-            refused: None,
+            peer: None,
+            refused_user: false,
+            refused_peer: false,
         };
+        if let Some(ip) = peer {
+            let req = Request::PeerOnline { ip, conn: place.me };
+            ports.request(peer_home_shard(ip, place.shards), req);
+            session.peer = Some(Box::new(ip));
+        }
         let outcome = match token {
             Some(t) => session.connect(rules, place, t, now, ports),
             None if rules.allow_anonymous => {
@@ -204,18 +219,25 @@ impl Session {
     /// 4003 when its token expires without a `refresh`.
     pub fn deadline(&self) -> Option<(Instant, u16, &'static str)> {
         let at = self.deadline?;
-        Some(match (self.refused, &self.user) {
-            (Some(Refusal::TooManyForUser), _) => (at, close::TOO_MANY_CONNECTIONS, TOO_MANY),
-            (None, None) => (at, close::AUTH_REQUIRED, AUTH_TIMED_OUT),
-            (None, Some(_)) => (at, close::TOKEN_EXPIRED, TOKEN_RAN_OUT),
+        Some(if self.refused_peer {
+            (at, close::TOO_MANY_FROM_ADDRESS, TOO_MANY_FROM_ADDRESS)
+        } else if self.refused_user {
+            (at, close::TOO_MANY_CONNECTIONS, TOO_MANY)
+        } else if self.user.is_none() {
+            (at, close::AUTH_REQUIRED, AUTH_TIMED_OUT)
+        } else {
+            (at, close::TOKEN_EXPIRED, TOKEN_RAN_OUT)
         })
     }
 
-    /// The user's home refused this connection ([`Request::UserOnline`]
-    /// over the per-user cap): its deadline is now, with the refusal's
-    /// close code.
+    /// A home refused this connection ([`Request::UserOnline`] over the
+    /// per-user cap, [`Request::PeerOnline`] over the per-address cap): its
+    /// deadline is now, with the refusal's close code.
     pub fn refuse(&mut self, why: Refusal, now: Instant) {
-        self.refused = Some(why);
+        match why {
+            Refusal::TooManyForUser => self.refused_user = true,
+            Refusal::TooManyForAddress => self.refused_peer = true,
+        }
         self.deadline = Some(now);
     }
 
@@ -497,6 +519,13 @@ impl Session {
 
     /// The connection is going away: leave its rooms, go offline.
     pub fn close(self, place: Place, ports: &mut dyn Ports) {
+        if let (Some(ip), false) = (self.peer, self.refused_peer) {
+            let ip = *ip;
+            ports.request(
+                peer_home_shard(ip, place.shards),
+                Request::PeerOffline { ip },
+            );
+        }
         let Some(user) = self.user else { return };
         for entry in self.rooms {
             if entry.joined {
@@ -504,7 +533,7 @@ impl Session {
             }
         }
         ports.remove_local_user(&user);
-        if self.refused.is_some() {
+        if self.refused_user {
             // Never counted online at the user's home.
             return;
         }

@@ -104,6 +104,8 @@ pub struct Settings {
     pub history_meta_ttl: Duration,
     /// Most connections one user may hold on this node (`None`: no cap).
     pub max_connections_per_user: Option<usize>,
+    /// Most `/ws` connections from one address on this node (`None`: no cap).
+    pub max_connections_per_ip: Option<usize>,
 }
 
 /// A resume answer: the join's nonce, the `joined` frame and the missed
@@ -282,6 +284,7 @@ impl ChatShard {
             store_keeps_presence: storage.keeps_presence(),
             store_acks_at_home: storage.acks_at_home(),
             max_connections_per_user: settings.max_connections_per_user,
+            max_connections_per_ip: settings.max_connections_per_ip,
         });
         let Lower {
             local,
@@ -537,6 +540,7 @@ impl Ports for Driver<'_> {
             Count::Unrepaired(n) => bump(mesh.map(|x| &x.unrepaired), n),
             Count::Rehomed => bump(mesh.map(|x| &x.rehomed), 1),
             Count::UserCapRefused => m.user_cap_refusals.inc(),
+            Count::AddressCapRefused => m.address_cap_refusals.inc(),
         }
     }
 }

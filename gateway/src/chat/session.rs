@@ -97,10 +97,17 @@ fn outcome(step: Step) -> Outcome {
 
 /// Right after the upgrade: authenticate from the request's token, or
 /// anonymously, or start waiting for a `connect` frame.
-pub fn on_open(chat: &ChatShard, conn: &Member, me: ConnRef, token: Option<&str>) -> Outcome {
+pub fn on_open(
+    chat: &ChatShard,
+    conn: &Member,
+    me: ConnRef,
+    token: Option<&str>,
+    peer: Option<std::net::IpAddr>,
+) -> Outcome {
     let mut driver = Driver { chat, conn, me };
     let rules = &chat.settings.session;
-    let (session, step) = Session::open(rules, place(chat, me), token, now(chat), &mut driver);
+    let place = place(chat, me);
+    let (session, step) = Session::open(rules, place, token, peer, now(chat), &mut driver);
     *conn.app.borrow_mut() = Some(Box::new(session));
     outcome(step)
 }

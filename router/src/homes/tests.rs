@@ -179,6 +179,7 @@ fn settings(clustered: bool, acks_at_home: bool) -> Settings {
         store_keeps_presence: false,
         store_acks_at_home: acks_at_home,
         max_connections_per_user: None,
+        max_connections_per_ip: None,
     }
 }
 
@@ -940,4 +941,34 @@ fn a_user_at_the_cap_gets_its_next_connection_refused_until_one_goes() {
     assert!(refused(&rec).is_empty());
     h.handle(online(0, 6), clock.now(), &mut rec);
     assert_eq!(refused(&rec), [(0, conn(0, 6))]);
+}
+
+#[test]
+fn an_address_at_the_cap_gets_its_next_connection_refused_until_one_goes() {
+    let mut h = Homes::new(Settings {
+        max_connections_per_ip: Some(1),
+        ..settings(false, true)
+    });
+    let (mut rec, clock) = (Rec::new(), Clock::new());
+    let a: std::net::IpAddr = "198.51.100.1".parse().unwrap();
+    let b: std::net::IpAddr = "2001:db8::1".parse().unwrap();
+    let mut online = |h: &mut Homes, ip, key| {
+        let req = Request::PeerOnline {
+            ip,
+            conn: conn(1, key),
+        };
+        rec.clear();
+        h.handle(Input::Request(req), clock.now(), &mut rec);
+        let refused = rec.deliveries.iter().any(|(to, d)| {
+            *to == 1
+                && matches!(d, Delivery::Refused { conn: c, why: Refusal::TooManyForAddress } if *c == conn(1, key))
+        });
+        (refused, rec.counts.clone())
+    };
+    assert_eq!(online(&mut h, a, 1), (false, vec![]));
+    assert_eq!(online(&mut h, a, 2), (true, vec![Count::AddressCapRefused]));
+    assert_eq!(online(&mut h, b, 3), (false, vec![]), "another address");
+    let offline = Request::PeerOffline { ip: a };
+    h.handle(Input::Request(offline), clock.now(), &mut Rec::new());
+    assert_eq!(online(&mut h, a, 4), (false, vec![]), "the slot came free");
 }

@@ -1,7 +1,10 @@
 //! A session without sockets or executors: client frames in, effects
 //! recorded by [`Rec`].
 
-use std::time::{Duration, Instant};
+use std::{
+    net::IpAddr,
+    time::{Duration, Instant},
+};
 
 use serde_json::Value;
 
@@ -112,7 +115,7 @@ impl Client {
     /// Opens a session with `token` in the upgrade request.
     fn open(rules: Rules, token: Option<&str>) -> (Client, Outcome) {
         let (at, mut rec) = (Instant::now(), Rec::default());
-        let (s, out) = Session::open(&rules, place(), token, at, &mut rec);
+        let (s, out) = Session::open(&rules, place(), token, None, at, &mut rec);
         (Client { rules, at, s, rec }, out)
     }
 
@@ -254,8 +257,8 @@ fn anonymous_mode_names_each_user() {
         ..rules()
     };
     let (at, mut rec) = (Instant::now(), Rec::default());
-    let (a, _) = Session::open(&rules, place(), None, at, &mut rec);
-    let (b, _) = Session::open(&rules, place(), None, at, &mut rec);
+    let (a, _) = Session::open(&rules, place(), None, None, at, &mut rec);
+    let (b, _) = Session::open(&rules, place(), None, None, at, &mut rec);
     assert_eq!(a.user().map(|u| &**u), Some("anon-1"));
     assert_eq!(b.user().map(|u| &**u), Some("anon-2"));
     assert_eq!(a.deadline(), None, "anonymous users hold no token");
@@ -656,4 +659,62 @@ fn a_connection_the_users_home_refused_closes_now_and_never_goes_offline() {
         .iter()
         .any(|(_, r)| matches!(r, Request::UserOffline { .. }));
     assert!(!offline, "the home never counted it");
+}
+
+#[test]
+fn the_address_is_counted_at_its_home_and_released_unless_refused() {
+    let ip: IpAddr = "192.0.2.7".parse().unwrap();
+    let home = peer_home_shard(ip, SHARDS);
+    let peer_requests = |rec: &Rec| -> Vec<(usize, String)> {
+        let r = rec.requests.iter().filter_map(|(to, r)| match r {
+            Request::PeerOnline { ip, conn } if *conn == ME => Some((*to, format!("on {ip}"))),
+            Request::PeerOffline { ip } => Some((*to, format!("off {ip}"))),
+            _ => None,
+        });
+        r.collect()
+    };
+    // Counted at open, before any token, and released at close.
+    let at = Instant::now();
+    let mut rec = Rec::default();
+    let (s, _) = Session::open(&rules(), place(), None, Some(ip), at, &mut rec);
+    s.close(place(), &mut rec);
+    let on_off = [
+        (home, "on 192.0.2.7".to_string()),
+        (home, "off 192.0.2.7".into()),
+    ];
+    assert_eq!(peer_requests(&rec), on_off);
+    // Refused by the address's home: 4005, and nothing to release there.
+    let mut rec = Rec::default();
+    let t = token("alice", None, None);
+    let (mut s, _) = Session::open(&rules(), place(), Some(&t), Some(ip), at, &mut rec);
+    s.refuse(Refusal::TooManyForAddress, at);
+    let (_, code, reason) = s.deadline().unwrap();
+    assert_eq!(code, close::TOO_MANY_FROM_ADDRESS, "{reason}");
+    s.close(place(), &mut rec);
+    assert_eq!(peer_requests(&rec), [(home, "on 192.0.2.7".to_string())]);
+    let offline = rec
+        .requests
+        .iter()
+        .any(|(_, r)| matches!(r, Request::UserOffline { .. }));
+    assert!(offline, "the user's home did count it: it is told");
+    // Refused by the user's home only: the address's count is released.
+    let mut rec = Rec::default();
+    let (mut s, _) = Session::open(&rules(), place(), Some(&t), Some(ip), at, &mut rec);
+    s.refuse(Refusal::TooManyForUser, at);
+    s.close(place(), &mut rec);
+    assert_eq!(peer_requests(&rec), on_off);
+    // Without an address (no per-address cap) nothing is counted.
+    let mut rec = Rec::default();
+    let (s, _) = Session::open(&rules(), place(), None, None, at, &mut rec);
+    s.close(place(), &mut rec);
+    assert!(peer_requests(&rec).is_empty());
+}
+
+#[test]
+fn a_session_stays_small() {
+    // Every chat connection holds one (boxed). Until a per-address cap or
+    // claims are in use it is this struct alone: keep it in a 128-byte
+    // allocation (120 bytes plus the allocator's 8).
+    let size = std::mem::size_of::<Session>();
+    assert!(size <= 120, "Session is {size} bytes");
 }
