@@ -741,7 +741,9 @@ fn connect_from(server: &TestServer, from: &str, user: &str) -> Chat {
     socket.bind(&source.into()).unwrap();
     socket.connect(&server.addr.into()).unwrap();
     let stream: TcpStream = socket.into();
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let url = format!("ws://{}/ws?token={}", server.addr, token(user));
     let (ws, _) = tungstenite::client(url, stream).expect("handshake");
     Chat {
@@ -766,7 +768,10 @@ fn an_address_over_the_per_address_cap_is_closed_with_4005() {
     assert_eq!(b1.recv()["type"], "welcome");
     std::thread::sleep(Duration::from_millis(200));
     b1.send(json!({"type":"presence","room":"r"}));
-    assert_eq!(b1.recv_or_close().map(|v| v["type"].clone()), Ok("presence".into()));
+    assert_eq!(
+        b1.recv_or_close().map(|v| v["type"].clone()),
+        Ok("presence".into())
+    );
     assert_eq!(server.metric("corecast_address_cap_refusals_total", ""), 1);
     // One closes: the address may connect again.
     a1.ws.close(None).unwrap();

@@ -936,14 +936,8 @@ impl Homes {
                 let n = self.settings.shards;
                 let counts = self.users.get(&user);
                 let open: usize = counts.map_or(0, |c| c.iter().map(|&x| x as usize).sum());
-                if self
-                    .settings
-                    .max_connections_per_user
-                    .is_some_and(|cap| open >= cap)
-                {
-                    ports.count(Count::UserCapRefused);
-                    let why = Refusal::TooManyForUser;
-                    ports.deliver(conn.shard as usize, Delivery::Refused { conn, why });
+                if at_cap(self.settings.max_connections_per_user, open) {
+                    refuse(ports, conn, Refusal::TooManyForUser);
                 } else {
                     if counts.is_none() {
                         ports.subscribe(Topic::User(&user), true);
@@ -953,14 +947,8 @@ impl Homes {
             }
             Request::PeerOnline { ip, conn } => {
                 let open = self.peers.get(&ip).copied().unwrap_or(0);
-                if self
-                    .settings
-                    .max_connections_per_ip
-                    .is_some_and(|cap| open >= cap)
-                {
-                    ports.count(Count::AddressCapRefused);
-                    let why = Refusal::TooManyForAddress;
-                    ports.deliver(conn.shard as usize, Delivery::Refused { conn, why });
+                if at_cap(self.settings.max_connections_per_ip, open) {
+                    refuse(ports, conn, Refusal::TooManyForAddress);
                 } else {
                     *self.peers.entry(ip).or_insert(0) += 1;
                 }
@@ -1471,6 +1459,20 @@ fn send_sync(
 }
 
 /// Sends a direct message to this node's connections of `user`.
+/// Whether `open` connections already fill `cap`.
+fn at_cap(cap: Option<usize>, open: usize) -> bool {
+    cap.is_some_and(|cap| open >= cap)
+}
+
+/// Tells a connection's shard that a home did not count it, and counts that.
+fn refuse(ports: &mut dyn Ports, conn: ConnRef, why: Refusal) {
+    ports.count(match why {
+        Refusal::TooManyForUser => Count::UserCapRefused,
+        Refusal::TooManyForAddress => Count::AddressCapRefused,
+    });
+    ports.deliver(conn.shard as usize, Delivery::Refused { conn, why });
+}
+
 fn deliver_to_user(ports: &mut dyn Ports, user: &Arc<str>, counts: &[u32], frame: &Arc<[u8]>) {
     for (s, _) in counts.iter().enumerate().filter(|(_, &c)| c > 0) {
         ports.deliver(
