@@ -2,7 +2,8 @@
 //! io_uring; each shard's sockets in one edge-triggered epoll set).
 //!
 //! # Layout
-//! - [`auth`]: HS256 JWT access tokens (the router crate's `auth`, re-exported).
+//! - [`auth`]: JWT access tokens, HS256, RS256 and ES256 (the router crate's
+//!   `auth`, re-exported).
 //! - [`config`]: command line and environment, validated into each subsystem's settings
 //!   (the shards' [`Limits`], chat, storage, mesh).
 //! - [`server`]: binds the per-shard listeners, starts the shards, drains.

@@ -22,7 +22,8 @@
 //! - [`proto`]: the `corecast.v1` wire format: client frames parsed, server
 //!   frames written straight into WebSocket frames (`corecast-ws` headers).
 //! - [`ratelimit`]: the token bucket behind per-connection rate limits.
-//! - [`auth`]: HS256 JWT access tokens: verify, mint, room permissions
+//! - [`auth`]: JWT access tokens: verify (HS256, and RS256/ES256 against
+//!   public keys that can be swapped while running), mint (HS256), room permissions
 //!   (the gateway checks them at the upgrade, loadgen mints them).
 //!
 //! Nothing here does I/O or knows an executor: the rings, the storage
