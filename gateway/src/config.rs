@@ -31,6 +31,12 @@ pub struct Config {
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Node")]
 pub struct NodeArgs {
+    /// A TOML file whose keys (each flag's name in snake case) set the flags'
+    /// defaults; flags and CORECAST_* variables override it. `gateway config
+    /// example` prints one.
+    #[arg(long, env = "CORECAST_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
+
     /// Address to listen on (every shard binds it with SO_REUSEPORT).
     #[arg(long, env = "CORECAST_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
@@ -580,6 +586,9 @@ pub struct ShardPlan {
     /// `Some(cpus)`: shard i is pinned to `cpus[i]`. `None`: unpinned.
     pub pinned: Option<Vec<usize>>,
 }
+
+mod file;
+pub use file::{example, with_file, with_text};
 
 /// A configuration error, with what to do about it.
 #[derive(Debug, thiserror::Error)]

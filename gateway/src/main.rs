@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use corecast_gateway::{auth, shutdown, Config};
 use signal_hook::{
     consts::{SIGHUP, SIGINT, SIGTERM},
@@ -28,6 +28,59 @@ struct Cli {
 enum Command {
     /// Print an HS256 access token for /ws, signed with --jwt-secret.
     Token(TokenArgs),
+    /// Check a configuration file, or print a commented example of one.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate FILE as `gateway --config FILE` would (flags and CORECAST_*
+    /// variables in the environment apply on top, as they would).
+    Check { file: std::path::PathBuf },
+    /// Print every key, with its help and default, commented out.
+    Example,
+}
+
+/// Parses the command line with the `--config` file as its defaults.
+fn parse() -> Result<Cli, String> {
+    let cli = Cli::parse();
+    let Some(path) = cli.config.node.config.clone() else {
+        return Ok(cli);
+    };
+    let cmd =
+        corecast_gateway::config::with_file(Cli::command(), &path).map_err(|e| e.to_string())?;
+    Cli::from_arg_matches(&cmd.get_matches()).map_err(|e| e.to_string())
+}
+
+fn config_command(c: ConfigCommand) -> ExitCode {
+    match c {
+        ConfigCommand::Example => {
+            print!("{}", corecast_gateway::config::example(&Config::command()));
+            ExitCode::SUCCESS
+        }
+        ConfigCommand::Check { file } => {
+            let checked = corecast_gateway::config::with_file(Config::command(), &file)
+                .and_then(|cmd| {
+                    let m = cmd
+                        .try_get_matches_from(["gateway"])
+                        .map_err(|e| corecast_gateway::config::ConfigError(e.to_string()))?;
+                    Config::from_arg_matches(&m)
+                        .map_err(|e| corecast_gateway::config::ConfigError(e.to_string()))
+                })
+                .and_then(|config| config.validate().map(|_| ()));
+            match checked {
+                Ok(()) => {
+                    println!("{}: ok", file.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("gateway config check: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
 }
 
 #[derive(Args)]
@@ -74,9 +127,17 @@ fn mint(args: TokenArgs) -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    if let Some(Command::Token(args)) = cli.command {
-        return mint(args);
+    let cli = match parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            eprintln!("gateway: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Some(Command::Token(args)) => return mint(args),
+        Some(Command::Config(c)) => return config_command(c),
+        None => {}
     }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let server = match corecast_gateway::Server::bind(cli.config) {
