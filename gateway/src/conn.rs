@@ -104,13 +104,9 @@ pub trait Host: 'static {
     fn deadline(app: &Self::App) -> Option<(Instant, u16, &'static str)>;
 }
 
-/// What the layer above tells a connection to do after its input.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Continue,
-    /// Close from our side with this code and reason.
-    Close(u16, &'static str),
-}
+/// What the layer above tells a connection to do after its input: go on,
+/// or close with a code and reason (the chat session's own answer).
+pub use corecast_router::session::Outcome;
 
 /// The shard's sockets: the listener's readiness and the live connections
 /// (for the epoll dispatcher, the sweeper, deliveries and the drain).
@@ -394,7 +390,7 @@ impl<A> ConnShared<A> {
         }
         let budget = local.limits.outbound_budget_bytes;
         let queued = self.queued();
-        if queued + frame.len() > budget.saturating_mul(HARD_CAP_BUDGETS) {
+        if queued + frame.len() > hard_cap(local) {
             self.cut_off(local);
             return;
         }
@@ -880,13 +876,10 @@ impl<H: Host> Conn<H> {
         } else {
             self.inbuf = Some(buf);
         }
-        // A frame may have brought the session's deadline forward (a
-        // `refresh` with a token that expires sooner): the sweeper must
-        // look at us by then.
-        if let Some((at, ..)) = self.app_deadline() {
-            if at < self.shared.deadline.get() {
-                self.shared.deadline.set(at);
-            }
+        // A chat frame may have moved the session's deadline (a `refresh`
+        // with a token that expires sooner or later).
+        if self.endpoint == Endpoint::Chat {
+            self.rearm();
         }
     }
 

@@ -453,13 +453,19 @@ pub fn render(shards: &[ShardMetrics], draining: bool) -> String {
     out
 }
 
-/// Writes one unlabelled series in the Prometheus text format: what the
+/// One unlabelled series a thread counts in an atomic: name, type, help.
+pub type AtomicSeries<'a> = (&'a str, &'a str, &'a str, &'a AtomicU64);
+
+/// Writes unlabelled series in the Prometheus text format: what the
 /// storage worker and the mesh render their own counters with.
-pub fn write_series(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
-    let _ = writeln!(
-        out,
-        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-    );
+pub fn write_series(out: &mut String, series: &[AtomicSeries<'_>]) {
+    for (name, kind, help, v) in series {
+        let value = v.load(Relaxed);
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    }
 }
 
 /// Resident set size from /proc/self/statm.

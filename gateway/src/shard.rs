@@ -44,7 +44,9 @@ use crate::{
 
 /// One shard, its layers assembled: its resources, its connections, its
 /// flush rounds and its chat. Each layer holds `Rc`s of those below it; the
-/// shard is what connections see above them (`conn::Host`).
+/// shard is what connections see above them (`conn::Host`). It keeps the
+/// same `Rc`s chat holds, so a connection reaches its resources in one hop
+/// rather than through chat.
 pub struct Shard {
     pub local: Rc<Local>,
     pub conns: Rc<Conns<Session>>,

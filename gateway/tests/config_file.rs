@@ -66,6 +66,14 @@ fn flags_and_variables_override_the_file() {
     assert!(by_env_file.contains("backlog 77"), "{by_env_file}");
 }
 
+fn check(file: &std::path::Path) -> std::process::Output {
+    let check = Command::new(GATEWAY)
+        .args(["config", "check"])
+        .arg(file)
+        .output();
+    check.unwrap()
+}
+
 #[test]
 fn config_check_and_example() {
     let example = Command::new(GATEWAY)
@@ -74,11 +82,7 @@ fn config_check_and_example() {
         .unwrap();
     assert!(example.status.success());
     let ex = file("example.toml", &String::from_utf8(example.stdout).unwrap());
-    let ok = Command::new(GATEWAY)
-        .args(["config", "check"])
-        .arg(&ex)
-        .output()
-        .unwrap();
+    let ok = check(&ex);
     assert!(
         ok.status.success(),
         "{}",
@@ -87,11 +91,7 @@ fn config_check_and_example() {
     assert!(String::from_utf8_lossy(&ok.stdout).ends_with(": ok\n"));
 
     let bad = file("bad.toml", "shards = 2\nlisen = \"127.0.0.1:1\"\n");
-    let out = Command::new(GATEWAY)
-        .args(["config", "check"])
-        .arg(&bad)
-        .output()
-        .unwrap();
+    let out = check(&bad);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -108,10 +108,6 @@ fn config_check_and_example() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown key \"lisen\""));
     // Values the file accepts but the configuration refuses name the flag.
     let zero = file("zero.toml", "outbound_budget_bytes = 0\n");
-    let out = Command::new(GATEWAY)
-        .args(["config", "check"])
-        .arg(&zero)
-        .output()
-        .unwrap();
+    let out = check(&zero);
     assert!(String::from_utf8_lossy(&out.stderr).contains("--outbound-budget-bytes"));
 }

@@ -337,18 +337,25 @@ impl Session {
         };
         let me = place.me;
         let room_home = |room: &str| home_shard(room, place.shards);
-        let may_join = |room: &str| self.claims.as_ref().is_none_or(|c| c.may_join(room));
+        // A room named by join, history or presence: a valid name, and one the
+        // token's claims let this user join.
+        let may_read = |room: &str, ports: &mut dyn Ports| {
+            if !proto::valid_room(room) {
+                return Err(refuse(ports, ErrorCode::InvalidRoom, None, None));
+            }
+            if self.claims.as_ref().is_some_and(|c| !c.may_join(room)) {
+                return Err(refuse(ports, ErrorCode::Forbidden, None, Some(room)));
+            }
+            Ok(())
+        };
         match frame {
             ClientFrame::Connect { .. } => {
                 refuse(ports, ErrorCode::AlreadyAuthenticated, None, None)
             }
             ClientFrame::Refresh { token } => self.refresh(rules, place, &user, &token, now, ports),
             ClientFrame::Join { room, since } => {
-                if !proto::valid_room(&room) {
-                    return refuse(ports, ErrorCode::InvalidRoom, None, None);
-                }
-                if !may_join(&room) {
-                    return refuse(ports, ErrorCode::Forbidden, None, Some(&room));
+                if let Err(refused) = may_read(&room, ports) {
+                    return refused;
                 }
                 if self.rooms.iter().any(|e| *e.room == *room) {
                     return refuse(ports, ErrorCode::AlreadyJoined, None, Some(&room));
@@ -437,11 +444,8 @@ impl Session {
                 Outcome::Continue
             }
             ClientFrame::History { room, since, limit } => {
-                if !proto::valid_room(&room) {
-                    return refuse(ports, ErrorCode::InvalidRoom, None, None);
-                }
-                if !may_join(&room) {
-                    return refuse(ports, ErrorCode::Forbidden, None, Some(&room));
+                if let Err(refused) = may_read(&room, ports) {
+                    return refused;
                 }
                 let max = rules.history_max_limit;
                 let n = limit.map_or(max.min(100), |l| (l as usize).min(max));
@@ -459,11 +463,8 @@ impl Session {
                 Outcome::Continue
             }
             ClientFrame::Presence { room } => {
-                if !proto::valid_room(&room) {
-                    return refuse(ports, ErrorCode::InvalidRoom, None, None);
-                }
-                if !may_join(&room) {
-                    return refuse(ports, ErrorCode::Forbidden, None, Some(&room));
+                if let Err(refused) = may_read(&room, ports) {
+                    return refused;
                 }
                 let room: Arc<str> = Arc::from(&*room);
                 let req = Request::Presence {

@@ -887,14 +887,12 @@ fn handle_delivery(chat: &ChatShard, d: Delivery) {
             }
         }
         Delivery::Refused { conn, why } => {
-            // The session's deadline becomes now; the connection's timer
-            // closes it with the refusal's code.
+            // The session's deadline becomes now; the connection's timer,
+            // fired at once, closes it with the refusal's code.
             let Some(c) = chat.lookup(conn) else { return };
-            let now = chat.local.clock.get();
             if let Some(session) = c.app.borrow_mut().as_mut() {
-                session.refuse(why, now);
+                session.refuse(why, chat.local.clock.get());
             }
-            c.deadline.set(now);
             c.fired.set(true);
             c.wake();
         }

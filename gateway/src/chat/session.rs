@@ -17,10 +17,9 @@
 use std::{sync::Arc, time::Instant};
 
 pub use corecast_router::session::Session;
-use corecast_router::session::{Count, Outcome as Step, Place, Ports};
+use corecast_router::session::{Count, Outcome, Place, Ports};
 
 use super::{ChatShard, ConnRef, Member, Request};
-use crate::conn::Outcome;
 
 /// The session's ports on this shard, for one connection.
 struct Driver<'a> {
@@ -88,13 +87,6 @@ fn now(chat: &ChatShard) -> Instant {
     chat.local.clock.get()
 }
 
-fn outcome(step: Step) -> Outcome {
-    match step {
-        Step::Continue => Outcome::Continue,
-        Step::Close(code, reason) => Outcome::Close(code, reason),
-    }
-}
-
 /// Right after the upgrade: authenticate from the request's token, or
 /// anonymously, or start waiting for a `connect` frame.
 pub fn on_open(
@@ -107,9 +99,9 @@ pub fn on_open(
     let mut driver = Driver { chat, conn, me };
     let rules = &chat.settings.session;
     let place = place(chat, me);
-    let (session, step) = Session::open(rules, place, token, peer, now(chat), &mut driver);
+    let (session, outcome) = Session::open(rules, place, token, peer, now(chat), &mut driver);
     *conn.app.borrow_mut() = Some(Box::new(session));
-    outcome(step)
+    outcome
 }
 
 /// Handles one text message from the client.
@@ -120,7 +112,7 @@ pub fn on_text(chat: &ChatShard, conn: &Member, me: ConnRef, text: &[u8]) -> Out
     };
     let mut driver = Driver { chat, conn, me };
     let rules = &chat.settings.session;
-    outcome(session.text(rules, place(chat, me), text, now(chat), &mut driver))
+    session.text(rules, place(chat, me), text, now(chat), &mut driver)
 }
 
 /// The connection is going away: leave its rooms, go offline.

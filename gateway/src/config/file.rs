@@ -61,8 +61,7 @@ pub fn with_text(mut cmd: Command, text: &str, origin: &str) -> Result<Command, 
             };
             return Err(at(format!("unknown key {name:?}: {hint}")));
         };
-        let takes_many = arg.get_num_args().is_some_and(|n| n.max_values() > 1)
-            || arg.get_value_delimiter().is_some();
+        let takes_many = takes_many(arg);
         let flag = format!("--{}", arg.get_long().unwrap_or_default());
         let values: Vec<String> = match value.into_inner() {
             Value::Array(items) if takes_many => items
@@ -143,6 +142,11 @@ fn comment(text: &str, width: usize) -> String {
     out
 }
 
+/// Whether a flag takes a list (a TOML array in the file).
+fn takes_many(arg: &clap::Arg) -> bool {
+    arg.get_num_args().is_some_and(|n| n.max_values() > 1) || arg.get_value_delimiter().is_some()
+}
+
 /// A TOML scalar as the text a flag would take.
 fn scalar(v: Value) -> Option<String> {
     match v {
@@ -184,8 +188,7 @@ pub fn example(cmd: &Command) -> String {
             .iter()
             .map(|v| v.to_string_lossy().into_owned())
             .collect();
-        let takes_many = arg.get_num_args().is_some_and(|n| n.max_values() > 1)
-            || arg.get_value_delimiter().is_some();
+        let takes_many = takes_many(arg);
         let is_flag = !arg.get_action().takes_values();
         let value = match (defaults.as_slice(), takes_many, is_flag) {
             (_, _, true) => "false".to_string(),

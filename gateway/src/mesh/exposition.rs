@@ -1,18 +1,15 @@
 //! The mesh thread's series in `/metrics`, rendered from its own counters.
 
-use std::{
-    fmt::Write as _,
-    sync::atomic::{AtomicU64, Ordering::Relaxed},
-};
+use std::fmt::Write as _;
 
 use super::Mesh;
-use crate::metrics::write_series;
+use crate::metrics::{write_series, AtomicSeries};
 
 impl Mesh {
     /// Renders the mesh thread's counters and this node's id for `/metrics`.
     pub fn render_metrics(&self, out: &mut String) {
         let m = &self.metrics;
-        let series: [(&str, &str, &str, &AtomicU64); 16] = [
+        let series: [AtomicSeries; 16] = [
             (
                 "corecast_mesh_sent_total",
                 "counter",
@@ -115,8 +112,6 @@ impl Mesh {
             "# HELP corecast_mesh_node_info This node's id.\n# TYPE corecast_mesh_node_info gauge\ncorecast_mesh_node_info{{node=\"{}\"}} 1",
             self.node_id
         );
-        for (name, kind, help, v) in series {
-            write_series(out, name, kind, help, v.load(Relaxed));
-        }
+        write_series(out, &series);
     }
 }

@@ -1,12 +1,9 @@
 //! The storage worker's series in `/metrics`, rendered from its own counters.
 
-use std::{
-    fmt::Write as _,
-    sync::atomic::{AtomicU64, Ordering::Relaxed},
-};
+use std::fmt::Write as _;
 
 use super::Storage;
-use crate::metrics::write_series;
+use crate::metrics::{write_series, AtomicSeries};
 
 impl Storage {
     /// Renders the worker's counters and each shard's queue for `/metrics`.
@@ -20,7 +17,7 @@ impl Storage {
             let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", self.queued(i));
         }
         let m = &self.metrics;
-        let series: [(&str, &str, &str, &AtomicU64); 12] = [
+        let series: [AtomicSeries; 12] = [
             (
                 "corecast_storage_batches_total",
                 "counter",
@@ -94,8 +91,6 @@ impl Storage {
                 &m.conflicts,
             ),
         ];
-        for (name, kind, help, v) in series {
-            write_series(out, name, kind, help, v.load(Relaxed));
-        }
+        write_series(out, &series);
     }
 }
