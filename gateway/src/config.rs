@@ -18,6 +18,8 @@ pub struct Config {
     #[command(flatten)]
     pub node: NodeArgs,
     #[command(flatten)]
+    pub tls: TlsArgs,
+    #[command(flatten)]
     pub conn: ConnArgs,
     #[command(flatten)]
     pub chat: ChatArgs,
@@ -79,6 +81,30 @@ pub struct NodeArgs {
     /// starting, rather than holding the port and answering nobody.
     #[arg(long, env = "CORECAST_START_TIMEOUT_MS", default_value_t = 10_000)]
     pub start_timeout_ms: u64,
+}
+
+/// TLS: `wss://` on the listener, or on a port of its own.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "TLS")]
+pub struct TlsArgs {
+    /// PEM certificate chain (leaf first) for `wss://`. With `--tls-key`
+    /// and without `--tls-listen`, `--listen` speaks TLS only.
+    #[arg(long, env = "CORECAST_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// PEM private key of the certificate (PKCS#8, RSA or EC).
+    #[arg(long, env = "CORECAST_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+
+    /// A second address that speaks TLS, while `--listen` stays plain
+    /// (`ws://` and `wss://` from one process). Needs `--tls-cert`.
+    #[arg(long, env = "CORECAST_TLS_LISTEN", requires = "tls_cert")]
+    pub tls_listen: Option<SocketAddr>,
+
+    /// How often to look whether the certificate or key file changed and
+    /// reload them, in seconds (0: only on SIGHUP).
+    #[arg(long, env = "CORECAST_TLS_RELOAD_INTERVAL_S", default_value_t = 0)]
+    pub tls_reload_interval_s: u64,
 }
 
 /// Every connection: frame and header limits, timeouts, output budget.
@@ -340,6 +366,8 @@ pub struct Settings {
     pub storage: crate::storage::StorageConfig,
     /// `None` when the node runs alone.
     pub mesh: Option<crate::mesh::MeshConfig>,
+    /// The certificate and its rustls configuration; `None` without TLS.
+    pub tls: Option<crate::tls::Tls>,
 }
 
 impl Config {
@@ -355,6 +383,16 @@ impl Config {
         let (chat, key_files) = self.chat_settings()?;
         let storage = self.storage()?;
         let mesh = self.mesh(&storage)?;
+        let tls = match (&self.tls.tls_cert, &self.tls.tls_key) {
+            (Some(cert), Some(key)) => Some(crate::tls::Tls::load(cert, key).map_err(ConfigError)?),
+            _ => None,
+        };
+        if self.tls.tls_listen == Some(self.node.listen) && self.node.listen.port() != 0 {
+            return Err(ConfigError(format!(
+                "--tls-listen {} is also --listen: give TLS its own port, or leave --tls-listen out to serve only TLS on --listen",
+                self.node.listen
+            )));
+        }
         Ok(Settings {
             limits,
             origins,
@@ -363,6 +401,7 @@ impl Config {
             key_files,
             storage,
             mesh,
+            tls,
         })
     }
 }

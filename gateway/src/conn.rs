@@ -51,6 +51,10 @@ use crate::{
     local::Local,
     metrics::{Initiator, ShardMetrics},
     readiness::{self, Peeked, Poller, Waiter},
+    tls::{
+        self,
+        stream::{self as tls_stream, TlsStream},
+    },
     ws::{
         self,
         close::code,
@@ -114,8 +118,9 @@ pub struct Conns<A> {
     pub slab: RefCell<Slab<Rc<ConnShared<A>>>>,
     /// Generation of the last connection accepted (see `ConnShared::gen`).
     next_gen: Cell<u32>,
-    /// The listener's readiness and the acceptor waiting on it.
-    pub accepting: Waiter,
+    /// Each listener's readiness and the acceptor waiting on it (the
+    /// listener, then the TLS listener if there is one).
+    pub accepting: [Waiter; readiness::MAX_LISTENERS],
 }
 
 impl<A> Default for Conns<A> {
@@ -123,7 +128,7 @@ impl<A> Default for Conns<A> {
         Conns {
             slab: RefCell::new(Slab::new()),
             next_gen: Cell::new(0),
-            accepting: Waiter::default(),
+            accepting: Default::default(),
         }
     }
 }
@@ -138,9 +143,10 @@ impl<A> Conns<A> {
     /// Hands one epoll event to whoever waits for it: the acceptor, or the
     /// connection the token names (if it is still the same connection).
     pub fn on_event(&self, token: u64, flags: EventFlags) {
-        if token == readiness::LISTENER {
-            if self.accepting.io.set(flags) {
-                self.accepting.wake();
+        if let Some(i) = readiness::listener_of(token) {
+            let accepting = &self.accepting[i];
+            if accepting.io.set(flags) {
+                accepting.wake();
             }
             return;
         }
@@ -315,26 +321,28 @@ impl<A> ConnShared<A> {
         }
     }
 
-    /// Sends what is queued with one `send`: our own output, then the
-    /// unsent frames of each room, gathered in the shard's gather buffer
-    /// (up to `GATHER_BYTES`; the rest goes in the next call).
-    fn send_queued(&self, local: &Local, socket: &OwnedFd) -> Result<usize, Errno> {
-        let io = &self.ready.io;
-        if !io.writable.get() {
-            return Err(Errno::AGAIN);
-        }
+    /// Hands what is queued to `write` in one piece: our own output, then
+    /// the unsent frames of each room, gathered in the shard's gather buffer
+    /// (up to `GATHER_BYTES`; the rest goes in the next call). `write` says
+    /// how much it took: one `send` on a plain socket, all of it on TLS
+    /// (encrypted into the connection's ciphertext buffer).
+    fn write_queued(
+        &self,
+        local: &Local,
+        write: impl FnOnce(&[u8]) -> Result<usize, Errno>,
+    ) -> Result<usize, Errno> {
         let out = self.out.borrow();
         let own = &out[self.out_sent.get()..];
         let feeds = self.feeds.borrow();
         if own.len() >= GATHER_BYTES || feeds.iter().all(|c| c.lag() == 0) {
-            return io.send(socket.as_fd(), own);
+            return write(own);
         }
         local.pool.gather(|g| {
             g.extend_from_slice(own);
             for c in feeds.iter() {
                 c.copy_unsent(g, GATHER_BYTES);
             }
-            io.send(socket.as_fd(), g)
+            write(g)
         })
     }
 
@@ -428,6 +436,16 @@ enum Endpoint {
     Chat,
 }
 
+/// What a read brought.
+enum Got {
+    /// Input to decode.
+    Input,
+    /// Nothing for the layers above (TLS handshake records).
+    Nothing,
+    /// The client closed its side.
+    End,
+}
+
 /// What `on_frames` does after a frame, once the session lets go of it;
 /// each but `NeedMore` and `Failed` carries the bytes the frame took.
 enum Then {
@@ -459,6 +477,9 @@ pub struct Conn<H: Host> {
     key: u32,
     /// Non-blocking TCP socket, in the shard's epoll set until dropped.
     socket: OwnedFd,
+    /// The connection's TLS, if it came in on a TLS listener: reads and
+    /// writes go through it; everything above sees plaintext.
+    tls: Option<Box<TlsStream>>,
     phase: Phase,
     endpoint: Endpoint,
     /// Unconsumed input; `None` whenever everything read was consumed.
@@ -476,8 +497,20 @@ pub struct Conn<H: Host> {
     shutdown_seen: bool,
 }
 
-/// Starts serving an accepted, non-blocking socket on the current shard.
-pub fn spawn<H: Host>(host: &Rc<H>, poller: &Poller, socket: OwnedFd) -> io::Result<()> {
+/// Starts serving an accepted, non-blocking socket on the current shard,
+/// over TLS if `tls` is given.
+pub fn spawn<H: Host>(
+    host: &Rc<H>,
+    poller: &Poller,
+    socket: OwnedFd,
+    tls: Option<&std::sync::Arc<rustls::ServerConfig>>,
+) -> io::Result<()> {
+    let tls = match tls {
+        Some(config) => Some(Box::new(
+            TlsStream::new(config.clone()).map_err(io::Error::other)?,
+        )),
+        None => None,
+    };
     let local = host.local();
     let conns = host.conns();
     let now = local.clock.get();
@@ -502,6 +535,7 @@ pub fn spawn<H: Host>(host: &Rc<H>, poller: &Poller, socket: OwnedFd) -> io::Res
         shared,
         key,
         socket,
+        tls,
         phase: Phase::Request,
         endpoint: Endpoint::Echo,
         inbuf: None,
@@ -556,8 +590,11 @@ impl<H: Host> Future for Conn<H> {
             }
             match this.poll_read() {
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(Ok(0)) => return this.on_eof(),
-                Poll::Ready(Ok(_)) => this.on_input(),
+                Poll::Ready(Ok(Got::End)) => return this.on_eof(),
+                Poll::Ready(Ok(Got::Input)) => this.on_input(),
+                // TLS records without plaintext: their answer is flushed
+                // at the top of the loop.
+                Poll::Ready(Ok(Got::Nothing)) => {}
                 Poll::Ready(Err(_)) => return this.lost(),
             }
         }
@@ -591,6 +628,9 @@ impl<H: Host> Drop for Conn<H> {
         if out.capacity() > 0 {
             self.local().pool.put_write(out);
         }
+        if let Some(tls) = self.tls.as_mut() {
+            tls.release(&self.host.local().pool);
+        }
     }
 }
 
@@ -603,8 +643,10 @@ impl<H: Host> Conn<H> {
         self.local().metrics()
     }
 
+    /// Bytes waiting for the client: queued plaintext, and ciphertext not
+    /// yet sent.
     fn queued(&self) -> usize {
-        self.shared.queued()
+        self.shared.queued() + self.tls.as_ref().map_or(0, |t| t.pending())
     }
 
     fn may_read(&self, cx: &mut Context<'_>) -> bool {
@@ -645,6 +687,9 @@ impl<H: Host> Conn<H> {
             return ws::is_control_frame_start(*b);
         }
         match self.shared.ready.io.peek(self.socket.as_fd()) {
+            // Ciphertext says nothing about the frame inside: a TLS client's
+            // frames wait for the congestion to clear, close frames too.
+            Peeked::Byte(_) if self.tls.is_some() => false,
             Peeked::Byte(b) => ws::is_control_frame_start(b),
             Peeked::Nothing => false,
             Peeked::EndOrError => true,
@@ -658,9 +703,18 @@ impl<H: Host> Conn<H> {
 
     /// Writes queued output; one `send` per call when the socket keeps up.
     fn poll_flush(&mut self) -> Poll<io::Result<()>> {
+        if self.tls.is_some() {
+            return self.poll_flush_tls();
+        }
         let shared = self.shared.clone();
+        let io = &shared.ready.io;
         while shared.queued() > 0 {
-            match shared.send_queued(self.host.local(), &self.socket) {
+            let sent = if io.writable.get() {
+                shared.write_queued(self.host.local(), |b| io.send(self.socket.as_fd(), b))
+            } else {
+                Err(Errno::AGAIN)
+            };
+            match sent {
                 Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                 Ok(n) => {
                     shared.mark_sent(n);
@@ -678,8 +732,83 @@ impl<H: Host> Conn<H> {
         Poll::Ready(Ok(()))
     }
 
+    /// The TLS flush: ciphertext out first; then, once the handshake is
+    /// done, the next gathered plaintext is encrypted and sent.
+    fn poll_flush_tls(&mut self) -> Poll<io::Result<()>> {
+        let shared = self.shared.clone();
+        let host = self.host.clone();
+        let local = host.local();
+        loop {
+            let Some(tls) = self.tls.as_mut() else {
+                return Poll::Ready(Ok(()));
+            };
+            if tls.pending() > 0 {
+                match tls.send(&shared.ready.io, self.socket.as_fd(), &local.pool) {
+                    Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Ok(n) => local.metrics().bytes_out.add(n as u64),
+                    Err(Errno::AGAIN) => {
+                        self.track_budget();
+                        return Poll::Pending;
+                    }
+                    Err(e) => return Poll::Ready(Err(e.into())),
+                }
+                continue;
+            }
+            if shared.queued() == 0 {
+                break;
+            }
+            if tls.handshaking() {
+                // Nothing may be encrypted yet (a reply queued before the
+                // handshake failed or timed out): it is never sent.
+                shared.discard();
+                break;
+            }
+            let inbuf = &mut self.inbuf;
+            let mut failed = None;
+            let taken = shared.write_queued(local, |plain| {
+                tls.encrypt(plain, &local.pool, inbuf).map_err(|f| {
+                    failed = Some(f);
+                    Errno::IO
+                })?;
+                Ok(plain.len())
+            });
+            match taken {
+                Ok(n) => shared.mark_sent(n),
+                Err(_) => {
+                    let f = failed.unwrap_or(tls::Failure::Other);
+                    self.tls_failed(f);
+                    shared.discard();
+                }
+            }
+        }
+        shared.flushed(local);
+        Poll::Ready(Ok(()))
+    }
+
+    /// The TLS layer gave up on the client: count it, send the alert rustls
+    /// queued (or the 400 for plain HTTP) and close.
+    fn tls_failed(&mut self, f: tls::Failure) {
+        let handshaking = self.tls.as_ref().is_some_and(|t| t.handshaking());
+        if handshaking {
+            self.m().tls_failed(f);
+        } else if self.phase == Phase::Open {
+            self.m().closed(code::ABNORMAL, Initiator::Client);
+        }
+        log::debug!(
+            "shard {}: TLS connection failed: {}",
+            self.local().id,
+            f.label()
+        );
+        if let Some(mut b) = self.inbuf.take() {
+            b.consume(b.len());
+            self.local().pool.put_read(b);
+        }
+        self.shared.discard();
+        self.close_after_flush();
+    }
+
     /// Reads once into a pooled buffer; keeps it only if input is left over.
-    fn poll_read(&mut self) -> Poll<io::Result<usize>> {
+    fn poll_read(&mut self) -> Poll<io::Result<Got>> {
         if !self.shared.ready.io.readable.get() {
             // Nothing to read until the next edge: a buffer whose input was
             // all consumed goes back to the pool now, so an idle connection
@@ -688,6 +817,9 @@ impl<H: Host> Conn<H> {
                 self.local().pool.put_read(b);
             }
             return Poll::Pending;
+        }
+        if self.tls.is_some() {
+            return self.poll_read_tls();
         }
         let mut buf = self
             .inbuf
@@ -724,7 +856,47 @@ impl<H: Host> Conn<H> {
         } else {
             self.inbuf = Some(buf);
         }
-        r
+        r.map(|r| r.map(|n| if n == 0 { Got::End } else { Got::Input }))
+    }
+
+    /// Reads once through TLS: the plaintext lands in `inbuf` as a plain
+    /// read's bytes would.
+    fn poll_read_tls(&mut self) -> Poll<io::Result<Got>> {
+        let host = self.host.clone();
+        let local = host.local();
+        let Some(tls) = self.tls.as_mut() else {
+            return Poll::Ready(Ok(Got::Nothing));
+        };
+        let was_handshaking = tls.handshaking();
+        let read = tls.read(
+            &self.shared.ready.io,
+            self.socket.as_fd(),
+            &local.pool,
+            &mut self.inbuf,
+        );
+        if was_handshaking && !tls.handshaking() {
+            local.metrics().tls_handshakes.inc();
+        }
+        match read {
+            Ok((n, what)) => {
+                if n > 0 {
+                    local.metrics().bytes_in.add(n as u64);
+                    self.last_rx = local.clock.get();
+                    self.ping_sent = false;
+                }
+                Poll::Ready(Ok(match what {
+                    tls_stream::Read::Plaintext => Got::Input,
+                    tls_stream::Read::Nothing => Got::Nothing,
+                    tls_stream::Read::End => Got::End,
+                }))
+            }
+            Err(tls_stream::Error::Io(Errno::AGAIN)) => Poll::Pending,
+            Err(tls_stream::Error::Io(e)) => Poll::Ready(Err(e.into())),
+            Err(tls_stream::Error::Tls(f)) => {
+                self.tls_failed(f);
+                Poll::Ready(Ok(Got::Nothing))
+            }
+        }
     }
 
     fn on_input(&mut self) {
@@ -978,6 +1150,9 @@ impl<H: Host> Conn<H> {
 
     fn on_shutdown(&mut self) {
         match self.phase {
+            Phase::Request if self.tls.as_ref().is_some_and(|t| t.handshaking()) => {
+                self.close_after_flush();
+            }
             Phase::Request => {
                 self.m().http_requests.inc();
                 self.push(|out| {
@@ -1001,7 +1176,11 @@ impl<H: Host> Conn<H> {
         match self.phase {
             Phase::Request => {
                 if now >= self.phase_deadline {
-                    self.refuse(Refusal::Timeout);
+                    if self.tls.as_ref().is_some_and(|t| t.handshaking()) {
+                        self.tls_failed(tls::Failure::Timeout);
+                    } else {
+                        self.refuse(Refusal::Timeout);
+                    }
                 }
             }
             Phase::Open => {

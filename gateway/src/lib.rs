@@ -37,6 +37,9 @@
 //! - [`readiness`]: a shard's epoll set: which sockets have input or room
 //!   (the `corecast-readiness` crate, shared with loadgen's executors).
 //! - `buf`: per-shard buffer pools, so idle connections hold no buffers.
+//! - [`tls`]: the certificate files, their reload and the rustls
+//!   configuration; `tls::stream`, one connection's TLS under the codec
+//!   (rustls' unbuffered API, fed from the pooled buffers).
 //! - [`ws`]: the sans-IO RFC 6455 codec and session rules (the `corecast-ws`
 //!   crate, shared with loadgen and the fuzz targets).
 //! - [`metrics`]: per-shard counters, their Prometheus rendering, and the
@@ -63,6 +66,7 @@ pub mod server;
 mod shard;
 pub mod shutdown;
 pub mod storage;
+pub mod tls;
 
 pub use corecast_readiness as readiness;
 pub use corecast_router::auth;

@@ -140,6 +140,7 @@ fn main() -> ExitCode {
         None => {}
     }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let tls_interval = cli.config.tls.tls_reload_interval_s;
     let server = match corecast_gateway::Server::bind(cli.config) {
         Ok(s) => s,
         Err(e) => {
@@ -148,6 +149,10 @@ fn main() -> ExitCode {
         }
     };
     let key_files = server.key_files();
+    let tls = server.tls();
+    if let (Some(tls), true) = (tls.clone(), tls_interval > 0) {
+        watch_certificate(tls, std::time::Duration::from_secs(tls_interval));
+    }
     let (trigger, fired) = shutdown::channel();
     let mut signals = match Signals::new([SIGINT, SIGTERM, SIGHUP]) {
         Ok(s) => s,
@@ -166,6 +171,9 @@ fn main() -> ExitCode {
                         Some(Err(e)) => log::error!("SIGHUP: {e}; the old token keys stay in use"),
                         None => log::info!("SIGHUP: no --jwt-public-key or --jwt-jwks to reload"),
                     }
+                    if let Some(tls) = &tls {
+                        reload_certificate(tls, "SIGHUP");
+                    }
                     continue;
                 }
                 if trigger.is_fired() {
@@ -183,5 +191,38 @@ fn main() -> ExitCode {
             eprintln!("gateway: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Reads the certificate and key again; new handshakes get them, open
+/// connections keep theirs. A broken file leaves the old certificate.
+fn reload_certificate(tls: &corecast_gateway::tls::Tls, why: &str) {
+    match tls.reload() {
+        Ok(loaded) => log::info!(
+            "{why}: TLS certificate reloaded: {}",
+            corecast_gateway::tls::Tls::describe(&loaded)
+        ),
+        Err(e) => log::error!("{why}: {e}; the old TLS certificate stays in use"),
+    }
+}
+
+/// `--tls-reload-interval-s`: looks at the files' modification times and
+/// reloads when either changed (a renewal by certbot or a secret mount).
+fn watch_certificate(tls: corecast_gateway::tls::Tls, every: std::time::Duration) {
+    let spawned = std::thread::Builder::new()
+        .name("tls-reload".into())
+        .spawn(move || {
+            let mut seen = tls.files_changed_at();
+            loop {
+                std::thread::sleep(every);
+                let now = tls.files_changed_at();
+                if now != seen {
+                    seen = now;
+                    reload_certificate(&tls, "certificate files changed");
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        log::error!("cannot start the TLS reload thread: {e}; SIGHUP still reloads");
     }
 }

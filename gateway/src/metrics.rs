@@ -12,7 +12,7 @@ use std::{
     sync::atomic::{AtomicU64, Ordering::Relaxed},
 };
 
-use crate::{auth::AuthError, ws::handshake::Refusal};
+use crate::{auth::AuthError, tls::Failure as TlsFailure, ws::handshake::Refusal};
 
 /// Authentication failures counted by kind.
 pub const AUTH_ERRORS: [AuthError; 10] = [
@@ -157,6 +157,9 @@ pub struct ShardMetrics {
     /// Rooms started in a new epoch because the store could not say where
     /// their sequence stood.
     pub provisional_epochs: Counter,
+    /// TLS handshakes completed, and TLS connections refused by reason.
+    pub tls_handshakes: Counter,
+    pub tls_failures: [Counter; TlsFailure::ALL.len()],
     pub auth_failures: [Counter; AUTH_ERRORS.len()],
     pub handshake_failures: [Counter; Refusal::ALL.len()],
     pub closes: [[Counter; CLOSE_CODES.len()]; 2],
@@ -165,6 +168,12 @@ pub struct ShardMetrics {
 impl ShardMetrics {
     pub fn handshake_failed(&self, r: Refusal) {
         self.handshake_failures[r as usize].inc();
+    }
+
+    pub fn tls_failed(&self, f: TlsFailure) {
+        if let Some(i) = TlsFailure::ALL.iter().position(|&x| x == f) {
+            self.tls_failures[i].inc();
+        }
     }
 
     pub fn auth_failed(&self, e: AuthError) {
@@ -406,6 +415,29 @@ pub fn render(shards: &[ShardMetrics], draining: bool) -> String {
                 "{name}{{shard=\"{i}\",reason=\"{}\"}} {}",
                 auth_label(*e),
                 m.auth_failures[j].get()
+            );
+        }
+    }
+    let name = "corecast_tls_handshakes_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} TLS handshakes completed.\n# TYPE {name} counter"
+    );
+    for (i, m) in shards.iter().enumerate() {
+        let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", m.tls_handshakes.get());
+    }
+    let name = "corecast_tls_handshake_failures_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} TLS connections refused before or during the handshake (plain_http, malformed, version, incompatible, sni, alert, timeout, closed, other).\n# TYPE {name} counter"
+    );
+    for (i, m) in shards.iter().enumerate() {
+        for (j, f) in TlsFailure::ALL.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "{name}{{shard=\"{i}\",reason=\"{}\"}} {}",
+                f.label(),
+                m.tls_failures[j].get()
             );
         }
     }

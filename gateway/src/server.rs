@@ -46,6 +46,11 @@ pub struct Server {
     mesh: Option<crate::mesh::MeshConfig>,
     listeners: Vec<OwnedFd>,
     local_addr: SocketAddr,
+    /// The certificate, and the listeners of `--tls-listen` (none when
+    /// `--listen` itself speaks TLS).
+    tls: Option<crate::tls::Tls>,
+    tls_listeners: Vec<OwnedFd>,
+    tls_addr: Option<SocketAddr>,
     fault: Option<Fault>,
 }
 
@@ -60,46 +65,18 @@ impl Server {
             key_files,
             storage,
             mesh,
+            tls,
         } = config.validate()?;
         crate::storage::check(&storage)?;
-        let addr = config.node.listen;
-        let bind_err = |source: io::Error| {
-            let (what, hint) = match source.kind() {
-                io::ErrorKind::AddrInUse => (
-                    "address in use".to_string(),
-                    " (is another gateway running? pass --listen)",
-                ),
-                io::ErrorKind::PermissionDenied => (
-                    "permission denied".to_string(),
-                    " (ports below 1024 need privileges; pick another port)",
-                ),
-                io::ErrorKind::AddrNotAvailable => (
-                    "address not available".to_string(),
-                    " (that address is not on this machine)",
-                ),
-                _ => (source.to_string(), ""),
-            };
-            Error::Bind { addr, what, hint }
+        let (listeners, local_addr) =
+            bind_all(config.node.listen, plan.shards, config.node.backlog, false)?;
+        let (tls_listeners, tls_addr) = match (&tls, config.tls.tls_listen) {
+            (Some(_), Some(addr)) => {
+                let (l, a) = bind_all(addr, plan.shards, config.node.backlog, true)?;
+                (l, Some(a))
+            }
+            _ => (Vec::new(), None),
         };
-        if addr.port() != 0 {
-            // SO_REUSEPORT would let us share the port with another process
-            // of the same user; bind once without it to catch that.
-            probe_free(addr).map_err(bind_err)?;
-        }
-        let first = listen_socket(addr, config.node.backlog).map_err(bind_err)?;
-        let local_addr = first
-            .local_addr()
-            .ok()
-            .and_then(|a| a.as_socket())
-            .ok_or_else(|| bind_err(io::Error::other("no local address")))?;
-        let mut listeners: Vec<OwnedFd> = vec![first.into()];
-        for _ in 1..plan.shards {
-            listeners.push(
-                listen_socket(local_addr, config.node.backlog)
-                    .map_err(bind_err)?
-                    .into(),
-            );
-        }
         Ok(Server {
             config,
             limits,
@@ -111,8 +88,23 @@ impl Server {
             mesh,
             listeners,
             local_addr,
+            tls,
+            tls_listeners,
+            tls_addr,
             fault: None,
         })
+    }
+
+    /// The certificate files, to reload them (on SIGHUP) while the node
+    /// runs; `None` without `--tls-cert`.
+    pub fn tls(&self) -> Option<crate::tls::Tls> {
+        self.tls.clone()
+    }
+
+    /// The address `--tls-listen` is bound to (useful with port 0); `None`
+    /// when there is no separate TLS listener.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_addr
     }
 
     /// The public-key files behind RS256/ES256 tokens, to reload them (on
@@ -151,8 +143,22 @@ impl Server {
             mesh,
             listeners,
             local_addr,
+            tls,
+            tls_listeners,
+            tls_addr,
             fault,
         } = self;
+        if let Some(t) = &tls {
+            let served = match tls_addr {
+                Some(a) => format!("wss:// on {a} (ws:// stays on {local_addr})"),
+                None => format!("wss:// on {local_addr} (TLS only)"),
+            };
+            log::info!(
+                "TLS: {served}; {} (SIGHUP reloads it)",
+                crate::tls::Tls::describe(&t.current())
+            );
+        }
+        let mut tls_listeners = tls_listeners.into_iter();
         if let Some(files) = &key_files {
             log::info!(
                 "RS256/ES256 tokens: {} public keys loaded (SIGHUP reloads them)",
@@ -217,9 +223,25 @@ impl Server {
                 exits: exits_tx.clone(),
                 fired: exited.clone(),
             };
+            let tls_config = tls.as_ref().map(|t| t.config().clone());
+            let mut shard_listeners = vec![shard::Listener {
+                fd: listener,
+                tls: if tls_addr.is_none() {
+                    tls_config.clone()
+                } else {
+                    None
+                },
+            }];
+            if let Some(fd) = tls_listeners.next() {
+                shard_listeners.push(shard::Listener {
+                    fd,
+                    tls: tls_config,
+                });
+            }
             let setup = shard::ShardSetup {
                 id,
-                listener,
+                listeners: shard_listeners,
+                tls: tls.clone(),
                 limits,
                 origins: origins.clone(),
                 all_metrics: metrics.clone(),
@@ -482,6 +504,55 @@ fn listen_socket(addr: SocketAddr, backlog: u32) -> io::Result<Socket> {
     s.bind(&addr.into())?;
     s.listen(backlog.min(i32::MAX as u32) as i32)?;
     Ok(s)
+}
+
+/// Binds one listener per shard on `addr` (SO_REUSEPORT), after checking
+/// that no other socket listens there; returns them and the address bound.
+/// `tls` says which flag gave the address (`--tls-listen` or `--listen`).
+fn bind_all(
+    addr: SocketAddr,
+    shards: usize,
+    backlog: u32,
+    tls: bool,
+) -> Result<(Vec<OwnedFd>, SocketAddr), Error> {
+    let bind_err = |source: io::Error| {
+        let (what, hint) = match source.kind() {
+            io::ErrorKind::AddrInUse => (
+                "address in use".to_string(),
+                if tls {
+                    " (is another gateway running? pass --tls-listen)"
+                } else {
+                    " (is another gateway running? pass --listen)"
+                },
+            ),
+            io::ErrorKind::PermissionDenied => (
+                "permission denied".to_string(),
+                " (ports below 1024 need privileges; pick another port)",
+            ),
+            io::ErrorKind::AddrNotAvailable => (
+                "address not available".to_string(),
+                " (that address is not on this machine)",
+            ),
+            _ => (source.to_string(), ""),
+        };
+        Error::Bind { addr, what, hint }
+    };
+    if addr.port() != 0 {
+        // SO_REUSEPORT would let us share the port with another process
+        // of the same user; bind once without it to catch that.
+        probe_free(addr).map_err(bind_err)?;
+    }
+    let first = listen_socket(addr, backlog).map_err(bind_err)?;
+    let local_addr = first
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .ok_or_else(|| bind_err(io::Error::other("no local address")))?;
+    let mut listeners: Vec<OwnedFd> = vec![first.into()];
+    for _ in 1..shards {
+        listeners.push(listen_socket(local_addr, backlog).map_err(bind_err)?.into());
+    }
+    Ok((listeners, local_addr))
 }
 
 /// Runs a gateway node until `shutdown` completes. See [`Server`].

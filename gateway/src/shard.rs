@@ -52,6 +52,8 @@ pub struct Shard {
     pub conns: Rc<Conns<Session>>,
     pub flusher: Rc<Flusher>,
     pub chat: Rc<ChatShard>,
+    /// The certificate, for its expiry metric; `None` without TLS.
+    pub tls: Option<crate::tls::Tls>,
 }
 
 impl Shard {
@@ -87,6 +89,9 @@ impl Host for Shard {
                 chat.storage.render_metrics(&mut out);
                 if let Some(mesh) = chat.mesh() {
                     mesh.render_metrics(&mut out);
+                }
+                if let Some(tls) = &self.tls {
+                    tls.render_metrics(&mut out);
                 }
                 out
             },
@@ -146,10 +151,20 @@ fn tick(limits: &Limits) -> Duration {
     (shortest / 10).clamp(Duration::from_millis(10), Duration::from_millis(100))
 }
 
+/// A listening socket of the shard, and the TLS its connections start
+/// with (`None`: plain).
+pub struct Listener {
+    pub fd: OwnedFd,
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
 /// What a shard starts from; built on the main thread, moved to the shard.
 pub struct ShardSetup {
     pub id: usize,
-    pub listener: OwnedFd,
+    /// `--listen`, then `--tls-listen` if given.
+    pub listeners: Vec<Listener>,
+    /// The certificate (for its expiry metric).
+    pub tls: Option<crate::tls::Tls>,
     pub limits: Limits,
     pub origins: Origins,
     pub all_metrics: Arc<[ShardMetrics]>,
@@ -168,7 +183,8 @@ pub struct ShardSetup {
 pub async fn run(setup: ShardSetup) {
     let ShardSetup {
         id,
-        listener,
+        listeners,
+        tls,
         limits,
         origins,
         all_metrics,
@@ -197,9 +213,11 @@ pub async fn run(setup: ShardSetup) {
             return;
         }
     };
-    if let Err(e) = poller.add(listener.as_fd(), readiness::LISTENER) {
-        log::error!("shard {id}: could not watch its listener: {e}");
-        return;
+    for (i, l) in listeners.iter().enumerate().take(readiness::MAX_LISTENERS) {
+        if let Err(e) = poller.add(l.fd.as_fd(), readiness::listener_token(i)) {
+            log::error!("shard {id}: could not watch its listener: {e}");
+            return;
+        }
     }
     let local = Rc::new(Local::new(
         id,
@@ -221,6 +239,7 @@ pub async fn run(setup: ShardSetup) {
         conns,
         flusher,
         chat: Rc::new(chat),
+        tls,
     });
     chat::spawn_tasks(&shard.chat, req_rx, del_rx);
     // The epoll set belongs to these three tasks only (the flusher just
@@ -235,7 +254,13 @@ pub async fn run(setup: ShardSetup) {
         poller.clone(),
     ));
     let dispatcher = glommio::spawn_local(dispatch(shard.clone(), poller.clone()));
-    let acceptor = glommio::spawn_local(accept_loop(shard.clone(), poller, listener));
+    let acceptors: Vec<_> = listeners
+        .into_iter()
+        .take(readiness::MAX_LISTENERS)
+        .enumerate()
+        .map(|(i, l)| glommio::spawn_local(accept_loop(shard.clone(), poller.clone(), i, l)))
+        .collect();
+    drop(poller);
     node_state.set_stage(id, Stage::Serving);
     let tick = tick(&limits);
     while !node_state.stop.load(Ordering::Acquire) {
@@ -249,7 +274,7 @@ pub async fn run(setup: ShardSetup) {
     // Drain: stop accepting (dropping the task closes the listener; the
     // kernel moves new connections to the other shards' listeners while
     // they last), then ask every connection to close with 1001.
-    drop(acceptor);
+    drop(acceptors);
     for (_, c) in shard.conns.slab.borrow().iter() {
         c.shutdown.set(true);
         c.wake();
@@ -307,29 +332,30 @@ fn warn_sometimes(shard: &Shard, last: &mut Option<Instant>, what: &str) {
     }
 }
 
-/// Accepts while the listener has connections waiting; owns the listener,
-/// so dropping the task closes it.
-async fn accept_loop(shard: Rc<Shard>, poller: Rc<Poller>, listener: OwnedFd) {
+/// Accepts while the `i`-th listener has connections waiting; owns the
+/// listener, so dropping the task closes it.
+async fn accept_loop(shard: Rc<Shard>, poller: Rc<Poller>, i: usize, listener: Listener) {
     let mut last_warning: Option<Instant> = None;
+    let accepting = &shard.conns.accepting[i];
     loop {
-        if !shard.conns.accepting.io.readable.get() {
+        if !accepting.io.readable.get() {
             poll_fn(|cx| {
-                if shard.conns.accepting.io.readable.get() {
+                if accepting.io.readable.get() {
                     Poll::Ready(())
                 } else {
-                    shard.conns.accepting.register(cx.waker());
+                    accepting.register(cx.waker());
                     Poll::Pending
                 }
             })
             .await;
         }
         let accepted =
-            rustix::net::accept_with(&listener, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC);
+            rustix::net::accept_with(&listener.fd, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC);
         match accepted {
             Ok(socket) => {
                 // We coalesce writes ourselves; Nagle would only add latency.
                 let _ = rustix::net::sockopt::set_tcp_nodelay(&socket, true);
-                if let Err(e) = conn::spawn(&shard, &poller, socket) {
+                if let Err(e) = conn::spawn(&shard, &poller, socket, listener.tls.as_ref()) {
                     shard.local.metrics().accept_errors.inc();
                     warn_sometimes(
                         &shard,
@@ -339,7 +365,7 @@ async fn accept_loop(shard: Rc<Shard>, poller: Rc<Poller>, listener: OwnedFd) {
                 }
                 glommio::yield_if_needed().await;
             }
-            Err(Errno::AGAIN) => shard.conns.accepting.io.readable.set(false),
+            Err(Errno::AGAIN) => accepting.io.readable.set(false),
             Err(Errno::INTR | Errno::CONNABORTED) => {}
             Err(e) => {
                 let e = io::Error::from(e);

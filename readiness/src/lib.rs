@@ -60,8 +60,25 @@ use rustix::{
 /// right away, after the shard's other tasks had a turn.
 const BATCH: usize = 256;
 
-/// Token of the shard's listening socket.
+/// Token of the shard's listening socket; a second listener (a TLS port)
+/// has `LISTENER - 1`, see [`listener_token`].
 pub const LISTENER: u64 = u64::MAX;
+
+/// Most listeners a shard may watch.
+pub const MAX_LISTENERS: usize = 2;
+
+/// The token of the shard's `i`-th listener.
+pub fn listener_token(i: usize) -> u64 {
+    debug_assert!(i < MAX_LISTENERS);
+    LISTENER - i as u64
+}
+
+/// Which listener a token names, if it names one. (A connection's token
+/// never does: its slab key would have to be near `u32::MAX`.)
+pub fn listener_of(token: u64) -> Option<usize> {
+    let i = LISTENER - token;
+    (i < MAX_LISTENERS as u64).then_some(i as usize)
+}
 
 /// The token of a connection: its slab key and generation.
 pub fn conn_token(key: usize, gen: u32) -> u64 {
