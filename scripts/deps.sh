@@ -4,7 +4,9 @@
 # system's libzmq), redis-server (the storage and cluster tests start
 # private servers on loopback ports) and Python's cryptography (the token
 # tests make RS256/ES256 keys with scripts/jwt-keys.py; from PyPI if the
-# python3 on PATH is not Debian's). Does nothing when all are there.
+# python3 on PATH is not Debian's), and Python websockets ≥ 13 from PyPI (the
+# wss:// tests use it as an independent client; Debian's is older). Does
+# nothing when all are there.
 set -euo pipefail
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
@@ -12,7 +14,16 @@ command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
 pkg-config --exists libzmq 2>/dev/null || missing+=(libzmq3-dev)
 have_cryptography() { python3 -c 'import cryptography' >/dev/null 2>&1; }
 have_cryptography || missing+=(python3-cryptography)
+have_websockets() { python3 -c 'from websockets.asyncio.client import connect' >/dev/null 2>&1; }
+get_websockets() {
+  have_websockets && return 0
+  echo "scripts/deps.sh: installing Python websockets>=13 from PyPI" >&2
+  python3 -m pip install --quiet 'websockets>=13' >&2 ||
+    python3 -m pip install --quiet --break-system-packages 'websockets>=13' >&2 || true
+  have_websockets || { echo "scripts/deps.sh: python3 cannot import websockets.asyncio: run 'python3 -m pip install \"websockets>=13\"'" >&2; exit 1; }
+}
 if [[ ${#missing[@]} -eq 0 ]]; then
+  get_websockets
   exit 0
 fi
 echo "scripts/deps.sh: installing ${missing[*]} (Debian packages)" >&2
@@ -36,3 +47,4 @@ if ! have_cryptography; then
   python3 -m pip install --quiet cryptography >&2 || true
   have_cryptography || { echo "scripts/deps.sh: python3 cannot import cryptography: run 'python3 -m pip install cryptography'" >&2; exit 1; }
 fi
+get_websockets

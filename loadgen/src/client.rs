@@ -284,6 +284,8 @@ pub struct Conn {
     tx: Vec<u8>,
     tx_pos: usize,
     rng: XorShift,
+    /// A `wss://` connection's TLS: frames go through it.
+    tls: Option<Box<crate::tls::Stream>>,
 }
 
 impl Conn {
@@ -358,6 +360,12 @@ impl Conn {
             tx: Vec::with_capacity(256),
             tx_pos: 0,
             rng: XorShift::seeded(salt),
+            tls: match &target.tls {
+                Some(t) => Some(Box::new(
+                    crate::tls::Stream::new(t).map_err(ConnectError::Socket)?,
+                )),
+                None => None,
+            },
         };
         let mut key = [0u8; 16];
         key[..8].copy_from_slice(&conn.rng.next_u64().to_ne_bytes());
@@ -428,11 +436,25 @@ impl Conn {
     }
 
     pub fn has_pending_tx(&self) -> bool {
-        self.tx_pos < self.tx.len()
+        self.tx_pos < self.tx.len() || self.tls.as_ref().is_some_and(|t| t.pending())
     }
 
     /// Writes queued bytes until done or the socket is full.
     pub fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Some(tls) = self.tls.as_mut() {
+            // rustls takes all the plaintext at once; what waits is its
+            // ciphertext.
+            let plain = &self.tx[self.tx_pos..];
+            self.tx_pos = self.tx.len();
+            match tls.write(self.reg.io(), self.socket.as_fd(), plain) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.reg.wait(cx);
+                    return Poll::Pending;
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
         while self.tx_pos < self.tx.len() {
             match self
                 .reg
@@ -462,7 +484,15 @@ impl Conn {
             // The decoder refuses frames over the limit the buffer grows to.
             return Poll::Ready(Err(io::Error::other("receive buffer full")));
         }
-        match self.reg.io().recv(self.socket.as_fd(), spare) {
+        let got = match self.tls.as_mut() {
+            Some(tls) => match tls.read(self.reg.io(), self.socket.as_fd(), spare) {
+                Ok(n) => Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(Errno::AGAIN),
+                Err(e) => return Poll::Ready(Err(e)),
+            },
+            None => self.reg.io().recv(self.socket.as_fd(), spare),
+        };
+        match got {
             Ok(n) => {
                 self.rx.filled(n);
                 Poll::Ready(Ok(n))

@@ -55,10 +55,11 @@ pub enum Command {
 /// Flags every scenario shares: where to connect and how.
 #[derive(Args, Debug, Clone)]
 pub struct CommonArgs {
-    /// WebSocket URL, ws://HOST[:PORT][/PATH]; repeat the flag or give a comma
-    /// list to spread connections round-robin over several servers (the nodes
-    /// of a cluster). wss:// is not supported yet. Default:
-    /// ws://127.0.0.1:8080/echo (chat: ws://127.0.0.1:8080/ws).
+    /// WebSocket URL, ws://HOST[:PORT][/PATH] or wss:// (with --ca or
+    /// --insecure); repeat the flag or give a comma list to spread
+    /// connections round-robin over several servers (the nodes of a
+    /// cluster). Default: ws://127.0.0.1:8080/echo (chat:
+    /// ws://127.0.0.1:8080/ws).
     #[arg(
         long,
         env = "LOADGEN_URL",
@@ -113,6 +114,17 @@ pub struct CommonArgs {
     /// Print one JSON line on stdout; the human-readable report moves to stderr.
     #[arg(long, env = "LOADGEN_JSON")]
     pub json: bool,
+
+    /// For wss:// URLs: a PEM file of the CA certificate(s) the server's
+    /// certificate must chain to (its name is checked against the URL's host).
+    #[arg(long, env = "LOADGEN_CA", value_name = "PATH")]
+    pub ca: Option<std::path::PathBuf>,
+
+    /// For wss:// URLs: accept any certificate (self-signed test servers).
+    /// The handshake is still encrypted and signed; only who signed the
+    /// certificate goes unchecked.
+    #[arg(long, env = "LOADGEN_INSECURE")]
+    pub insecure: bool,
 }
 
 /// `loadgen echo`.
@@ -307,6 +319,10 @@ pub struct Target {
     /// Request target: path and query, at least "/".
     pub path: String,
     pub addr: SocketAddr,
+    /// A `wss://` URL: the host its certificate must name.
+    pub secure: Option<String>,
+    /// How a `wss://` target connects (set once `--ca`/`--insecure` are read).
+    pub tls: Option<crate::tls::TlsClient>,
 }
 
 impl Target {
@@ -606,6 +622,24 @@ impl CommonArgs {
         if targets.is_empty() {
             bail!("--url: no URL given");
         }
+        let mut targets = targets;
+        if targets.iter().any(|t| t.secure.is_some()) {
+            let config = crate::tls::client_config(self.ca.as_deref(), self.insecure)?;
+            for t in targets.iter_mut() {
+                if let Some(host) = &t.secure {
+                    let name =
+                        rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| {
+                            anyhow::anyhow!("{}: {host} is not a server name: {e}", t.url)
+                        })?;
+                    t.tls = Some(crate::tls::TlsClient {
+                        config: config.clone(),
+                        name,
+                    });
+                }
+            }
+        } else if self.ca.is_some() || self.insecure {
+            bail!("--ca and --insecure are for wss:// URLs; every --url here is ws://");
+        }
         let cpus = self.cpus.as_deref().map(parse_cpu_list).transpose()?;
         let threads = match (self.threads, &cpus) {
             (Some(0), _) => bail!("--threads must be at least 1"),
@@ -676,12 +710,12 @@ fn seconds(flag: &str, s: f64) -> anyhow::Result<Duration> {
 /// Parses `ws://HOST[:PORT][/PATH][?QUERY]` and resolves HOST.
 pub fn parse_ws_url(url: &str) -> anyhow::Result<Target> {
     let lower = url.to_ascii_lowercase();
-    let rest = if lower.starts_with("ws://") {
-        &url[5..]
+    let (rest, secure) = if lower.starts_with("ws://") {
+        (&url[5..], false)
     } else if lower.starts_with("wss://") {
-        bail!("{url}: wss:// (TLS) is not supported by loadgen yet; use ws://");
+        (&url[6..], true)
     } else if lower.starts_with("http://") || lower.starts_with("https://") {
-        bail!("{url}: a WebSocket URL starts with ws://, e.g. ws://127.0.0.1:8080/echo");
+        bail!("{url}: a WebSocket URL starts with ws:// or wss://, e.g. ws://127.0.0.1:8080/echo");
     } else {
         bail!("{url}: expected ws://HOST[:PORT][/PATH], e.g. ws://127.0.0.1:8080/echo");
     };
@@ -691,7 +725,8 @@ pub fn parse_ws_url(url: &str) -> anyhow::Result<Target> {
     if authority.contains('@') {
         bail!("{url}: user names in URLs are not supported");
     }
-    let (host, port) = split_host_port(authority).with_context(|| url.to_string())?;
+    let (host, port) = split_host_port(authority, if secure { 443 } else { 80 })
+        .with_context(|| url.to_string())?;
     let path = match path {
         "" => "/".to_string(),
         p if p.starts_with('?') => format!("/{p}"),
@@ -710,11 +745,14 @@ pub fn parse_ws_url(url: &str) -> anyhow::Result<Target> {
         host: authority.to_string(),
         path,
         addr,
+        secure: secure.then(|| host.to_string()),
+        tls: None,
     })
 }
 
-/// Splits `host[:port]` or `[v6][:port]`; the port defaults to 80.
-fn split_host_port(authority: &str) -> anyhow::Result<(&str, u16)> {
+/// Splits `host[:port]` or `[v6][:port]`; the port defaults to `default`
+/// (80 for ws://, 443 for wss://).
+fn split_host_port(authority: &str, default: u16) -> anyhow::Result<(&str, u16)> {
     let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
         let (host, after) = v6.split_once(']').context("unclosed '[' in the host")?;
         match after {
@@ -734,7 +772,7 @@ fn split_host_port(authority: &str) -> anyhow::Result<(&str, u16)> {
         bail!("no host");
     }
     let port = match port {
-        None | Some("") => 80,
+        None | Some("") => default,
         Some(p) => p
             .parse::<u16>()
             .ok()
@@ -782,7 +820,16 @@ mod tests {
                 "ws://[::1]:81/x",
                 Ok(("[::1]:81", "/x", "[::1]:81")),
             ),
-            ("wss", "wss://127.0.0.1/", Err("not supported")),
+            (
+                "wss default port",
+                "wss://127.0.0.1/",
+                Ok(("127.0.0.1", "/", "127.0.0.1:443")),
+            ),
+            (
+                "wss",
+                "WSS://localhost:8443/ws",
+                Ok(("localhost:8443", "/ws", "127.0.0.1:8443")),
+            ),
             ("http", "http://127.0.0.1/", Err("starts with ws://")),
             ("no scheme", "127.0.0.1:8080", Err("expected ws://")),
             ("bad port", "ws://127.0.0.1:99999/", Err("bad port")),
@@ -794,6 +841,8 @@ mod tests {
         for (name, url, expected) in cases {
             match (parse_ws_url(url), expected) {
                 (Ok(t), Ok((host, path, addr))) => {
+                    let secure = url.to_ascii_lowercase().starts_with("wss://");
+                    assert_eq!(t.secure.is_some(), secure, "{name}");
                     assert_eq!(t.host, *host, "{name}");
                     assert_eq!(t.path, *path, "{name}");
                     assert_eq!(t.addr.to_string(), *addr, "{name}");
@@ -877,6 +926,64 @@ mod tests {
         assert_eq!(ports, [3, 1, 2, 3]);
         let one = plan("ws://127.0.0.1:1/ws");
         assert_eq!(one.next_target(0), 0, "one URL: the same node again");
+    }
+
+    #[test]
+    fn wss_urls_need_a_ca_or_insecure_and_get_their_tls() {
+        let validate = |args: &[&str]| {
+            let mut argv = vec!["loadgen", "echo"];
+            argv.extend_from_slice(args);
+            let Command::Echo(e) = Cli::try_parse_from(argv).unwrap().command else {
+                panic!("not echo")
+            };
+            e.validate().map(|p| p.conn)
+        };
+        let ca = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../gateway/tests/testdata/tls/ca.pem"
+        );
+        let cases: &[(&str, &[&str], Result<usize, &str>)] = &[
+            (
+                "no trust given",
+                &["--url", "wss://localhost:1/echo"],
+                Err("needs --ca"),
+            ),
+            (
+                "both",
+                &["--url", "wss://localhost:1/", "--ca", ca, "--insecure"],
+                Err("give one"),
+            ),
+            (
+                "not a CA file",
+                &["--url", "wss://localhost:1/", "--ca", "/nonexistent"],
+                Err("--ca /nonexistent"),
+            ),
+            (
+                "ca on ws",
+                &["--url", "ws://127.0.0.1:1/", "--insecure"],
+                Err("for wss://"),
+            ),
+            (
+                "ca",
+                &["--url", "wss://localhost:1/,ws://127.0.0.1:2/", "--ca", ca],
+                Ok(1),
+            ),
+            (
+                "insecure",
+                &["--url", "wss://127.0.0.1:1/", "--insecure"],
+                Ok(1),
+            ),
+        ];
+        for (name, args, want) in cases {
+            match (validate(args), want) {
+                (Ok(plan), Ok(n)) => {
+                    let tls = plan.targets.iter().filter(|t| t.tls.is_some()).count();
+                    assert_eq!(tls, *n, "{name}");
+                }
+                (Err(e), Err(w)) => assert!(format!("{e:#}").contains(w), "{name}: {e:#}"),
+                (got, want) => panic!("{name}: got {:?}, want {want:?}", got.map(|_| ())),
+            }
+        }
     }
 
     #[test]

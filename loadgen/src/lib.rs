@@ -23,6 +23,8 @@
 //!   still reads everything else, and anything unusual).
 //! - `report`: percentiles, the human lines and the one-line JSON record.
 //! - `sys`: the crate's only `unsafe`: socket and rlimit knobs.
+//! - [`tls`]: wss:// (`--ca`, `--insecure`): the rustls client a
+//!   connection's bytes go through when its URL is `wss://`.
 //!
 //! # Output
 //! The human-readable report goes to stdout. With `--json` it goes to stderr
@@ -42,6 +44,7 @@ mod reactor;
 pub mod report;
 mod scan;
 mod sys;
+pub mod tls;
 
 use std::sync::{atomic::AtomicBool, Arc};
 

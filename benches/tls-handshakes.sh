@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# TLS handshakes per second per core: `loadgen hold` opens N wss://
+# connections (full TLS 1.3 handshakes, then the upgrade) to a gateway with
+# one shard, in rounds; the gateway's CPU time over each round (user +
+# system, from /proc) gives handshakes per CPU-second, i.e. per core. The
+# client (loadgen, on the other core) pays its side of every handshake too.
+#
+# Usage: benches/tls-handshakes.sh [--connections N] [--rounds R] [--no-build]
+# Prints one line per round and a JSON line with the median; writes it to
+# benches/results/tls-handshakes.json.
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+conns=3000
+rounds=3
+build=1
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --connections) conns="${2:?}"; shift ;;
+    --rounds) rounds="${2:?}"; shift ;;
+    --no-build) build=0 ;;
+    -h|--help) sed -n '2,10{s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; exit 0 ;;
+    *) echo "tls-handshakes.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+if [[ $build -eq 1 ]]; then
+  (cd "$repo" && cargo build --release -p corecast-gateway -p corecast-loadgen)
+fi
+gw="$repo/target/release/gateway"
+lg="$repo/target/release/loadgen"
+certs="$repo/gateway/tests/testdata/tls"
+free() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+port="$(free)"
+tport="$(free)"
+log="$(mktemp)"
+RUST_LOG=warn "$gw" --listen "127.0.0.1:$port" --shards 1 --cpus 0 \
+  --tls-cert "$certs/cert.pem" --tls-key "$certs/key.pem" --tls-listen "127.0.0.1:$tport" >"$log" 2>&1 &
+gw_pid=$!
+trap 'kill $gw_pid 2>/dev/null || true' EXIT
+for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
+# utime + stime of the gateway, in clock ticks.
+ticks() { awk '{print $14 + $15}' "/proc/$gw_pid/stat"; }
+hz=$(getconf CLK_TCK)
+results=()
+for r in $(seq "$rounds"); do
+  t0=$(ticks)
+  out=$("$lg" hold --url "wss://localhost:$tport/echo" --ca "$certs/ca.pem" -c "$conns" --hold-s 0 \
+    --cpus 1 --connect-rate 20000 --connect-timeout-ms 30000 --sources 127.0.0.2,127.0.0.3 2>&1) ||
+    { echo "$out"; exit 1; }
+  t1=$(ticks)
+  opened=$(echo "$out" | awk '/^opened/ {print $2; exit}')
+  per_core=$(python3 -c "print(round($opened / (($t1 - $t0) / $hz)))")
+  echo "round $r: $opened handshakes, gateway CPU $(python3 -c "print(($t1-$t0)/$hz)") s: $per_core handshakes per CPU-second"
+  results+=("$per_core")
+done
+median=$(printf '%s\n' "${results[@]}" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
+kill -TERM $gw_pid; wait $gw_pid || true; trap - EXIT
+json="{\"bench\":\"tls-handshakes\",\"connections\":$conns,\"rounds\":[$(IFS=,; echo "${results[*]}")],\"median_per_cpu_second\":$median,\"tls\":\"1.3 ECDSA P-256\",\"kernel\":\"$(uname -r)\",\"date\":\"$(date -u +%F)\"}"
+echo "$json"
+mkdir -p "$repo/benches/results"
+echo "$json" >"$repo/benches/results/tls-handshakes.json"
