@@ -32,6 +32,7 @@ repeat=1
 server_cpu=0
 client_cpu=1
 build=1
+tls=0
 servers="corecast,tokio-tungstenite"
 corecast_port=18080
 peer_port=18081
@@ -54,6 +55,9 @@ usage: $0 [options]
   --server-cpu N      CPU the server is pinned to (default $server_cpu)
   --client-cpu N      CPU loadgen is pinned to (default $client_cpu)
   --results-dir DIR   where the .jsonl and .md go (default benches/results)
+  --tls               over wss:// (both servers TLS on their port with the test
+                      certificate of gateway/tests/testdata/tls; the peer with
+                      tokio-rustls; loadgen --ca)
   --no-build          use the binaries already in target/release
 EOF
 }
@@ -72,6 +76,7 @@ while [[ $# -gt 0 ]]; do
         --client-cpu) client_cpu=$2; shift 2 ;;
         --results-dir) results_dir=$2; shift 2 ;;
         --no-build) build=0; shift ;;
+        --tls) tls=1; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "$0: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -164,6 +169,18 @@ trap 'cleanup; rm -rf "$tmp"' EXIT
 # Written in $tmp and moved into $results_dir only when every server ran,
 # so a results file is always a whole run.
 if ((rate > 0)); then mode="rate$rate"; else mode="max"; fi
+certs="$root/gateway/tests/testdata/tls"
+scheme=ws
+host=127.0.0.1
+tls_server=()
+tls_client=()
+if ((tls)); then
+    mode="$mode-tls"
+    scheme=wss
+    host=localhost
+    tls_server=(--tls-cert "$certs/cert.pem" --tls-key "$certs/key.pem")
+    tls_client=(--ca "$certs/ca.pem")
+fi
 jsonl="$tmp/echo-vs-peer-$stamp-$mode.jsonl"
 md="$tmp/echo-vs-peer-$stamp-$mode.md"
 
@@ -176,7 +193,7 @@ HYPERVISOR=$(lscpu 2>/dev/null | awk -F': +' '/^Hypervisor vendor/ { print $2 }'
 GOVERNOR=$(cat "/sys/devices/system/cpu/cpu$server_cpu/cpufreq/scaling_governor" 2>/dev/null || echo n/a) \
 KERNEL=$(uname -r) RUSTC=$(rustc -V 2>/dev/null || echo unknown) GIT_REV=$git_rev STAMP=$stamp \
 NCPU=$ncpu SERVER_CPU=$server_cpu CLIENT_CPU=$client_cpu CONNECTIONS=$connections SIZE=$size \
-WINDOW=$window RATE=$rate WARMUP_S=$warmup_s DURATION_S=$duration_s \
+WINDOW=$window RATE=$rate WARMUP_S=$warmup_s DURATION_S=$duration_s TLS=$tls \
     python3 - "$root/Cargo.lock" "$jsonl" <<'EOF'
 import json, os, sys, tomllib
 
@@ -226,6 +243,7 @@ env = {
     "window": int(e["WINDOW"]),
     "rate": int(e["RATE"]),
     "irq_time_accounting": irq_acc,
+    "tls": e["TLS"] == "1",
     "warmup_s": float(e["WARMUP_S"]),
     "duration_s": float(e["DURATION_S"]),
 }
@@ -237,11 +255,11 @@ run_one() {
     case "$name" in
         corecast)
             port=$corecast_port
-            cmd=("$bin/gateway" --listen "127.0.0.1:$port" --shards 1 --cpus "$server_cpu")
+            cmd=("$bin/gateway" --listen "127.0.0.1:$port" --shards 1 --cpus "$server_cpu" "${tls_server[@]}")
             ;;
         tokio-tungstenite)
             port=$peer_port
-            cmd=("$bin/tokio-tungstenite-echo" --listen "127.0.0.1:$port" --threads 1)
+            cmd=("$bin/tokio-tungstenite-echo" --listen "127.0.0.1:$port" --threads 1 "${tls_server[@]}")
             ;;
         *) die "--servers: unknown server $name (corecast, tokio-tungstenite)" ;;
     esac
@@ -255,7 +273,7 @@ run_one() {
 
     echo "== $name: loadgen on CPU $client_cpu, ${connections} conns x ${size} B, window $window, ${warmup_s}s warm-up + ${duration_s}s" >&2
     taskset -c "$client_cpu" "$bin/loadgen" echo \
-        --url "ws://127.0.0.1:$port/echo" \
+        --url "$scheme://$host:$port/echo" "${tls_client[@]}" \
         --connections "$connections" --size "$size" --window "$window" --rate "$rate" \
         --warmup-s "$warmup_s" --duration-s "$duration_s" \
         --threads 1 --cpus "$client_cpu" --json \
@@ -355,7 +373,8 @@ load = (f"fixed rate {env['rate']:,} msgs/s (open loop)" if env.get("rate")
         else f"max throughput (closed loop, window {env['window']})")
 out.append(
     f"echo benchmark, {env['utc']}: {env['connections']} connections x {env['size_bytes']} B, "
-    f"{load}, {env['warmup_s']} s warm-up + {env['duration_s']} s measured."
+    f"{load}, {env['warmup_s']} s warm-up + {env['duration_s']} s measured"
+    f"{' over wss:// (TLS 1.3, AES-128-GCM, both servers rustls with ring)' if env.get('tls') else ''}."
 )
 out.append(
     f"CPU: {env['cpu']} ({env['cpus']} CPUs, hypervisor {env['hypervisor']}, governor {env['governor']}); "

@@ -4,6 +4,8 @@
 # one shard, in rounds; the gateway's CPU time over each round (user +
 # system, from /proc) gives handshakes per CPU-second, i.e. per core. The
 # client (loadgen, on the other core) pays its side of every handshake too.
+# Each round is followed by the same over plain ws:// (same accept, upgrade
+# and close, no TLS), so the TLS share of the cost shows.
 #
 # Usage: benches/tls-handshakes.sh [--connections N] [--rounds R] [--no-build]
 # Prints one line per round and a JSON line with the median; writes it to
@@ -42,20 +44,32 @@ for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && 
 ticks() { awk '{print $14 + $15}' "/proc/$gw_pid/stat"; }
 hz=$(getconf CLK_TCK)
 results=()
-for r in $(seq "$rounds"); do
+plain=()
+# round URL [LOADGEN FLAGS...]: connections per gateway CPU-second.
+round() {
+  local url=$1 t0 t1 out opened
+  shift
   t0=$(ticks)
-  out=$("$lg" hold --url "wss://localhost:$tport/echo" --ca "$certs/ca.pem" -c "$conns" --hold-s 0 \
+  out=$("$lg" hold --url "$url" "$@" -c "$conns" --hold-s 0 \
     --cpus 1 --connect-rate 20000 --connect-timeout-ms 30000 --sources 127.0.0.2,127.0.0.3 2>&1) ||
-    { echo "$out"; exit 1; }
+    { echo "$out" >&2; exit 1; }
   t1=$(ticks)
   opened=$(echo "$out" | awk '/^opened/ {print $2; exit}')
-  per_core=$(python3 -c "print(round($opened / (($t1 - $t0) / $hz)))")
-  echo "round $r: $opened handshakes, gateway CPU $(python3 -c "print(($t1-$t0)/$hz)") s: $per_core handshakes per CPU-second"
-  results+=("$per_core")
+  [[ "$opened" -eq "$conns" ]] || { echo "only $opened of $conns opened:" >&2; echo "$out" >&2; exit 1; }
+  python3 -c "print(round($opened / (($t1 - $t0) / $hz)))"
+}
+for r in $(seq "$rounds"); do
+  tls_rate=$(round "wss://localhost:$tport/echo" --ca "$certs/ca.pem")
+  plain_rate=$(round "ws://127.0.0.1:$port/echo")
+  echo "round $r: wss:// $tls_rate, ws:// $plain_rate connections per gateway CPU-second"
+  results+=("$tls_rate")
+  plain+=("$plain_rate")
 done
-median=$(printf '%s\n' "${results[@]}" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
+med() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+median=$(med "${results[@]}")
+plain_median=$(med "${plain[@]}")
 kill -TERM $gw_pid; wait $gw_pid || true; trap - EXIT
-json="{\"bench\":\"tls-handshakes\",\"connections\":$conns,\"rounds\":[$(IFS=,; echo "${results[*]}")],\"median_per_cpu_second\":$median,\"tls\":\"1.3 ECDSA P-256\",\"kernel\":\"$(uname -r)\",\"date\":\"$(date -u +%F)\"}"
+json="{\"bench\":\"tls-handshakes\",\"connections\":$conns,\"rounds\":[$(IFS=,; echo "${results[*]}")],\"median_per_cpu_second\":$median,\"plain_rounds\":[$(IFS=,; echo "${plain[*]}")],\"plain_median_per_cpu_second\":$plain_median,\"tls\":\"1.3 ECDSA P-256\",\"kernel\":\"$(uname -r)\",\"date\":\"$(date -u +%F)\"}"
 echo "$json"
 mkdir -p "$repo/benches/results"
 echo "$json" >"$repo/benches/results/tls-handshakes.json"

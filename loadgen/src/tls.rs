@@ -39,9 +39,15 @@ impl PartialEq for TlsClient {
 
 impl Eq for TlsClient {}
 
-#[allow(deprecated)] // ring, not aws-lc: see the gateway's tls module.
+/// ring, not aws-lc (see the gateway's tls module), with X25519 first as
+/// browsers offer it (the provider's default puts P-384 first, which ring
+/// computes slowly).
+#[allow(deprecated)]
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    use rustls::crypto::ring::kx_group;
+    let mut p = rustls::crypto::ring::default_provider();
+    p.kx_groups = vec![kx_group::X25519, kx_group::SECP256R1, kx_group::SECP384R1];
+    Arc::new(p)
 }
 
 /// The client configuration: trust the CA certificates in `ca` (PEM), or,

@@ -20,6 +20,10 @@
 //! `--current-thread` runs tokio's single-threaded scheduler instead, to check
 //! that the multi-thread scheduler is not what makes the peer slower.
 //!
+//! `--tls-cert` and `--tls-key` serve `wss://` with tokio-rustls (rustls
+//! and its *ring* provider, as the gateway; the same cipher-suite order:
+//! AES-128-GCM first, the server's order wins), for the wss:// side by side.
+//!
 //! SIGTERM or SIGINT exits at once with status 0 (no drain: a benchmark peer
 //! has nothing to hand over).
 
@@ -29,7 +33,11 @@ use std::{net::SocketAddr, process::ExitCode};
 
 use clap::Parser;
 use futures_util::{FutureExt as _, SinkExt as _, StreamExt as _};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::{TcpListener, TcpStream},
+};
+use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::{
     tungstenite::{
         protocol::{frame::coding::CloseCode, CloseFrame, WebSocketConfig},
@@ -80,6 +88,44 @@ struct Config {
     /// the multi-thread one; --threads must then be absent.
     #[arg(long, env = "PEER_CURRENT_THREAD", conflicts_with = "threads")]
     current_thread: bool,
+
+    /// PEM certificate chain: serve wss:// (with --tls-key).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+}
+
+/// The TLS acceptor for --tls-cert/--tls-key.
+fn acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsAcceptor, String> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("--tls-cert {}: {e:?}", cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("--tls-key {}: {e:?}", key.display()))?;
+    #[allow(deprecated)] // ring, as the gateway
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites.sort_by_key(|s| match s.suite() {
+        rustls::CipherSuite::TLS13_AES_128_GCM_SHA256 => 0,
+        rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256 => 1,
+        rustls::CipherSuite::TLS13_AES_256_GCM_SHA384 => 2,
+        _ => 3,
+    });
+    // X25519 first, as the gateway (ring's default list starts with P-384).
+    use rustls::crypto::ring::kx_group;
+    provider.kx_groups = vec![kx_group::X25519, kx_group::SECP256R1, kx_group::SECP384R1];
+    let mut config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(provider))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| format!("--tls-cert/--tls-key: {e}"))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.ignore_client_order = true;
+    Ok(TlsAcceptor::from(std::sync::Arc::new(config)))
 }
 
 fn main() -> ExitCode {
@@ -106,7 +152,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(config.listen)) {
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(c), Some(k)) => match acceptor(c, k) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(2);
+            }
+        },
+        _ => None,
+    };
+    match runtime.block_on(serve(config.listen, tls)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("{e}");
@@ -116,7 +172,7 @@ fn main() -> ExitCode {
 }
 
 /// Accepts until SIGTERM or SIGINT.
-async fn serve(listen: SocketAddr) -> Result<(), String> {
+async fn serve(listen: SocketAddr, tls: Option<TlsAcceptor>) -> Result<(), String> {
     use tokio::signal::unix::{signal, SignalKind};
 
     let listener = TcpListener::bind(listen)
@@ -132,7 +188,7 @@ async fn serve(listen: SocketAddr) -> Result<(), String> {
     // On the multi-thread runtime `block_on` runs this future on the main
     // thread, not on a worker: spawn the accept loop so accepting shares the
     // worker (and its core) with the connections, as in corecast's shard.
-    let accept = tokio::spawn(accept_loop(listener));
+    let accept = tokio::spawn(accept_loop(listener, tls));
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
@@ -144,7 +200,7 @@ async fn serve(listen: SocketAddr) -> Result<(), String> {
     Ok(())
 }
 
-async fn accept_loop(listener: TcpListener) -> String {
+async fn accept_loop(listener: TcpListener, tls: Option<TlsAcceptor>) -> String {
     let config = WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER_BYTES)
         .write_buffer_size(WRITE_BUFFER_BYTES)
@@ -153,9 +209,22 @@ async fn accept_loop(listener: TcpListener) -> String {
         .max_frame_size(Some(MAX_MESSAGE_BYTES));
     loop {
         match listener.accept().await {
-            Ok((stream, _peer)) => {
-                tokio::spawn(connection(stream, config));
-            }
+            Ok((stream, _peer)) => match &tls {
+                None => {
+                    tokio::spawn(connection(stream, config));
+                }
+                Some(acceptor) => {
+                    let acceptor = acceptor.clone();
+                    tokio::spawn(async move {
+                        if stream.set_nodelay(true).is_err() {
+                            return;
+                        }
+                        if let Ok(tls) = acceptor.accept(stream).await {
+                            connection(tls, config).await;
+                        }
+                    });
+                }
+            },
             // Out of descriptors or memory, or the peer left before accept:
             // all transient for a listener; back off briefly, keep accepting.
             Err(e) if is_transient_accept_error(&e) => {
@@ -179,8 +248,26 @@ fn is_transient_accept_error(e: &std::io::Error) -> bool {
         .is_some_and(|n| RESOURCE_ERRNOS.contains(&n))
 }
 
-async fn connection(stream: TcpStream, config: WebSocketConfig) {
-    if let Err(e) = stream.set_nodelay(true) {
+/// A TCP stream or a TLS one over it.
+trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    fn nodelay(&self) -> std::io::Result<()>;
+}
+
+impl Transport for TcpStream {
+    fn nodelay(&self) -> std::io::Result<()> {
+        self.set_nodelay(true)
+    }
+}
+
+impl Transport for tokio_rustls::server::TlsStream<TcpStream> {
+    fn nodelay(&self) -> std::io::Result<()> {
+        // Set on the TCP stream before the handshake.
+        Ok(())
+    }
+}
+
+async fn connection<S: Transport>(stream: S, config: WebSocketConfig) {
+    if let Err(e) = stream.nodelay() {
         eprintln!("TCP_NODELAY: {e}");
         return;
     }
@@ -221,7 +308,7 @@ async fn connection(stream: TcpStream, config: WebSocketConfig) {
 /// are fed as a batch and flushed once; a message that would block ends the
 /// batch. tokio's cooperative budget ends a batch too, so one busy
 /// connection cannot starve the others on the worker.
-async fn echo(ws: &mut WebSocketStream<TcpStream>) -> Result<(), WsError> {
+async fn echo<S: Transport>(ws: &mut WebSocketStream<S>) -> Result<(), WsError> {
     while let Some(msg) = ws.next().await {
         feed_echo(ws, msg?).await?;
         while let Some(next) = ws.next().now_or_never() {
@@ -235,7 +322,7 @@ async fn echo(ws: &mut WebSocketStream<TcpStream>) -> Result<(), WsError> {
     Ok(())
 }
 
-async fn feed_echo(ws: &mut WebSocketStream<TcpStream>, msg: Message) -> Result<(), WsError> {
+async fn feed_echo<S: Transport>(ws: &mut WebSocketStream<S>, msg: Message) -> Result<(), WsError> {
     match msg {
         Message::Text(_) | Message::Binary(_) => ws.feed(msg).await,
         // Pongs and closes are queued by tungstenite itself; a peer's pong
