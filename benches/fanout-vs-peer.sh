@@ -54,6 +54,7 @@ phases="rate,max"
 server_cpu=0
 client_cpu=1
 build=1
+tls=0
 servers="corecast,tokio-tungstenite"
 corecast_port=18180
 peer_port=18181
@@ -85,6 +86,9 @@ usage: $0 [options]
                        10 ms period) so that the server, not loadgen, is the
                        bottleneck; 0 = no cap (default $server_cpu_quota)
   --results-dir DIR    where the .jsonl and .md go (default benches/results)
+  --tls                over wss:// (both servers TLS with the test certificate of
+                       gateway/tests/testdata/tls; the peer with tokio-rustls;
+                       loadgen --ca)
   --no-build           use the binaries already in target/release
 EOF
 }
@@ -108,6 +112,7 @@ while [[ $# -gt 0 ]]; do
         --repeat) repeat=$2; shift 2 ;;
         --results-dir) results_dir=$2; shift 2 ;;
         --no-build) build=0; shift ;;
+        --tls) tls=1; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "$0: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -236,8 +241,21 @@ tmp=$(mktemp -d)
 trap 'cleanup; rm -rf "$tmp"' EXIT
 # Written in $tmp and moved into $results_dir only when every run finished,
 # so a results file is always a whole run.
-jsonl="$tmp/fanout-vs-peer-$stamp.jsonl"
-md="$tmp/fanout-vs-peer-$stamp.md"
+certs="$root/gateway/tests/testdata/tls"
+scheme=ws
+host=127.0.0.1
+tls_server=()
+tls_client=()
+suffix=""
+if ((tls)); then
+    scheme=wss
+    host=localhost
+    tls_server=(--tls-cert "$certs/cert.pem" --tls-key "$certs/key.pem")
+    tls_client=(--ca "$certs/ca.pem")
+    suffix="-tls"
+fi
+jsonl="$tmp/fanout-vs-peer-$stamp$suffix.jsonl"
+md="$tmp/fanout-vs-peer-$stamp$suffix.md"
 
 git_rev=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)
 git -C "$root" diff --quiet HEAD 2>/dev/null || git_rev="$git_rev+dirty"
@@ -249,7 +267,7 @@ GOVERNOR=$(cat "/sys/devices/system/cpu/cpu$server_cpu/cpufreq/scaling_governor"
 KERNEL=$(uname -r) RUSTC=$(rustc -V 2>/dev/null || echo unknown) GIT_REV=$git_rev STAMP=$stamp \
 NCPU=$ncpu SERVER_CPU=$server_cpu SERVER_CPU_QUOTA=$server_cpu_quota CLIENT_CPU=$client_cpu ROOMS=$rooms MEMBERS=$members SIZE=$size \
 RATE=$rate RATE_PUBLISHERS=$rate_publishers WINDOW=$window MAX_PUBLISHERS=$max_publishers \
-WARMUP_S=$warmup_s DURATION_S=$duration_s \
+WARMUP_S=$warmup_s DURATION_S=$duration_s TLS=$tls \
     python3 - "$root/Cargo.lock" "$jsonl" <<'EOF'
 import json, os, sys, tomllib
 
@@ -305,6 +323,7 @@ env = {
     "irq_time_accounting": irq_acc,
     "warmup_s": float(e["WARMUP_S"]),
     "duration_s": float(e["DURATION_S"]),
+    "tls": e["TLS"] == "1",
 }
 open(sys.argv[2], "w").write(json.dumps(env) + "\n")
 EOF
@@ -318,11 +337,11 @@ run_one() {
             # No JWTs (the peer verifies none), and the per-connection frame
             # limit (default 100/s) out of the way of the publishers.
             cmd=("$bin/gateway" --listen "127.0.0.1:$port" --shards 1 --cpus "$server_cpu"
-                --allow-anonymous --rate-limit-per-s 1000000 --rate-limit-burst 1000000)
+                --allow-anonymous --rate-limit-per-s 1000000 --rate-limit-burst 1000000 "${tls_server[@]}")
             ;;
         tokio-tungstenite)
             port=$peer_port
-            cmd=("$bin/tokio-tungstenite-broadcast" --listen "127.0.0.1:$port" --threads 1)
+            cmd=("$bin/tokio-tungstenite-broadcast" --listen "127.0.0.1:$port" --threads 1 "${tls_server[@]}")
             ;;
     esac
     case "$phase" in
@@ -346,7 +365,7 @@ run_one() {
 
     echo "== $name, $phase: loadgen on CPU $client_cpu, $rooms rooms x $members members, ${load[*]}, ${warmup_s}s warm-up + ${duration_s}s" >&2
     taskset -c "$client_cpu" "$bin/loadgen" chat \
-        --url "ws://127.0.0.1:$port/ws" \
+        --url "$scheme://$host:$port/ws" "${tls_client[@]}" \
         --rooms "$rooms" --members "$members" --size "$size" "${load[@]}" \
         --warmup-s "$warmup_s" --duration-s "$duration_s" \
         --threads 1 --cpus "$client_cpu" --json \
@@ -464,6 +483,7 @@ out.append(
     f"rate: {env['rate']:,} publishes/s over {env['rate_publishers']} publisher(s) per room (open loop, "
     f"{env['rate'] * m:,} deliveries/s asked); max: {env['max_publishers']} publisher(s) per room, "
     f"closed loop, window {env['window']} unacked publishes each."
+    f"{' Over wss:// (TLS 1.3, AES-128-GCM, X25519; both servers rustls with ring).' if env.get('tls') else ''}"
 )
 out.append(
     f"CPU: {env['cpu']} ({env['cpus']} CPUs, hypervisor {env['hypervisor']}, governor {env['governor']}); "

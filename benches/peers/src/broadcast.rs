@@ -77,13 +77,15 @@ use futures_util::{
 };
 use serde::Deserialize;
 use serde_json::value::RawValue;
+use tls::Stream;
 use tokio::{
-    net::{TcpListener, TcpStream},
+    net::TcpListener,
     sync::{
         mpsc::{self, error::TrySendError},
         Notify,
     },
 };
+use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::{
     tungstenite::{
         handshake::server::{ErrorResponse, Request, Response},
@@ -93,6 +95,8 @@ use tokio_tungstenite::{
     },
     WebSocketStream,
 };
+
+mod tls;
 
 /// The subprotocol clients may offer.
 const SUBPROTOCOL: &str = "corecast.v1";
@@ -167,6 +171,15 @@ struct Config {
     /// the multi-thread one; --threads must then be absent.
     #[arg(long, env = "PEER_CURRENT_THREAD", conflicts_with = "threads")]
     current_thread: bool,
+
+    /// PEM certificate chain: serve wss:// (with --tls-key), with
+    /// tokio-rustls configured as the gateway's TLS.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -193,7 +206,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(config.listen)) {
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(c), Some(k)) => match tls::acceptor(c, k) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(2);
+            }
+        },
+        _ => None,
+    };
+    match runtime.block_on(serve(config.listen, tls)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("{e}");
@@ -203,7 +226,7 @@ fn main() -> ExitCode {
 }
 
 /// Accepts until SIGTERM or SIGINT.
-async fn serve(listen: SocketAddr) -> Result<(), String> {
+async fn serve(listen: SocketAddr, tls: Option<TlsAcceptor>) -> Result<(), String> {
     use tokio::signal::unix::{signal, SignalKind};
 
     let listener = TcpListener::bind(listen)
@@ -219,7 +242,7 @@ async fn serve(listen: SocketAddr) -> Result<(), String> {
     // On the multi-thread runtime `block_on` runs this future on the main
     // thread, not on a worker: spawn the accept loop so accepting shares the
     // worker (and its core) with the connections, as in corecast's shard.
-    let accept = tokio::spawn(accept_loop(listener, Arc::new(Hub::default())));
+    let accept = tokio::spawn(accept_loop(listener, Arc::new(Hub::default()), tls));
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
@@ -231,7 +254,7 @@ async fn serve(listen: SocketAddr) -> Result<(), String> {
     Ok(())
 }
 
-async fn accept_loop(listener: TcpListener, hub: Arc<Hub>) -> String {
+async fn accept_loop(listener: TcpListener, hub: Arc<Hub>, tls: Option<TlsAcceptor>) -> String {
     let config = WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER_BYTES)
         .write_buffer_size(WRITE_BUFFER_BYTES)
@@ -241,7 +264,15 @@ async fn accept_loop(listener: TcpListener, hub: Arc<Hub>) -> String {
     loop {
         match listener.accept().await {
             Ok((stream, _peer)) => {
-                tokio::spawn(connection(stream, config, hub.clone()));
+                let (hub, tls) = (hub.clone(), tls.clone());
+                tokio::spawn(async move {
+                    match tls::accept(stream, tls.as_ref()).await {
+                        Ok(stream) => connection(stream, config, hub).await,
+                        Err(e) if tls.is_none() => eprintln!("TCP_NODELAY: {e}"),
+                        // A failed TLS handshake is the client's problem.
+                        Err(_) => {}
+                    }
+                });
             }
             // Out of descriptors or memory, or the peer left before accept:
             // all transient for a listener; back off briefly, keep accepting.
@@ -418,11 +449,7 @@ fn refuse(status: StatusCode, why: &str) -> ErrorResponse {
     r
 }
 
-async fn connection(stream: TcpStream, config: WebSocketConfig, hub: Arc<Hub>) {
-    if let Err(e) = stream.set_nodelay(true) {
-        eprintln!("TCP_NODELAY: {e}");
-        return;
-    }
+async fn connection(stream: Stream, config: WebSocketConfig, hub: Arc<Hub>) {
     let ws =
         match tokio_tungstenite::accept_hdr_async_with_config(stream, check_upgrade, Some(config))
             .await
@@ -465,7 +492,7 @@ async fn connection(stream: TcpStream, config: WebSocketConfig, hub: Arc<Hub>) {
 /// is fed and the batch flushed once. Ends when the queue is closed (the
 /// session ended) or the socket fails.
 async fn write_loop(
-    mut sink: SplitSink<WebSocketStream<TcpStream>, Message>,
+    mut sink: SplitSink<WebSocketStream<Stream>, Message>,
     mut rx: mpsc::Receiver<Message>,
 ) {
     let mut batch = Vec::new();
@@ -495,7 +522,7 @@ impl Session {
     /// connection fails, or it turns out a slow consumer.
     async fn run(
         &mut self,
-        mut stream: SplitStream<WebSocketStream<TcpStream>>,
+        mut stream: SplitStream<WebSocketStream<Stream>>,
     ) -> Result<(), SlowConsumer> {
         self.reply(frame::welcome(&self.user, &format!("0.{}", self.conn.id)))?;
         let conn = self.conn.clone();

@@ -33,11 +33,11 @@ use std::{net::SocketAddr, process::ExitCode};
 
 use clap::Parser;
 use futures_util::{FutureExt as _, SinkExt as _, StreamExt as _};
-use tokio::{
-    io::{AsyncRead, AsyncWrite},
-    net::{TcpListener, TcpStream},
-};
+use tls::Stream;
+use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
+
+mod tls;
 use tokio_tungstenite::{
     tungstenite::{
         protocol::{frame::coding::CloseCode, CloseFrame, WebSocketConfig},
@@ -98,36 +98,6 @@ struct Config {
     tls_key: Option<std::path::PathBuf>,
 }
 
-/// The TLS acceptor for --tls-cert/--tls-key.
-fn acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsAcceptor, String> {
-    use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
-    let chain = CertificateDer::pem_file_iter(cert)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("--tls-cert {}: {e:?}", cert.display()))?;
-    let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| format!("--tls-key {}: {e:?}", key.display()))?;
-    #[allow(deprecated)] // ring, as the gateway
-    let mut provider = rustls::crypto::ring::default_provider();
-    provider.cipher_suites.sort_by_key(|s| match s.suite() {
-        rustls::CipherSuite::TLS13_AES_128_GCM_SHA256 => 0,
-        rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256 => 1,
-        rustls::CipherSuite::TLS13_AES_256_GCM_SHA384 => 2,
-        _ => 3,
-    });
-    // X25519 first, as the gateway (ring's default list starts with P-384).
-    use rustls::crypto::ring::kx_group;
-    provider.kx_groups = vec![kx_group::X25519, kx_group::SECP256R1, kx_group::SECP384R1];
-    let mut config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(provider))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .map_err(|e| format!("--tls-cert/--tls-key: {e}"))?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    config.ignore_client_order = true;
-    Ok(TlsAcceptor::from(std::sync::Arc::new(config)))
-}
-
 fn main() -> ExitCode {
     let config = Config::parse();
     let mut builder = if config.current_thread {
@@ -153,7 +123,7 @@ fn main() -> ExitCode {
         }
     };
     let tls = match (&config.tls_cert, &config.tls_key) {
-        (Some(c), Some(k)) => match acceptor(c, k) {
+        (Some(c), Some(k)) => match tls::acceptor(c, k) {
             Ok(a) => Some(a),
             Err(e) => {
                 eprintln!("{e}");
@@ -209,22 +179,17 @@ async fn accept_loop(listener: TcpListener, tls: Option<TlsAcceptor>) -> String 
         .max_frame_size(Some(MAX_MESSAGE_BYTES));
     loop {
         match listener.accept().await {
-            Ok((stream, _peer)) => match &tls {
-                None => {
-                    tokio::spawn(connection(stream, config));
-                }
-                Some(acceptor) => {
-                    let acceptor = acceptor.clone();
-                    tokio::spawn(async move {
-                        if stream.set_nodelay(true).is_err() {
-                            return;
-                        }
-                        if let Ok(tls) = acceptor.accept(stream).await {
-                            connection(tls, config).await;
-                        }
-                    });
-                }
-            },
+            Ok((stream, _peer)) => {
+                let tls = tls.clone();
+                tokio::spawn(async move {
+                    match tls::accept(stream, tls.as_ref()).await {
+                        Ok(stream) => connection(stream, config).await,
+                        Err(e) if tls.is_none() => eprintln!("TCP_NODELAY: {e}"),
+                        // A failed TLS handshake is the client's problem.
+                        Err(_) => {}
+                    }
+                });
+            }
             // Out of descriptors or memory, or the peer left before accept:
             // all transient for a listener; back off briefly, keep accepting.
             Err(e) if is_transient_accept_error(&e) => {
@@ -248,29 +213,7 @@ fn is_transient_accept_error(e: &std::io::Error) -> bool {
         .is_some_and(|n| RESOURCE_ERRNOS.contains(&n))
 }
 
-/// A TCP stream or a TLS one over it.
-trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
-    fn nodelay(&self) -> std::io::Result<()>;
-}
-
-impl Transport for TcpStream {
-    fn nodelay(&self) -> std::io::Result<()> {
-        self.set_nodelay(true)
-    }
-}
-
-impl Transport for tokio_rustls::server::TlsStream<TcpStream> {
-    fn nodelay(&self) -> std::io::Result<()> {
-        // Set on the TCP stream before the handshake.
-        Ok(())
-    }
-}
-
-async fn connection<S: Transport>(stream: S, config: WebSocketConfig) {
-    if let Err(e) = stream.nodelay() {
-        eprintln!("TCP_NODELAY: {e}");
-        return;
-    }
+async fn connection(stream: Stream, config: WebSocketConfig) {
     let mut ws = match tokio_tungstenite::accept_async_with_config(stream, Some(config)).await {
         Ok(ws) => ws,
         // A bad upgrade request is the client's problem; nothing to report.
@@ -308,7 +251,7 @@ async fn connection<S: Transport>(stream: S, config: WebSocketConfig) {
 /// are fed as a batch and flushed once; a message that would block ends the
 /// batch. tokio's cooperative budget ends a batch too, so one busy
 /// connection cannot starve the others on the worker.
-async fn echo<S: Transport>(ws: &mut WebSocketStream<S>) -> Result<(), WsError> {
+async fn echo(ws: &mut WebSocketStream<Stream>) -> Result<(), WsError> {
     while let Some(msg) = ws.next().await {
         feed_echo(ws, msg?).await?;
         while let Some(next) = ws.next().now_or_never() {
@@ -322,7 +265,7 @@ async fn echo<S: Transport>(ws: &mut WebSocketStream<S>) -> Result<(), WsError> 
     Ok(())
 }
 
-async fn feed_echo<S: Transport>(ws: &mut WebSocketStream<S>, msg: Message) -> Result<(), WsError> {
+async fn feed_echo(ws: &mut WebSocketStream<Stream>, msg: Message) -> Result<(), WsError> {
     match msg {
         Message::Text(_) | Message::Binary(_) => ws.feed(msg).await,
         // Pongs and closes are queued by tungstenite itself; a peer's pong
