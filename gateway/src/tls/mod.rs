@@ -221,9 +221,10 @@ impl Tls {
     /// The certificate in use, in one line for the log.
     pub fn describe(loaded: &Loaded) -> String {
         let left = loaded.not_after - unix_now();
+        let n = loaded.key.cert.len();
         format!(
-            "{} certificates in the chain, the leaf expires at Unix time {} ({})",
-            loaded.key.cert.len(),
+            "{n} certificate{} in the chain, the leaf expires at Unix time {} ({})",
+            if n == 1 { "" } else { "s" },
             loaded.not_after,
             if left < 0 {
                 format!("EXPIRED {} days ago", -left / 86_400)
