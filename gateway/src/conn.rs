@@ -765,7 +765,11 @@ impl<H: Host> Conn<H> {
             }
             let inbuf = &mut self.inbuf;
             let mut failed = None;
+            // A bounded piece at a time, even of one big reply: the
+            // ciphertext buffer stays poolable and the rest waits as
+            // plaintext, where the outbound budget counts it.
             let taken = shared.write_queued(local, |plain| {
+                let plain = &plain[..plain.len().min(tls_stream::MAX_PLAINTEXT)];
                 tls.encrypt(plain, &local.pool, inbuf).map_err(|f| {
                     failed = Some(f);
                     Errno::IO

@@ -13,8 +13,8 @@
 //!   write buffer, given back once sent. What stays per idle connection is
 //!   rustls' own state (traffic keys, sequence numbers).
 //! - Plaintext is encrypted only once all earlier ciphertext is out, and at
-//!   most what the caller gathers at a time (`GATHER_BYTES`): the rest waits
-//!   in the connection's queue, where the outbound budget counts it.
+//!   most [`MAX_PLAINTEXT`] at a time: the rest waits in the connection's
+//!   queue, where the outbound budget counts it.
 //! - Output order is the order things were queued: handshake records,
 //!   alerts and application records all go to the one ciphertext buffer.
 
@@ -35,6 +35,10 @@ use crate::{
 
 /// A TLS record's header: type, version, length.
 const RECORD_HEADER: usize = 5;
+
+/// Most plaintext encrypted at a time: 63 KiB, so the records (16 KiB each
+/// plus a header, a tag and the content type) fit a pooled 64 KiB buffer.
+pub const MAX_PLAINTEXT: usize = 63 * 1024;
 
 /// What one read brought.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
