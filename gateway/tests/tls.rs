@@ -221,7 +221,7 @@ fn echo_and_chat_over_wss_next_to_plain_ws() {
 
 #[test]
 fn alpn_http_1_1_is_chosen_when_offered() {
-    let (_server, tls) = tls_server(&fixture("cert.pem"), &fixture("key.pem"), &[]);
+    let (server, tls) = tls_server(&fixture("cert.pem"), &fixture("key.pem"), &[]);
     let mut config = (*client_config()).clone();
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
@@ -231,6 +231,22 @@ fn alpn_http_1_1_is_chosen_when_offered() {
         .unwrap();
     conn.complete_io(&mut sock).unwrap();
     assert_eq!(conn.alpn_protocol(), Some(&b"http/1.1"[..]));
+    // h2 alone: nothing in common, refused and counted.
+    let mut h2 = (*client_config()).clone();
+    h2.alpn_protocols = vec![b"h2".to_vec()];
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut refused = rustls::ClientConnection::new(Arc::new(h2), name).unwrap();
+    let mut sock2 = TcpStream::connect(tls).unwrap();
+    sock2
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let e = refused.complete_io(&mut sock2).unwrap_err();
+    assert!(e.to_string().contains("NoApplicationProtocol"), "{e}");
+    let counted = server.metric(
+        "corecast_tls_handshake_failures_total",
+        "reason=\"incompatible\"",
+    );
+    assert_eq!(counted, 1);
     assert_eq!(
         conn.protocol_version(),
         Some(rustls::ProtocolVersion::TLSv1_3)

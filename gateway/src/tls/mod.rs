@@ -44,7 +44,8 @@ pub enum Failure {
     Malformed,
     /// No TLS version (1.2, 1.3) or cipher suite in common, e.g. TLS 1.0.
     Version,
-    /// Nothing else in common (groups, signature schemes, extensions).
+    /// Nothing else in common (groups, signature schemes, extensions, an
+    /// ALPN offer without `http/1.1`).
     Incompatible,
     /// The client asked for a server name the certificate does not cover.
     Sni,
@@ -104,7 +105,9 @@ impl Failure {
                 | P::Tls12NotOfferedOrEnabled
                 | P::NoCipherSuitesInCommon,
             ) => Failure::Version,
-            E::PeerIncompatible(_) => Failure::Incompatible,
+            // ALPN offered without http/1.1 (h2 only): refused with
+            // no_application_protocol.
+            E::PeerIncompatible(_) | E::NoApplicationProtocol => Failure::Incompatible,
             E::General(s) if s.contains("no server certificate") => Failure::Sni,
             E::AlertReceived(_) => Failure::Alert,
             _ => Failure::Other,
