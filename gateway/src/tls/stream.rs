@@ -181,7 +181,16 @@ impl TlsStream {
         if let Some(b) = self.incoming.take() {
             self.keep_incoming(b, pool);
         }
-        r.map_err(|e| self.fail(&e, pool))
+        match r {
+            Ok(true) => Ok(()),
+            // rustls would not take application data now: never drop it
+            // silently, close instead.
+            Ok(false) => {
+                self.failed = true;
+                Err(Failure::Other)
+            }
+            Err(e) => Err(self.fail(&e, pool)),
+        }
     }
 
     /// Sends queued ciphertext; the buffer goes back to the pool once all of
@@ -271,18 +280,18 @@ impl TlsStream {
 
     /// Decrypts what `incoming` holds, answering the handshake as it goes.
     fn process(&mut self, pool: &BufPool, plain: &mut Option<InBuf>) -> Result<(), rustls::Error> {
-        self.pump(pool, plain, None)
+        self.pump(pool, plain, None).map(|_| ())
     }
 
     /// Runs rustls over `incoming` until it needs more input, queueing what
     /// it wants sent; with `payload`, encrypts it once application data may
-    /// flow.
+    /// flow. Returns whether the payload (if any) was encrypted.
     fn pump(
         &mut self,
         pool: &BufPool,
         plain: &mut Option<InBuf>,
         mut payload: Option<&[u8]>,
-    ) -> Result<(), rustls::Error> {
+    ) -> Result<bool, rustls::Error> {
         let TlsStream {
             conn,
             incoming,
@@ -351,7 +360,7 @@ impl TlsStream {
             };
             consume(incoming, discard);
             if !again {
-                return Ok(());
+                return Ok(payload.is_none());
             }
         }
     }
