@@ -31,15 +31,12 @@ fi
 gw="$repo/target/release/gateway"
 lg="$repo/target/release/loadgen"
 certs="$repo/gateway/tests/testdata/tls"
-free() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-port="$(free)"
-tport="$(free)"
-log="$(mktemp)"
-RUST_LOG=warn "$gw" --listen "127.0.0.1:$port" --shards 1 --cpus 0 \
-  --tls-cert "$certs/cert.pem" --tls-key "$certs/key.pem" --tls-listen "127.0.0.1:$tport" >"$log" 2>&1 &
-gw_pid=$!
-trap 'kill $gw_pid 2>/dev/null || true' EXIT
-for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
+# shellcheck source=conformance/lib.sh
+source "$repo/conformance/lib.sh"
+tport="$(free_port)"
+start_gateway "$gw" "$(mktemp)" --shards 1 --cpus 0 \
+  --tls-cert "$certs/cert.pem" --tls-key "$certs/key.pem" --tls-listen "127.0.0.1:$tport"
+port=$gw_port
 # utime + stime of the gateway, in clock ticks.
 ticks() { awk '{print $14 + $15}' "/proc/$gw_pid/stat"; }
 hz=$(getconf CLK_TCK)
@@ -68,7 +65,7 @@ done
 med() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 median=$(med "${results[@]}")
 plain_median=$(med "${plain[@]}")
-kill -TERM $gw_pid; wait $gw_pid || true; trap - EXIT
+stop_gateway
 json="{\"bench\":\"tls-handshakes\",\"connections\":$conns,\"rounds\":[$(IFS=,; echo "${results[*]}")],\"median_per_cpu_second\":$median,\"plain_rounds\":[$(IFS=,; echo "${plain[*]}")],\"plain_median_per_cpu_second\":$plain_median,\"tls\":\"1.3 ECDSA P-256\",\"kernel\":\"$(uname -r)\",\"date\":\"$(date -u +%F)\"}"
 echo "$json"
 mkdir -p "$repo/benches/results"

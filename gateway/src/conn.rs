@@ -323,24 +323,26 @@ impl<A> ConnShared<A> {
 
     /// Hands what is queued to `write` in one piece: our own output, then
     /// the unsent frames of each room, gathered in the shard's gather buffer
-    /// (up to `GATHER_BYTES`; the rest goes in the next call). `write` says
-    /// how much it took: one `send` on a plain socket, all of it on TLS
-    /// (encrypted into the connection's ciphertext buffer).
+    /// up to `limit` (≤ `GATHER_BYTES`; the rest goes in the next call), or
+    /// our own output alone when it is that long already. `write` says how
+    /// much it took: what one `send` took on a plain socket, what was
+    /// encrypted on TLS (at most the same limit).
     fn write_queued(
         &self,
         local: &Local,
+        limit: usize,
         write: impl FnOnce(&[u8]) -> Result<usize, Errno>,
     ) -> Result<usize, Errno> {
         let out = self.out.borrow();
         let own = &out[self.out_sent.get()..];
         let feeds = self.feeds.borrow();
-        if own.len() >= GATHER_BYTES || feeds.iter().all(|c| c.lag() == 0) {
+        if own.len() >= limit || feeds.iter().all(|c| c.lag() == 0) {
             return write(own);
         }
         local.pool.gather(|g| {
             g.extend_from_slice(own);
             for c in feeds.iter() {
-                c.copy_unsent(g, GATHER_BYTES);
+                c.copy_unsent(g, limit);
             }
             write(g)
         })
@@ -710,7 +712,9 @@ impl<H: Host> Conn<H> {
         let io = &shared.ready.io;
         while shared.queued() > 0 {
             let sent = if io.writable.get() {
-                shared.write_queued(self.host.local(), |b| io.send(self.socket.as_fd(), b))
+                shared.write_queued(self.host.local(), GATHER_BYTES, |b| {
+                    io.send(self.socket.as_fd(), b)
+                })
             } else {
                 Err(Errno::AGAIN)
             };
@@ -768,8 +772,9 @@ impl<H: Host> Conn<H> {
             // A bounded piece at a time, even of one big reply: the
             // ciphertext buffer stays poolable and the rest waits as
             // plaintext, where the outbound budget counts it.
-            let taken = shared.write_queued(local, |plain| {
-                let plain = &plain[..plain.len().min(tls_stream::MAX_PLAINTEXT)];
+            let max = tls_stream::MAX_PLAINTEXT;
+            let taken = shared.write_queued(local, max, |plain| {
+                let plain = &plain[..plain.len().min(max)];
                 tls.encrypt(plain, &local.pool, inbuf).map_err(|f| {
                     failed = Some(f);
                     Errno::IO

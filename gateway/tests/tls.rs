@@ -486,11 +486,6 @@ asyncio.run(main())
 
 #[test]
 fn the_binary_reloads_on_sighup_and_when_the_files_change() {
-    use std::{
-        io::{BufRead, BufReader},
-        process::Stdio,
-        sync::mpsc,
-    };
     let dir = std::env::temp_dir().join(format!("corecast-tls-hup-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -502,38 +497,28 @@ fn the_binary_reloads_on_sighup_and_when_the_files_change() {
         l.local_addr().unwrap().port()
     };
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
-        .args(["--listen", &addr.to_string(), "--shards", "1"])
-        .args(["--tls-cert", arg(&cert), "--tls-key", arg(&key)])
-        .args(["--tls-reload-interval-s", "1"])
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = mpsc::channel();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let wait_for = |what: &str| loop {
-        match rx.recv_timeout(Duration::from_secs(10)) {
-            Ok(line) if line.contains(what) => return line,
-            Ok(_) => continue,
-            Err(e) => panic!("no log line with {what:?}: {e}"),
-        }
-    };
-    let line = wait_for("TLS: wss:// on");
+    let gw = Logged::spawn(&[
+        "--listen",
+        &addr.to_string(),
+        "--shards",
+        "1",
+        "--tls-cert",
+        arg(&cert),
+        "--tls-key",
+        arg(&key),
+        "--tls-reload-interval-s",
+        "1",
+    ]);
+    let line = gw.wait_for("TLS: wss:// on");
     assert!(line.contains("expires at Unix time 2112013487"), "{line}");
-    wait_for("shards serving");
+    gw.wait_for("shards serving");
     let mut old = wss(addr, "localhost", "/echo", None);
 
     // The interval check sees new files (mtime) and reloads them.
     std::thread::sleep(Duration::from_millis(1100));
     std::fs::copy(fixture("key2.pem"), &key).unwrap();
     std::fs::copy(fixture("cert2.pem"), &cert).unwrap();
-    wait_for("TLS certificate reloaded");
+    gw.wait_for("TLS certificate reloaded");
     assert_eq!(
         served_cert(&wss(addr, "localhost", "/echo", None)),
         leaf_der("cert2.pem")
@@ -542,18 +527,12 @@ fn the_binary_reloads_on_sighup_and_when_the_files_change() {
 
     // SIGHUP with a broken key: logged, the old certificate stays.
     std::fs::write(&key, "garbage").unwrap();
-    let pid = child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-HUP", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let line = wait_for("the old TLS certificate stays in use");
+    gw.signal("HUP");
+    let line = gw.wait_for("the old TLS certificate stays in use");
     assert!(line.contains("--tls-key"), "{line}");
     assert_eq!(
         served_cert(&wss(addr, "localhost", "/echo", None)),
         leaf_der("cert2.pem")
     );
-    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    assert!(child.wait().unwrap().success());
+    assert!(gw.stop(), "a clean stop after the reloads");
 }

@@ -166,54 +166,22 @@ fn key_files_that_do_not_load_stop_the_start_by_name() {
 
 #[test]
 fn sighup_reloads_the_key_files_of_a_running_gateway() {
-    use std::{
-        io::{BufRead, BufReader},
-        process::Stdio,
-        sync::mpsc,
-        time::Duration,
-    };
     let dir = keys("hup");
     let jwks = dir.join("jwks.json");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
-        .args(["--listen", "127.0.0.1:0", "--shards", "1"])
-        .args(["--jwt-jwks", jwks.to_str().unwrap()])
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = mpsc::channel();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let wait_for = |what: &str| loop {
-        match rx.recv_timeout(Duration::from_secs(10)) {
-            Ok(line) if line.contains(what) => return line,
-            Ok(_) => continue,
-            Err(e) => panic!("no log line with {what:?}: {e}"),
-        }
-    };
-    wait_for("shards serving");
-    let hup = || {
-        let pid = child.id().to_string();
-        assert!(Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .unwrap()
-            .success());
-    };
-    hup();
-    wait_for("SIGHUP: token keys reloaded (2 keys)");
+    let gw = Logged::spawn(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--shards",
+        "1",
+        "--jwt-jwks",
+        jwks.to_str().unwrap(),
+    ]);
+    gw.wait_for("shards serving");
+    gw.signal("HUP");
+    gw.wait_for("SIGHUP: token keys reloaded (2 keys)");
     std::fs::write(&jwks, "not json").unwrap();
-    hup();
-    let line = wait_for("the old token keys stay in use");
+    gw.signal("HUP");
+    let line = gw.wait_for("the old token keys stay in use");
     assert!(line.contains("--jwt-jwks"), "{line}");
-    let pid = child.id().to_string();
-    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    assert!(
-        child.wait().unwrap().success(),
-        "a clean stop after the reloads"
-    );
+    assert!(gw.stop(), "a clean stop after the reloads");
 }

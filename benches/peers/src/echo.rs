@@ -89,13 +89,8 @@ struct Config {
     #[arg(long, env = "PEER_CURRENT_THREAD", conflicts_with = "threads")]
     current_thread: bool,
 
-    /// PEM certificate chain: serve wss:// (with --tls-key).
-    #[arg(long, requires = "tls_key")]
-    tls_cert: Option<std::path::PathBuf>,
-
-    /// PEM private key of --tls-cert.
-    #[arg(long, requires = "tls_cert")]
-    tls_key: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    tls: tls::TlsArgs,
 }
 
 fn main() -> ExitCode {
@@ -122,15 +117,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let tls = match (&config.tls_cert, &config.tls_key) {
-        (Some(c), Some(k)) => match tls::acceptor(c, k) {
-            Ok(a) => Some(a),
-            Err(e) => {
-                eprintln!("{e}");
-                return ExitCode::from(2);
-            }
-        },
-        _ => None,
+    let tls = match config.tls.acceptor() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
     };
     match runtime.block_on(serve(config.listen, tls)) {
         Ok(()) => ExitCode::SUCCESS,

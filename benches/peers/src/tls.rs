@@ -14,8 +14,31 @@ use tokio::{
 };
 use tokio_rustls::TlsAcceptor;
 
+/// `--tls-cert` and `--tls-key`: serve wss:// (both peers flatten these).
+#[derive(clap::Args, Debug)]
+pub struct TlsArgs {
+    /// PEM certificate chain: serve wss:// (with --tls-key), with
+    /// tokio-rustls configured as the gateway's TLS.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+}
+
+impl TlsArgs {
+    /// The acceptor, or `None` without the flags; an error names the file.
+    pub fn acceptor(&self) -> Result<Option<TlsAcceptor>, String> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(c), Some(k)) => acceptor(c, k).map(Some),
+            _ => Ok(None),
+        }
+    }
+}
+
 /// The TLS acceptor for --tls-cert/--tls-key.
-pub fn acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsAcceptor, String> {
+fn acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsAcceptor, String> {
     use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
     let chain = CertificateDer::pem_file_iter(cert)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())

@@ -346,7 +346,7 @@ impl TlsStream {
                         if outgoing.capacity() == 0 {
                             *outgoing = pool.take_write();
                         }
-                        encrypt(outgoing, |b| w.encrypt(p, b))?;
+                        encrypt(outgoing, sealed_len(p.len()), |b| w.encrypt(p, b))?;
                     }
                     false
                 }
@@ -382,8 +382,8 @@ fn record_rest(input: &[u8]) -> usize {
 }
 
 /// Appends what `f` writes into the spare room of `out`, growing the room
-/// to the size rustls asks for (`needs` reads it from the error; the first
-/// call may have too little room on purpose, to ask).
+/// to the size rustls asks for (`needs` reads it from the error) if the
+/// first guess was short.
 fn grow_into<E>(
     out: &mut Vec<u8>,
     mut room: usize,
@@ -420,12 +420,21 @@ fn encode(
     })
 }
 
+/// Room for `plaintext` bytes as records: a record per 16 KiB, each with at
+/// most 29 bytes around it (TLS 1.2 GCM: header 5, explicit nonce 8, tag 16;
+/// TLS 1.3: header 5, content type 1, tag 16). So one `encrypt` call does,
+/// not one to ask the size and one to write.
+fn sealed_len(plaintext: usize) -> usize {
+    plaintext + (plaintext / (16 * 1024) + 1) * 29
+}
+
 /// Application data, as records, into `out`.
 fn encrypt(
     out: &mut Vec<u8>,
+    room: usize,
     f: impl FnMut(&mut [u8]) -> Result<usize, EncryptError>,
 ) -> Result<(), rustls::Error> {
-    grow_into(out, 0, f, |e| match e {
+    grow_into(out, room, f, |e| match e {
         EncryptError::InsufficientSize(s) => Some(s.required_size),
         _ => None,
     })

@@ -258,3 +258,66 @@ pub fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
     f()
 }
+
+/// The gateway binary as a child process (`RUST_LOG=info`), its log read
+/// line by line, for the tests that need signals or the real start-up.
+pub struct Logged {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Logged {
+    pub fn spawn(args: &[&str]) -> Logged {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("the gateway binary starts");
+        let (tx, lines) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(line);
+            }
+        });
+        Logged { child, lines }
+    }
+
+    /// The next log line containing `what` (the ones before it are skipped).
+    pub fn wait_for(&self, what: &str) -> String {
+        loop {
+            match self.lines.recv_timeout(Duration::from_secs(10)) {
+                Ok(line) if line.contains(what) => return line,
+                Ok(_) => continue,
+                Err(e) => panic!("no log line with {what:?}: {e}"),
+            }
+        }
+    }
+
+    /// Sends a signal, as `kill -SIG` does (`"HUP"`, `"TERM"`).
+    pub fn signal(&self, sig: &str) {
+        let status = std::process::Command::new("kill")
+            .args([format!("-{sig}"), self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{sig}");
+    }
+
+    /// SIGTERM, then whether the gateway exited 0.
+    pub fn stop(mut self) -> bool {
+        self.signal("TERM");
+        self.child.wait().unwrap().success()
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
