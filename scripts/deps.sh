@@ -5,12 +5,14 @@
 # private servers on loopback ports) and Python's cryptography (the token
 # tests make RS256/ES256 keys with scripts/jwt-keys.py; from PyPI if the
 # python3 on PATH is not Debian's), and Python websockets ≥ 13 from PyPI (the
-# wss:// tests use it as an independent client; Debian's is older). Does
-# nothing when all are there.
+# wss:// tests use it as an independent client; Debian's is older), and
+# curl (the server API tests call the API with it). Does nothing when all
+# are there.
 set -euo pipefail
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
 pkg-config --exists libzmq 2>/dev/null || missing+=(libzmq3-dev)
 have_cryptography() { python3 -c 'import cryptography' >/dev/null 2>&1; }
 have_cryptography || missing+=(python3-cryptography)

@@ -20,6 +20,8 @@ pub struct Config {
     #[command(flatten)]
     pub tls: TlsArgs,
     #[command(flatten)]
+    pub api: ApiArgs,
+    #[command(flatten)]
     pub conn: ConnArgs,
     #[command(flatten)]
     pub chat: ChatArgs,
@@ -105,6 +107,39 @@ pub struct TlsArgs {
     /// reload them, in seconds (0: only on SIGHUP).
     #[arg(long, env = "CORECAST_TLS_RELOAD_INTERVAL_S", default_value_t = 0)]
     pub tls_reload_interval_s: u64,
+}
+
+/// The server API for the application's backend (docs/api.md).
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Server API")]
+pub struct ApiArgs {
+    /// Address the HTTP server API listens on, e.g. `127.0.0.1:8081`
+    /// (default: no API). Needs --api-key. Keep it off the public network.
+    #[arg(long, env = "CORECAST_API_LISTEN")]
+    pub api_listen: Option<SocketAddr>,
+
+    /// Keys API calls authenticate with (`Authorization: apikey <key>`),
+    /// comma-separated or the flag repeated; several are accepted at once
+    /// while rotating. Each at least 16 bytes.
+    #[arg(
+        long,
+        env = "CORECAST_API_KEY",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
+    pub api_key: Vec<String>,
+
+    /// Largest API request body, in bytes; more is answered 413.
+    #[arg(long, env = "CORECAST_API_MAX_BODY_BYTES", default_value_t = 1 << 20)]
+    pub api_max_body_bytes: usize,
+
+    /// Longest an API call waits for the homes' answer, in ms; then 503.
+    #[arg(long, env = "CORECAST_API_TIMEOUT_MS", default_value_t = 5000)]
+    pub api_timeout_ms: u64,
+
+    /// API calls that may wait for answers at once; more are answered 429.
+    #[arg(long, env = "CORECAST_API_MAX_IN_FLIGHT", default_value_t = 10_000)]
+    pub api_max_in_flight: usize,
 }
 
 /// Every connection: frame and header limits, timeouts, output budget.
@@ -368,6 +403,8 @@ pub struct Settings {
     pub mesh: Option<crate::mesh::MeshConfig>,
     /// The certificate and its rustls configuration; `None` without TLS.
     pub tls: Option<crate::tls::Tls>,
+    /// The server API; `None` without --api-listen.
+    pub api: Option<crate::api::ApiSettings>,
 }
 
 impl Config {
@@ -393,6 +430,7 @@ impl Config {
                 self.node.listen
             )));
         }
+        let api = self.api_settings(&chat)?;
         Ok(Settings {
             limits,
             origins,
@@ -402,9 +440,58 @@ impl Config {
             storage,
             mesh,
             tls,
+            api,
         })
     }
+
+    fn api_settings(
+        &self,
+        chat: &crate::chat::Settings,
+    ) -> Result<Option<crate::api::ApiSettings>, ConfigError> {
+        let a = &self.api;
+        let err = |m: String| Err(ConfigError(m));
+        let Some(listen) = a.api_listen else {
+            if !a.api_key.is_empty() {
+                return err("--api-key without --api-listen: give the API an address (e.g. --api-listen 127.0.0.1:8081)".into());
+            }
+            return Ok(None);
+        };
+        if a.api_key.is_empty() {
+            return err("--api-listen needs at least one --api-key (e.g. `openssl rand -hex 32`): every API call must authenticate".into());
+        }
+        if let Some(k) = a.api_key.iter().find(|k| k.len() < MIN_API_KEY_BYTES) {
+            return err(format!(
+                "an --api-key is {} bytes; use at least {MIN_API_KEY_BYTES} (e.g. `openssl rand -hex 32`)",
+                k.len()
+            ));
+        }
+        if a.api_key
+            .iter()
+            .any(|k| k.chars().any(|c| c.is_whitespace() || c.is_control()))
+        {
+            return err("an --api-key holds whitespace or a control character: it could not be sent in an Authorization header".into());
+        }
+        if a.api_max_body_bytes == 0 || a.api_timeout_ms == 0 || a.api_max_in_flight == 0 {
+            return err(
+                "--api-max-body-bytes, --api-timeout-ms and --api-max-in-flight must be at least 1"
+                    .into(),
+            );
+        }
+        Ok(Some(crate::api::ApiSettings {
+            listen,
+            keys: a.api_key.iter().map(|k| k.as_bytes().into()).collect(),
+            max_body_bytes: a.api_max_body_bytes,
+            max_message_body_bytes: chat.session.max_body_bytes,
+            history_max_limit: chat.session.history_max_limit,
+            timeout: std::time::Duration::from_millis(a.api_timeout_ms),
+            max_in_flight: a.api_max_in_flight,
+            max_broadcast_rooms: crate::api::MAX_BROADCAST_ROOMS,
+        }))
+    }
 }
+
+/// The shortest API key accepted.
+const MIN_API_KEY_BYTES: usize = 16;
 
 impl Config {
     /// The chat endpoint's settings, and the public-key files when tokens

@@ -105,12 +105,12 @@ pub trait Host: 'static {
     fn closed(&self, conn: &ConnShared<Self::App>, key: u32);
     /// When the session must close unless its client acts first (time to
     /// authenticate, token expiry), and the close code and reason then.
-    fn deadline(app: &Self::App) -> Option<(Instant, u16, &'static str)>;
+    fn deadline(app: &Self::App) -> Option<(Instant, u16, Reason)>;
 }
 
 /// What the layer above tells a connection to do after its input: go on,
 /// or close with a code and reason (the chat session's own answer).
-pub use corecast_router::session::Outcome;
+pub use corecast_router::session::{Outcome, Reason};
 
 /// The shard's sockets: the listener's readiness and the live connections
 /// (for the epoll dispatcher, the sweeper, deliveries and the drain).
@@ -1201,7 +1201,7 @@ impl<H: Host> Conn<H> {
                 }
                 if let Some((at, code, reason)) = self.app_deadline() {
                     if now >= at {
-                        self.start_close(code, reason);
+                        self.start_close(code, &reason);
                         return;
                     }
                 }
@@ -1303,7 +1303,7 @@ impl<H: Host> Conn<H> {
             .map(|a| a.ip().to_canonical())
     }
 
-    fn app_deadline(&self) -> Option<(Instant, u16, &'static str)> {
+    fn app_deadline(&self) -> Option<(Instant, u16, Reason)> {
         self.shared.app.borrow().as_deref().and_then(H::deadline)
     }
 

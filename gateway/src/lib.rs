@@ -47,6 +47,7 @@
 //! - [`shutdown`]: the "stop now" signal `run` waits on.
 #![deny(unsafe_code)]
 
+pub mod api;
 mod buf;
 pub mod chat;
 pub mod config;
@@ -107,4 +108,24 @@ pub enum Error {
     },
     #[error("shards {shards:?} did not stop within the drain timeout; exited without them (the log says what they were doing)")]
     StopDeadline { shards: Vec<usize> },
+}
+
+impl Error {
+    /// A bind that failed, in words; `in_use` is the hint for a taken port.
+    pub(crate) fn bind(addr: SocketAddr, source: std::io::Error, in_use: &'static str) -> Error {
+        use std::io::ErrorKind;
+        let (what, hint) = match source.kind() {
+            ErrorKind::AddrInUse => ("address in use".to_string(), in_use),
+            ErrorKind::PermissionDenied => (
+                "permission denied".to_string(),
+                " (ports below 1024 need privileges; pick another port)",
+            ),
+            ErrorKind::AddrNotAvailable => (
+                "address not available".to_string(),
+                " (that address is not on this machine)",
+            ),
+            _ => (source.to_string(), ""),
+        };
+        Error::Bind { addr, what, hint }
+    }
 }

@@ -87,6 +87,11 @@ impl NodeState {
         Stage::from_u8(self.stages[shard].load(Ordering::Acquire))
     }
 
+    /// The node is draining or stopping.
+    pub(crate) fn draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
     pub(crate) fn close(&self) {
         self.draining.store(true, Ordering::Release);
         self.stop.store(true, Ordering::Release);

@@ -51,6 +51,8 @@ pub struct Server {
     tls: Option<crate::tls::Tls>,
     tls_listeners: Vec<OwnedFd>,
     tls_addr: Option<SocketAddr>,
+    /// The server API's settings and bound listener.
+    api: Option<(crate::api::ApiSettings, std::net::TcpListener)>,
     fault: Option<Fault>,
 }
 
@@ -66,6 +68,7 @@ impl Server {
             storage,
             mesh,
             tls,
+            api,
         } = config.validate()?;
         crate::storage::check(&storage)?;
         let (listeners, local_addr) =
@@ -76,6 +79,13 @@ impl Server {
                 (l, Some(a))
             }
             _ => (Vec::new(), None),
+        };
+        let api = match api {
+            Some(settings) => {
+                let listener = crate::api::bind(&settings)?;
+                Some((settings, listener))
+            }
+            None => None,
         };
         Ok(Server {
             config,
@@ -91,8 +101,14 @@ impl Server {
             tls,
             tls_listeners,
             tls_addr,
+            api,
             fault: None,
         })
+    }
+
+    /// Where the server API listens, if it does.
+    pub fn api_addr(&self) -> Option<SocketAddr> {
+        self.api.as_ref().and_then(|(_, l)| l.local_addr().ok())
     }
 
     /// The certificate files, to reload them (on SIGHUP) while the node
@@ -146,6 +162,7 @@ impl Server {
             tls,
             tls_listeners,
             tls_addr,
+            api,
             fault,
         } = self;
         if let Some(t) = &tls {
@@ -207,6 +224,9 @@ impl Server {
             },
             None => (None, None),
         };
+        let calls = api
+            .as_ref()
+            .map(|_| Arc::new(crate::api::Calls::new(plan.shards)));
         let mut requests = rings::build(plan.shards, chat::RING_SLOTS).into_iter();
         let mut deliveries = rings::build(plan.shards, chat::RING_SLOTS).into_iter();
         let node_state = Arc::new(NodeState::new(plan.shards));
@@ -253,6 +273,7 @@ impl Server {
                 node,
                 mesh: mesh.clone(),
                 fault,
+                api: calls.clone(),
             };
             let spawned = LocalExecutorBuilder::new(placement)
                 .name(&format!("shard-{id}"))
@@ -291,6 +312,30 @@ impl Server {
             }
             return Err(e);
         }
+        // The API takes calls once every shard drains its inbox.
+        let api_thread = match (api, calls) {
+            (Some((settings, listener)), Some(calls)) => {
+                let addr = listener.local_addr().ok();
+                let node = crate::api::NodeView {
+                    node_id: storage.node_id.as_str().into(),
+                    metrics: metrics.clone(),
+                    state: node_state.clone(),
+                };
+                match crate::api::start(settings, listener, calls, node) {
+                    Ok(t) => {
+                        if let Some(a) = addr {
+                            log::info!("server API listening on http://{a}/api/ (docs/api.md)");
+                        }
+                        Some(t)
+                    }
+                    Err(e) => {
+                        log::error!("cannot start the API thread: {e}; the API is not served");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
         let mut early_exit = futures_lite::future::block_on(futures_lite::future::or(
             async {
                 shutdown.await;
@@ -327,6 +372,10 @@ impl Server {
             );
         }
         node_state.close();
+        // Calls now would wait for shards that are stopping.
+        if let Some(t) = api_thread {
+            t.stop();
+        }
         let unfinished = wait_for_shards(
             handles,
             ended_early,
@@ -516,26 +565,12 @@ fn bind_all(
     tls: bool,
 ) -> Result<(Vec<OwnedFd>, SocketAddr), Error> {
     let bind_err = |source: io::Error| {
-        let (what, hint) = match source.kind() {
-            io::ErrorKind::AddrInUse => (
-                "address in use".to_string(),
-                if tls {
-                    " (is another gateway running? pass --tls-listen)"
-                } else {
-                    " (is another gateway running? pass --listen)"
-                },
-            ),
-            io::ErrorKind::PermissionDenied => (
-                "permission denied".to_string(),
-                " (ports below 1024 need privileges; pick another port)",
-            ),
-            io::ErrorKind::AddrNotAvailable => (
-                "address not available".to_string(),
-                " (that address is not on this machine)",
-            ),
-            _ => (source.to_string(), ""),
+        let in_use = if tls {
+            " (is another gateway running? pass --tls-listen)"
+        } else {
+            " (is another gateway running? pass --listen)"
         };
-        Error::Bind { addr, what, hint }
+        Error::bind(addr, source, in_use)
     };
     if addr.port() != 0 {
         // SO_REUSEPORT would let us share the port with another process

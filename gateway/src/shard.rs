@@ -54,6 +54,8 @@ pub struct Shard {
     pub chat: Rc<ChatShard>,
     /// The certificate, for its expiry metric; `None` without TLS.
     pub tls: Option<crate::tls::Tls>,
+    /// The server API's calls, for its metrics; `None` without the API.
+    pub api: Option<Arc<crate::api::Calls>>,
 }
 
 impl Shard {
@@ -93,6 +95,9 @@ impl Host for Shard {
                 if let Some(tls) = &self.tls {
                     tls.render_metrics(&mut out);
                 }
+                if let Some(api) = &self.api {
+                    api.render_metrics(&mut out);
+                }
                 out
             },
         };
@@ -129,7 +134,7 @@ impl Host for Shard {
         session::on_close(&self.chat, conn, self.conn_ref(conn, key));
     }
 
-    fn deadline(app: &Session) -> Option<(Instant, u16, &'static str)> {
+    fn deadline(app: &Session) -> Option<(Instant, u16, crate::conn::Reason)> {
         app.deadline()
     }
 }
@@ -177,6 +182,8 @@ pub struct ShardSetup {
     pub node: corecast_router::message::NodeTag,
     pub mesh: Option<crate::mesh::Mesh>,
     pub fault: Option<Fault>,
+    /// The server API's calls, when `--api-listen` is given.
+    pub api: Option<Arc<crate::api::Calls>>,
 }
 
 /// Runs a shard until `stop` is set and its connections have drained.
@@ -196,6 +203,7 @@ pub async fn run(setup: ShardSetup) {
         node,
         mesh,
         fault,
+        api,
     } = setup;
     if fault == Some(Fault::StallStart(id)) {
         std::future::pending::<()>().await;
@@ -240,8 +248,12 @@ pub async fn run(setup: ShardSetup) {
         flusher,
         chat: Rc::new(chat),
         tls,
+        api: api.clone(),
     });
     chat::spawn_tasks(&shard.chat, req_rx, del_rx);
+    if let Some(calls) = api {
+        chat::api::spawn(&shard.chat, calls);
+    }
     // The epoll set belongs to these three tasks only (the flusher just
     // collects from it between slices), so it is closed when all are gone
     // (a task still waiting when the executor ends is never dropped, and

@@ -619,3 +619,114 @@ fn bad_mesh_flags_are_refused_with_a_reason() {
         assert!(e.contains(want), "{args:?}: {e}");
     }
 }
+
+/// The server API on any node: a publish reaches members on every node
+/// whichever node homes the room, and a disconnect closes the user's
+/// connections on the other nodes.
+#[test]
+fn the_api_on_any_node_reaches_every_node() {
+    use common::{api, cluster::free_port, eventually};
+    let redis = RedisServer::start();
+    let apis: Vec<SocketAddr> = (0..3)
+        .map(|_| format!("127.0.0.1:{}", free_port()).parse().unwrap())
+        .collect();
+    let ends = mesh_endpoints(3);
+    let url = redis.url();
+    let nodes: Vec<Node> = (0..3)
+        .map(|i| {
+            let spill = redis.scratch(&format!("spill-{i}"));
+            let listen = apis[i].to_string();
+            let args = [
+                "--redis",
+                url.as_str(),
+                "--spill-dir",
+                spill.as_str(),
+                "--api-listen",
+                listen.as_str(),
+                "--api-key",
+                api::KEY,
+            ];
+            Node::start(&format!("n{}", i + 1), &ends[i], &args)
+        })
+        .collect();
+    wait_for_cluster(&nodes.iter().collect::<Vec<_>>());
+    let ids = ["n1", "n2", "n3"];
+    for (k, home) in ids.iter().enumerate() {
+        let room = room_homed_on(home, &ids, "api");
+        let mut members: Vec<Chat> = nodes
+            .iter()
+            .map(|n| Chat::connect_addr(n.addr, &format!("m-{}", n.id)).unwrap())
+            .collect();
+        for m in &mut members {
+            m.join(&room);
+        }
+        // Called on a node that is not the room's home.
+        let via = apis[(k + 1) % 3];
+        let body = format!(r#"{{"room":"{room}","body":{{"k":{k}}},"id":"api-{k}"}}"#);
+        let first = api::ok(via, "/api/publish", &body);
+        assert_eq!(first["seq"], 1, "{room} via {via}: {first}");
+        let again = api::ok(apis[(k + 2) % 3], "/api/publish", &body);
+        assert_eq!(
+            (again["seq"].as_u64(), &again["duplicate"]),
+            (Some(1), &json!(true)),
+            "{again}"
+        );
+        for (i, m) in members.iter_mut().enumerate() {
+            let msg = m.recv_type("msg");
+            assert_eq!(
+                (msg["room"].as_str(), msg["seq"].as_u64()),
+                (Some(&*room), Some(1)),
+                "member on n{}",
+                i + 1
+            );
+        }
+        // History and presence are the home's, from any node.
+        let h = api::ok(via, "/api/history", &format!(r#"{{"room":"{room}"}}"#));
+        assert_eq!(h["messages"].as_array().map(Vec::len), Some(1), "{h}");
+        assert!(
+            eventually(Duration::from_secs(5), || {
+                api::ok(
+                    via,
+                    "/api/presence_stats",
+                    &format!(r#"{{"room":"{room}"}}"#),
+                )["count"]
+                    == 3
+            }),
+            "presence of {room} never counted the 3 members"
+        );
+    }
+    let info = api::ok(apis[0], "/api/info", "{}");
+    assert_eq!(info["nodes"], json!(["n1", "n2", "n3"]), "{info}");
+    // Carol on n2 and n3; the call goes to n1, where she has nothing.
+    let mut carol = vec![
+        Chat::connect_addr(nodes[1].addr, "carol").unwrap(),
+        Chat::connect_addr(nodes[2].addr, "carol").unwrap(),
+    ];
+    let mut dave = Chat::connect_addr(nodes[1].addr, "dave").unwrap();
+    // The nodes subscribe to carol's topic as her connections come up: a
+    // direct message from the API reaches both once they have.
+    for c in &mut carol {
+        let stream = c.ws.get_ref().try_clone().unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let reached = (0..50).any(|_| {
+            api::ok(apis[0], "/api/dm", r#"{"to":"carol","body":"probe"}"#);
+            matches!(c.ws.read(), Ok(tungstenite::Message::Text(t)) if t.contains("probe"))
+        });
+        assert!(reached, "carol's node never subscribed");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+    }
+    api::ok(
+        apis[0],
+        "/api/disconnect",
+        r#"{"user":"carol","code":4321,"reason":"bye"}"#,
+    );
+    for c in &mut carol {
+        assert_eq!(c.close_code(), (4321, "bye".to_string()));
+    }
+    dave.send(json!({"type":"presence","room":"x"}));
+    assert_eq!(dave.recv_type("presence")["room"], "x");
+}

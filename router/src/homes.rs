@@ -44,6 +44,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+pub use crate::message::UserAction;
 use crate::{
     message::{ConnRef, NodeTag, Publish, Record},
     node::{NodeSet, Wire},
@@ -142,6 +143,14 @@ pub enum Request {
         body: Box<str>,
         conn: ConnRef,
     },
+    /// The server API acts on every connection of `user` (sent to the
+    /// user's home shard; answered [`proto::acted`] with the connections
+    /// it reached on this node).
+    Act {
+        user: Arc<str>,
+        action: UserAction,
+        conn: ConnRef,
+    },
 }
 
 impl Request {
@@ -195,6 +204,8 @@ pub enum Delivery {
     /// The user's home did not count this connection online (the user is at
     /// `max_connections_per_user`): close it.
     Refused { conn: ConnRef, why: Refusal },
+    /// Do this to every local connection of a user (the server API).
+    Act { user: Arc<str>, action: UserAction },
 }
 
 /// Why a home refused a connection.
@@ -381,6 +392,8 @@ pub enum Input {
     Event { room: Arc<str>, frame: Arc<[u8]> },
     /// A direct message from another node for a user homed here.
     Direct { user: Arc<str>, frame: Arc<[u8]> },
+    /// The server API on another node acts on a user homed here.
+    Act { user: Arc<str>, action: UserAction },
     /// Time passed: ask homes again for late `Synced`s, release parked
     /// resumes. Every [`SYNC_RETRY`]` / 2` or so.
     Tick,
@@ -529,6 +542,12 @@ impl Homes {
         self.cluster.as_ref().is_none_or(|c| c.live.is_some())
     }
 
+    /// The live nodes as this shard knows them (`None` outside a cluster or
+    /// before the mesh has settled).
+    pub fn live_nodes(&self) -> Option<Arc<NodeSet>> {
+        self.cluster.as_ref().and_then(|c| c.live.clone())
+    }
+
     /// Rooms active here.
     pub fn rooms(&self) -> usize {
         self.rooms.len()
@@ -585,6 +604,11 @@ impl Homes {
             Input::Direct { user, frame } => {
                 if let Some(counts) = self.users.get(&user) {
                     deliver_to_user(ports, &user, counts, &frame);
+                }
+            }
+            Input::Act { user, action } => {
+                if let Some(counts) = self.users.get(&user) {
+                    act_on_user(ports, &user, counts, &action);
                 }
             }
             Input::Tick => {
@@ -995,6 +1019,19 @@ impl Homes {
                 let ack = proto::dm_ack(&id, &to, delivered);
                 self.to_conn(ports, conn, ack);
             }
+            Request::Act { user, action, conn } => {
+                let counts = self.users.get(&user).cloned().unwrap_or_default();
+                act_on_user(ports, &user, &counts, &action);
+                if self.cluster.is_some() {
+                    // The nodes where the user has connections subscribe.
+                    ports.wire(Wire::Act {
+                        user: user.clone(),
+                        action,
+                    });
+                }
+                let reached: u64 = counts.iter().map(|&c| c as u64).sum();
+                self.to_conn(ports, conn, proto::acted(reached));
+            }
         }
     }
 
@@ -1044,7 +1081,7 @@ impl Homes {
                     None
                 };
                 let epoch = home.epoch.clone();
-                let ack = ack_here.then(|| (id.clone(), room.clone()));
+                let ack = ack_here.then(|| (id.clone(), room.clone(), epoch.clone()));
                 let record = Record {
                     room,
                     seq,
@@ -1061,21 +1098,23 @@ impl Homes {
                     ack_to: (!ack_here).then_some(conn),
                     fanout,
                 });
-                if let Some((id, room)) = ack {
-                    let frame = proto::ack(&id, &room, seq, false, handed);
+                if let Some((id, room, epoch)) = ack {
+                    let frame = proto::ack(&id, &room, seq, &epoch, false, handed);
                     self.to_conn(ports, conn, frame);
                 }
             }
             Sequenced::Duplicate(seq) => {
                 ports.count(Count::DuplicatePublish);
                 if ack_here {
-                    self.to_conn(ports, conn, proto::ack(&id, &room, seq, true, true));
+                    let frame = proto::ack(&id, &room, seq, &home.epoch, true, true);
+                    self.to_conn(ports, conn, frame);
                     return;
                 }
                 ports.store(Op::DuplicateAck {
                     room,
                     id,
                     seq,
+                    epoch: home.epoch.clone(),
                     ack_to: conn,
                 });
             }
@@ -1480,6 +1519,18 @@ fn deliver_to_user(ports: &mut dyn Ports, user: &Arc<str>, counts: &[u32], frame
             Delivery::ToUser {
                 user: user.clone(),
                 frame: frame.clone(),
+            },
+        );
+    }
+}
+
+fn act_on_user(ports: &mut dyn Ports, user: &Arc<str>, counts: &[u32], action: &UserAction) {
+    for (s, _) in counts.iter().enumerate().filter(|(_, &c)| c > 0) {
+        ports.deliver(
+            s,
+            Delivery::Act {
+                user: user.clone(),
+                action: action.clone(),
             },
         );
     }

@@ -57,3 +57,12 @@ pub struct Record {
     /// record ("" from spill files of older versions: keep the store's).
     pub epoch: Arc<str>,
 }
+
+/// What the server API does to every connection of a user, on every node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UserAction {
+    /// Close each connection with this code and reason.
+    Disconnect { code: u16, reason: Arc<str> },
+    /// Leave this room (the client is told `left`).
+    Unsubscribe { room: Arc<str> },
+}

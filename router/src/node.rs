@@ -60,6 +60,11 @@ pub enum Wire {
     ToConn { conn: ConnRef, frame: Box<[u8]> },
     /// A direct message for every connection of `user`.
     Direct { user: Arc<str>, frame: Arc<[u8]> },
+    /// The server API acts on every connection of `user`.
+    Act {
+        user: Arc<str>,
+        action: crate::message::UserAction,
+    },
 }
 
 /// The nodes a node counts as live, itself included.

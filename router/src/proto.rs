@@ -414,6 +414,25 @@ pub fn left(room: &str) -> Vec<u8> {
     w.finish()
 }
 
+/// The server (its API) took the connection out of `room`.
+pub fn unsubscribed(room: &str) -> Vec<u8> {
+    let mut w = FrameWriter::new(48 + room.len());
+    w.raw(r#"{"type":"left","room":"#)
+        .string(room)
+        .raw(r#","by":"server"}"#);
+    w.finish()
+}
+
+/// A user action done (the server API's answer; never sent to a client):
+/// the connections it reached on the answering node.
+pub fn acted(connections: u64) -> Vec<u8> {
+    let mut w = FrameWriter::new(48);
+    w.raw(r#"{"type":"acted","connections":"#)
+        .number(connections)
+        .raw("}");
+    w.finish()
+}
+
 pub fn message(room: &str, seq: u64, from: &str, id: &str, ts_ms: u64, body: &str) -> Vec<u8> {
     let mut w = FrameWriter::new(96 + room.len() + from.len() + id.len() + body.len());
     w.raw(r#"{"type":"msg","room":"#)
@@ -427,14 +446,18 @@ pub fn message(room: &str, seq: u64, from: &str, id: &str, ts_ms: u64, body: &st
 
 /// `stored`: the message is in the store or its spill file (see
 /// docs/storage.md); false only when both failed.
-pub fn ack(id: &str, room: &str, seq: u64, duplicate: bool, stored: bool) -> Vec<u8> {
-    let mut w = FrameWriter::new(96 + id.len() + room.len());
+/// `epoch`: the epoch the home numbered the message in (a resume names it
+/// with the seq).
+pub fn ack(id: &str, room: &str, seq: u64, epoch: &str, duplicate: bool, stored: bool) -> Vec<u8> {
+    let mut w = FrameWriter::new(112 + id.len() + room.len() + epoch.len());
     w.raw(r#"{"type":"ack","id":"#)
         .string(id)
         .raw(r#","room":"#)
         .string(room)
         .raw(r#","seq":"#)
-        .number(seq);
+        .number(seq)
+        .raw(r#","epoch":"#)
+        .string(epoch);
     if duplicate {
         w.raw(r#","duplicate":true"#);
     }
@@ -562,8 +585,9 @@ mod tests {
         assert_eq!(v["seq"], 7);
         assert_eq!(v["from"], "al\"ice");
         assert_eq!(v["body"]["text"], "hi");
-        let v = json(ack("c-1", "lobby", 7, true, true));
+        let v = json(ack("c-1", "lobby", 7, "e1", true, true));
         assert_eq!(v["stored"], true);
+        assert_eq!(v["epoch"], "e1");
         assert_eq!(
             (v["seq"].as_u64(), v["duplicate"].as_bool()),
             (Some(7), Some(true))

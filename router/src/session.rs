@@ -93,6 +93,30 @@ pub enum Count {
     AuthFailed(AuthError),
 }
 
+/// A close reason: one of the session's own, or one the server API gave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reason {
+    Fixed(&'static str),
+    Given(Arc<str>),
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self)
+    }
+}
+
+impl std::ops::Deref for Reason {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        match self {
+            Reason::Fixed(s) => s,
+            Reason::Given(s) => s,
+        }
+    }
+}
+
 /// What the connection does after the session's step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -122,13 +146,21 @@ pub struct Session {
     /// Before authentication: when to give up (4001); after: when the
     /// token expires (4003). `None`: never (anonymous, or no `exp`).
     deadline: Option<Instant>,
-    /// The address counted at its home shard (only with a per-address
-    /// cap; boxed, so a session without one pays a null pointer).
-    peer: Option<Box<IpAddr>>,
+    /// What few sessions have (boxed, so the others pay a null pointer).
+    rare: Option<Box<Rare>>,
     /// A home did not count this connection (`refuse`): it closes now, and
     /// does not tell that home it went.
     refused_user: bool,
     refused_peer: bool,
+}
+
+/// A session's state that only some sessions have.
+#[derive(Debug, Default)]
+struct Rare {
+    /// The address counted at its home shard (with a per-address cap).
+    peer: Option<IpAddr>,
+    /// The server API closes this connection now, with this code and reason.
+    kicked: Option<(u16, Arc<str>)>,
 }
 
 const SEND_CONNECT_FIRST: &str = "authentication required: send connect first";
@@ -185,14 +217,14 @@ impl Session {
             joins: 0,
             bucket: TokenBucket::new(rules.rate_limit_per_s, rules.rate_limit_burst, now),
             deadline: None,
-            peer: None,
+            rare: None,
             refused_user: false,
             refused_peer: false,
         };
         if let Some(ip) = peer {
             let req = Request::PeerOnline { ip, conn: place.me };
             ports.request(peer_home_shard(ip, place.shards), req);
-            session.peer = Some(Box::new(ip));
+            session.rare.get_or_insert_default().peer = Some(ip);
         }
         let outcome = match token {
             Some(t) => session.connect(rules, place, t, now, ports),
@@ -217,17 +249,51 @@ impl Session {
     /// When the connection must close unless the client acts first, with
     /// the close code and reason: 4001 while it has not authenticated,
     /// 4003 when its token expires without a `refresh`.
-    pub fn deadline(&self) -> Option<(Instant, u16, &'static str)> {
+    /// The server API's disconnect closes with the code and reason it gave.
+    pub fn deadline(&self) -> Option<(Instant, u16, Reason)> {
         let at = self.deadline?;
-        Some(if self.refused_peer {
-            (at, close::TOO_MANY_FROM_ADDRESS, TOO_MANY_FROM_ADDRESS)
+        let kicked = self.rare.as_ref().and_then(|r| r.kicked.as_ref());
+        Some(if let Some((code, reason)) = kicked {
+            (at, *code, Reason::Given(reason.clone()))
+        } else if self.refused_peer {
+            (
+                at,
+                close::TOO_MANY_FROM_ADDRESS,
+                Reason::Fixed(TOO_MANY_FROM_ADDRESS),
+            )
         } else if self.refused_user {
-            (at, close::TOO_MANY_CONNECTIONS, TOO_MANY)
+            (at, close::TOO_MANY_CONNECTIONS, Reason::Fixed(TOO_MANY))
         } else if self.user.is_none() {
-            (at, close::AUTH_REQUIRED, AUTH_TIMED_OUT)
+            (at, close::AUTH_REQUIRED, Reason::Fixed(AUTH_TIMED_OUT))
         } else {
-            (at, close::TOKEN_EXPIRED, TOKEN_RAN_OUT)
+            (at, close::TOKEN_EXPIRED, Reason::Fixed(TOKEN_RAN_OUT))
         })
+    }
+
+    /// The server API disconnects this connection: its deadline becomes
+    /// now, with the API's close code and reason.
+    pub fn disconnect(&mut self, code: u16, reason: Arc<str>, now: Instant) {
+        self.rare.get_or_insert_default().kicked = Some((code, reason));
+        self.deadline = Some(now);
+    }
+
+    /// The server API takes this connection out of `room`, as if the client
+    /// had left it (answered `left` with `"by":"server"`); false if it was
+    /// not in the room.
+    pub fn unsubscribe(&mut self, place: Place, room: &str, ports: &mut dyn Ports) -> bool {
+        let Some(user) = self.user.clone() else {
+            return false;
+        };
+        let Some(i) = self.rooms.iter().position(|e| *e.room == *room) else {
+            return false;
+        };
+        let entry = self.rooms.swap_remove(i);
+        // A join still in flight is undone when its confirmation arrives.
+        if entry.joined {
+            leave_joined(place, entry.room.clone(), user, ports);
+        }
+        ports.reply(&proto::unsubscribed(&entry.room));
+        true
     }
 
     /// A home refused this connection ([`Request::UserOnline`] over the
@@ -520,8 +586,8 @@ impl Session {
 
     /// The connection is going away: leave its rooms, go offline.
     pub fn close(self, place: Place, ports: &mut dyn Ports) {
-        if let (Some(ip), false) = (self.peer, self.refused_peer) {
-            let ip = *ip;
+        let peer = self.rare.as_ref().and_then(|r| r.peer);
+        if let (Some(ip), false) = (peer, self.refused_peer) {
             ports.request(
                 peer_home_shard(ip, place.shards),
                 Request::PeerOffline { ip },

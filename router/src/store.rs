@@ -72,6 +72,7 @@ pub enum Op {
         room: Arc<str>,
         id: Box<str>,
         seq: u64,
+        epoch: Arc<str>,
         ack_to: ConnRef,
     },
     /// A home shard needs a room's sequence.

@@ -30,6 +30,7 @@
 //!   the driver's ports never re-enter the homes (a send to this shard is
 //!   queued for its own handler task).
 
+pub mod api;
 pub mod session;
 
 use std::{
@@ -44,7 +45,7 @@ use std::{
 
 use corecast_router::{
     home_shard,
-    homes::{self, Count, Homes, Input, Now, Ports, Topic},
+    homes::{self, Count, Homes, Input, Now, Ports, Topic, UserAction},
     node::Wire,
     user_home_shard,
 };
@@ -259,6 +260,8 @@ pub struct ChatShard {
     /// Request handlers waiting for the delivery backlog to drain.
     handler_waiters: RefCell<Vec<Waker>>,
     anonymous: Cell<u64>,
+    /// Server API calls waiting for the homes' answers.
+    api: api::Pending,
 }
 
 impl ChatShard {
@@ -312,6 +315,7 @@ impl ChatShard {
             release_epoch: Cell::new(0),
             handler_waiters: RefCell::new(Vec::new()),
             anonymous: Cell::new(0),
+            api: api::Pending::default(),
         }
     }
 
@@ -427,6 +431,17 @@ impl ChatShard {
         self.conns.get(conn.key, conn.gen)
     }
 
+    /// Queues a frame for one of this shard's connections, or completes the
+    /// server API call the reference names.
+    fn to_local(&self, conn: ConnRef, frame: &[u8]) {
+        if self.api.complete(conn, frame) {
+            return;
+        }
+        if let Some(c) = self.lookup(conn) {
+            c.enqueue(&self.local, frame);
+        }
+    }
+
     pub fn add_local_user(&self, user: &Arc<str>, key: (u32, u32)) {
         self.local_users
             .borrow_mut()
@@ -461,9 +476,7 @@ impl Ports for Driver<'_> {
     }
 
     fn enqueue(&mut self, conn: ConnRef, frame: &[u8]) {
-        if let Some(c) = self.chat.lookup(conn) {
-            c.enqueue(&self.chat.local, frame);
-        }
+        self.chat.to_local(conn, frame);
     }
 
     fn try_store(&mut self, op: Op) -> Result<(), Op> {
@@ -759,10 +772,9 @@ fn on_inbound(chat: &ChatShard, inbound: Inbound) {
             },
             Wire::Event { room, frame } => Input::Event { room, frame },
             Wire::Direct { user, frame } => Input::Direct { user, frame },
+            Wire::Act { user, action } => Input::Act { user, action },
             Wire::ToConn { conn, frame } => {
-                if let Some(c) = chat.lookup(conn) {
-                    c.enqueue(&chat.local, &frame);
-                }
+                chat.to_local(conn, &frame);
                 return;
             }
             Wire::Synced { .. } | Wire::Heartbeat { .. } => return,
@@ -881,11 +893,7 @@ fn handle_delivery(chat: &ChatShard, d: Delivery) {
                 check_lag(chat, local, budget);
             }
         }
-        Delivery::ToConn { conn, frame } => {
-            if let Some(c) = chat.lookup(conn) {
-                c.enqueue(&chat.local, &frame);
-            }
-        }
+        Delivery::ToConn { conn, frame } => chat.to_local(conn, &frame),
         Delivery::Refused { conn, why } => {
             // The session's deadline becomes now; the connection's timer,
             // fired at once, closes it with the refusal's code.
@@ -902,6 +910,23 @@ fn handle_delivery(chat: &ChatShard, d: Delivery) {
                 if let Some(c) = chat.conns.get(key, gen) {
                     c.enqueue(&chat.local, &frame);
                 }
+            }
+        }
+        Delivery::Act { user, action } => {
+            // Unsubscribing changes the user's table (never its connections),
+            // so the keys are copied out first.
+            let keys = chat.local_users.borrow().get(&user).cloned();
+            for (key, gen) in keys.unwrap_or_default() {
+                let Some(c) = chat.conns.get(key, gen) else {
+                    continue;
+                };
+                let me = ConnRef {
+                    node: chat.node,
+                    shard: chat.me as u16,
+                    key,
+                    gen,
+                };
+                session::on_act(chat, &c, me, &action);
             }
         }
     }

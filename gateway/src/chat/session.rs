@@ -19,7 +19,7 @@ use std::{sync::Arc, time::Instant};
 pub use corecast_router::session::Session;
 use corecast_router::session::{Count, Outcome, Place, Ports};
 
-use super::{ChatShard, ConnRef, Member, Request};
+use super::{ChatShard, ConnRef, Member, Request, UserAction};
 
 /// The session's ports on this shard, for one connection.
 struct Driver<'a> {
@@ -113,6 +113,31 @@ pub fn on_text(chat: &ChatShard, conn: &Member, me: ConnRef, text: &[u8]) -> Out
     let mut driver = Driver { chat, conn, me };
     let rules = &chat.settings.session;
     session.text(rules, place(chat, me), text, now(chat), &mut driver)
+}
+
+/// The server API acts on this connection: closes it now (its timer,
+/// fired at once, sends the close frame) or takes it out of a room.
+pub fn on_act(chat: &ChatShard, conn: &Member, me: ConnRef, action: &UserAction) {
+    let mut guard = conn.app.borrow_mut();
+    let Some(session) = guard.as_mut() else {
+        return;
+    };
+    match action {
+        UserAction::Disconnect { code, reason } => {
+            session.disconnect(*code, reason.clone(), now(chat));
+            drop(guard);
+            conn.fired.set(true);
+            conn.wake();
+        }
+        UserAction::Unsubscribe { room } => {
+            let mut driver = Driver { chat, conn, me };
+            if session.unsubscribe(place(chat, me), room, &mut driver) {
+                drop(guard);
+                // It flushes the `left` frame.
+                conn.wake();
+            }
+        }
+    }
 }
 
 /// The connection is going away: leave its rooms, go offline.

@@ -622,7 +622,9 @@ impl MeshThread {
                 }
                 conn.shard as usize
             }
-            Wire::Direct { user, .. } => corecast_router::user_home_shard(user, self.shards),
+            Wire::Direct { user, .. } | Wire::Act { user, .. } => {
+                corecast_router::user_home_shard(user, self.shards)
+            }
             Wire::Heartbeat { .. } => return,
         };
         self.out[shard].push(Inbound::Wire(w));

@@ -17,6 +17,7 @@
 
 use std::sync::Arc;
 
+use corecast_router::homes::UserAction;
 use corecast_router::message::{ConnRef, Publish};
 pub use corecast_router::{
     message::{node_tag, NodeTag},
@@ -32,6 +33,9 @@ const MESSAGE: u8 = 6;
 const EVENT: u8 = 7;
 const TO_CONN: u8 = 8;
 const DIRECT: u8 = 9;
+const ACT: u8 = 10;
+const DISCONNECT: u8 = 1;
+const UNSUBSCRIBE: u8 = 2;
 
 /// The topic every node subscribes to for heartbeats.
 pub const HEARTBEAT_TOPIC: &[u8] = b"h\0";
@@ -79,7 +83,7 @@ impl Codec for Wire {
             Wire::Synced { room, .. } | Wire::Message { room, .. } | Wire::Event { room, .. } => {
                 room_topic(room)
             }
-            Wire::Direct { user, .. } => user_topic(user),
+            Wire::Direct { user, .. } | Wire::Act { user, .. } => user_topic(user),
         }
     }
 
@@ -145,6 +149,17 @@ impl Codec for Wire {
             }
             Wire::Direct { user, frame } => {
                 w.u8(DIRECT).str(user).bytes(frame);
+            }
+            Wire::Act { user, action } => {
+                w.u8(ACT).str(user);
+                match action {
+                    UserAction::Disconnect { code, reason } => {
+                        w.u8(DISCONNECT).u32(u32::from(*code)).str(reason);
+                    }
+                    UserAction::Unsubscribe { room } => {
+                        w.u8(UNSUBSCRIBE).str(room);
+                    }
+                }
             }
         }
         w.0
@@ -213,6 +228,17 @@ pub fn decode(payload: &[u8]) -> Option<Wire> {
         DIRECT => Wire::Direct {
             user: r.str()?,
             frame: r.bytes()?.into(),
+        },
+        ACT => Wire::Act {
+            user: r.str()?,
+            action: match r.u8()? {
+                DISCONNECT => UserAction::Disconnect {
+                    code: u16::try_from(r.u32()?).ok()?,
+                    reason: r.str()?,
+                },
+                UNSUBSCRIBE => UserAction::Unsubscribe { room: r.str()? },
+                _ => return None,
+            },
         },
         _ => return None,
     };
@@ -366,6 +392,19 @@ mod tests {
             Wire::Direct {
                 user: "bob".into(),
                 frame: Arc::from(&b""[..]),
+            },
+            Wire::Act {
+                user: "bob".into(),
+                action: UserAction::Disconnect {
+                    code: 4010,
+                    reason: "banned".into(),
+                },
+            },
+            Wire::Act {
+                user: "bob".into(),
+                action: UserAction::Unsubscribe {
+                    room: "lobby".into(),
+                },
             },
         ];
         for w in all {

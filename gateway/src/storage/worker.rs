@@ -65,6 +65,7 @@ enum PendingAck {
         room: Arc<str>,
         id: Box<str>,
         seq: u64,
+        epoch: Arc<str>,
     },
 }
 
@@ -296,6 +297,7 @@ impl Worker {
                     room,
                     id,
                     seq,
+                    epoch,
                     ack_to,
                 } => acks.push(PendingAck::Duplicate {
                     from,
@@ -303,6 +305,7 @@ impl Worker {
                     room,
                     id,
                     seq,
+                    epoch,
                 }),
                 Op::Presence(p) => presence.push(p),
                 Op::Stop => self.stopping = true,
@@ -392,7 +395,8 @@ impl Worker {
                         });
                     }
                     let Some(to) = to else { continue };
-                    (from, to, proto::ack(&r.id, &r.room, r.seq, false, stored))
+                    let frame = proto::ack(&r.id, &r.room, r.seq, &r.epoch, false, stored);
+                    (from, to, frame)
                 }
                 PendingAck::Duplicate {
                     from,
@@ -400,12 +404,13 @@ impl Worker {
                     room,
                     id,
                     seq,
+                    epoch,
                 } => {
                     let key = (room.clone(), seq);
                     let frame = if self.conflicted.contains(&key) {
                         proto::error(ErrorCode::RoomMoving, Some(&id), Some(&room))
                     } else {
-                        proto::ack(&id, &room, seq, true, !self.lost.contains(&key))
+                        proto::ack(&id, &room, seq, &epoch, true, !self.lost.contains(&key))
                     };
                     (from, to, frame)
                 }

@@ -9,6 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod api;
 pub mod chat;
 pub mod cluster;
 pub mod redis;
@@ -18,6 +19,8 @@ use corecast_gateway::{shutdown, Config, Error, Server};
 
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// The server API's address, with `--api-listen`.
+    pub api: Option<SocketAddr>,
     trigger: shutdown::Trigger,
     handle: Option<JoinHandle<Result<(), Error>>>,
 }
@@ -31,10 +34,12 @@ impl TestServer {
     /// Runs a server that is already bound (with a fault injected, say).
     pub fn start_bound(server: Server) -> TestServer {
         let addr = server.local_addr();
+        let api = server.api_addr();
         let (trigger, fired) = shutdown::channel();
         let handle = std::thread::spawn(move || server.run(fired));
         TestServer {
             addr,
+            api,
             trigger,
             handle: Some(handle),
         }

@@ -887,6 +887,52 @@ fn presence_events_and_direct_messages_reach_the_shards_with_members() {
         .collect();
     assert_eq!(to, [0, 1]);
     assert_eq!(rec.frames_to(conn(0, 1))[0]["delivered"], 2);
+    // The server API's actions go the same way, and answer how many
+    // connections they reached.
+    rec.clear();
+    let action = UserAction::Disconnect {
+        code: 4010,
+        reason: "bye".into(),
+    };
+    h.handle(
+        Input::Request(Request::Act {
+            user: "b".into(),
+            action: action.clone(),
+            conn: conn(1, 3),
+        }),
+        clock.now(),
+        &mut rec,
+    );
+    let acts: Vec<(usize, &UserAction)> = rec
+        .deliveries
+        .iter()
+        .filter_map(|(s, d)| match d {
+            Delivery::Act { user, action } if &**user == "b" => Some((*s, action)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(acts, [(0, &action), (1, &action)]);
+    let answer = &rec.frames_to(conn(1, 3))[0];
+    assert_eq!(
+        (answer["type"].as_str(), answer["connections"].as_u64()),
+        (Some("acted"), Some(2))
+    );
+    // Nobody online: nothing delivered, zero reached.
+    rec.clear();
+    h.handle(
+        Input::Request(Request::Act {
+            user: "nobody".into(),
+            action,
+            conn: conn(1, 3),
+        }),
+        clock.now(),
+        &mut rec,
+    );
+    assert!(!rec
+        .deliveries
+        .iter()
+        .any(|(_, d)| matches!(d, Delivery::Act { .. })));
+    assert_eq!(rec.frames_to(conn(1, 3))[0]["connections"], 0);
 }
 
 #[test]

@@ -224,7 +224,7 @@ fn without_a_token_only_connect_is_accepted_before_the_deadline() {
         Some((
             c.at + c.rules.auth_timeout,
             close::AUTH_REQUIRED,
-            AUTH_TIMED_OUT
+            Reason::Fixed(AUTH_TIMED_OUT)
         ))
     );
     assert!(c.rec.replies.is_empty() && c.rec.requests.is_empty());
@@ -362,6 +362,32 @@ fn a_leave_before_the_home_confirmed_undoes_nothing_locally() {
     assert!(matches!(req, Request::Leave { room, user, shard: 1 }
         if &**room == "r" && &**user == "alice"));
     c.expect(&[(leave, Some("not_joined"))]);
+}
+
+#[test]
+fn the_server_api_unsubscribes_and_disconnects() {
+    let mut c = Client::authed("alice", None, None);
+    c.send(r#"{"type":"join","room":"r"}"#);
+    assert!(c.s.mark_joined("r", 1));
+    assert!(!c.s.unsubscribe(place(), "elsewhere", &mut c.rec));
+    assert!(c.s.unsubscribe(place(), "r", &mut c.rec));
+    let left = c.rec.replies.last().unwrap();
+    assert_eq!(
+        (left["type"].as_str(), left["by"].as_str()),
+        (Some("left"), Some("server"))
+    );
+    assert_eq!(c.rec.removed_members, ["r"]);
+    assert!(matches!(&c.last_request().1, Request::Leave { room, .. } if &**room == "r"));
+    // Out of the room: a publish to it is refused as for a client that left.
+    c.expect(&[(
+        r#"{"type":"publish","room":"r","body":1}"#,
+        Some("not_joined"),
+    )]);
+    // A disconnect is a deadline of now with the API's code and reason.
+    let now = c.at + Duration::from_secs(1);
+    c.s.disconnect(4100, "banned".into(), now);
+    let (at, code, reason) = c.s.deadline().unwrap();
+    assert_eq!((at, code, &*reason), (now, 4100, "banned"));
 }
 
 #[test]
@@ -550,7 +576,7 @@ fn a_token_expires_at_exp_plus_the_leeway() {
             (
                 c.at + Duration::from_secs(s),
                 close::TOKEN_EXPIRED,
-                TOKEN_RAN_OUT,
+                Reason::Fixed(TOKEN_RAN_OUT),
             )
         });
         assert_eq!(c.s.deadline(), want, "ttl {ttl:?}");
