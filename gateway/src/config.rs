@@ -405,6 +405,8 @@ pub struct Settings {
     pub tls: Option<crate::tls::Tls>,
     /// The server API; `None` without --api-listen.
     pub api: Option<crate::api::ApiSettings>,
+    /// The room namespaces and the file they are re-read from.
+    pub namespace_file: namespaces::NamespaceFile,
 }
 
 impl Config {
@@ -417,7 +419,7 @@ impl Config {
             crate::origin::Origins::parse(&self.conn.allowed_origins, self.conn.require_origin)
                 .map_err(ConfigError)?;
         let plan = self.placement()?;
-        let (chat, key_files) = self.chat_settings()?;
+        let (chat, key_files, namespace_file) = self.chat_settings()?;
         let storage = self.storage()?;
         let mesh = self.mesh(&storage)?;
         let tls = match (&self.tls.tls_cert, &self.tls.tls_key) {
@@ -441,6 +443,7 @@ impl Config {
             mesh,
             tls,
             api,
+            namespace_file,
         })
     }
 
@@ -482,6 +485,7 @@ impl Config {
             keys: a.api_key.iter().map(|k| k.as_bytes().into()).collect(),
             max_body_bytes: a.api_max_body_bytes,
             max_message_body_bytes: chat.session.max_body_bytes,
+            namespaces: chat.session.namespaces.clone(),
             history_max_limit: chat.session.history_max_limit,
             timeout: std::time::Duration::from_millis(a.api_timeout_ms),
             max_in_flight: a.api_max_in_flight,
@@ -494,11 +498,19 @@ impl Config {
 const MIN_API_KEY_BYTES: usize = 16;
 
 impl Config {
-    /// The chat endpoint's settings, and the public-key files when tokens
-    /// may be RS256 or ES256.
+    /// The chat endpoint's settings, the public-key files when tokens may
+    /// be RS256 or ES256, and the namespaces with the file they came from.
+    #[allow(clippy::type_complexity)]
     fn chat_settings(
         &self,
-    ) -> Result<(crate::chat::Settings, Option<crate::keys::KeyFiles>), ConfigError> {
+    ) -> Result<
+        (
+            crate::chat::Settings,
+            Option<crate::keys::KeyFiles>,
+            namespaces::NamespaceFile,
+        ),
+        ConfigError,
+    > {
         let err = |m: String| Err(ConfigError(m));
         if let Some(secret) = &self.chat.jwt_secret {
             if secret.len() < crate::auth::MIN_SECRET_BYTES {
@@ -535,7 +547,13 @@ impl Config {
             (None, Some(s)) => Some(crate::auth::Verifier::new(s, leeway)),
             (None, None) => None,
         };
+        let default = corecast_router::namespace::Namespace::default_with(
+            self.chat.presence_max_members,
+            self.chat.max_body_bytes,
+        );
+        let namespace_file = namespaces::NamespaceFile::load(self.node.config.clone(), default)?;
         let session = corecast_router::session::Rules {
+            namespaces: namespace_file.namespaces.clone(),
             verifier,
             allow_anonymous: self.chat.allow_anonymous,
             max_rooms_per_connection: self.chat.max_rooms_per_connection,
@@ -549,13 +567,12 @@ impl Config {
         };
         let chat = crate::chat::Settings {
             session,
-            presence_max_members: self.chat.presence_max_members,
             presence_ttl: Duration::from_secs(self.storage.presence_ttl_s),
             history_meta_ttl: Duration::from_secs(self.storage.history_meta_ttl_s),
             max_connections_per_user: Some(self.chat.max_connections_per_user).filter(|&n| n > 0),
             max_connections_per_ip: Some(self.chat.max_connections_per_ip).filter(|&n| n > 0),
         };
-        Ok((chat, key_files))
+        Ok((chat, key_files, namespace_file))
     }
 
     /// The mesh settings; `None` when the node runs alone.
@@ -714,6 +731,7 @@ pub struct ShardPlan {
 }
 
 mod file;
+pub mod namespaces;
 pub use file::{example, with_file, with_text};
 
 /// A configuration error, with what to do about it.

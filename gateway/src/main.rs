@@ -65,8 +65,11 @@ fn config_command(c: ConfigCommand) -> ExitCode {
                     let m = cmd
                         .try_get_matches_from(["gateway"])
                         .map_err(|e| corecast_gateway::config::ConfigError(e.to_string()))?;
-                    Config::from_arg_matches(&m)
-                        .map_err(|e| corecast_gateway::config::ConfigError(e.to_string()))
+                    let mut config = Config::from_arg_matches(&m)
+                        .map_err(|e| corecast_gateway::config::ConfigError(e.to_string()))?;
+                    // Its namespaces are read from the file too.
+                    config.node.config = Some(file.clone());
+                    Ok(config)
                 })
                 .and_then(|config| config.validate().map(|_| ()));
             match checked {
@@ -149,6 +152,7 @@ fn main() -> ExitCode {
         }
     };
     let key_files = server.key_files();
+    let namespace_file = server.namespace_file();
     let tls = server.tls();
     if let (Some(tls), true) = (tls.clone(), tls_interval > 0) {
         watch_certificate(tls, std::time::Duration::from_secs(tls_interval));
@@ -173,6 +177,15 @@ fn main() -> ExitCode {
                     }
                     if let Some(tls) = &tls {
                         reload_certificate(tls, "SIGHUP");
+                    }
+                    if let Some(path) = namespace_file.path() {
+                        match namespace_file.reload() {
+                            Ok(n) => log::info!(
+                                "SIGHUP: {n} room namespaces re-read from {}",
+                                path.display()
+                            ),
+                            Err(e) => log::error!("SIGHUP: {e}; the old namespaces stay in use"),
+                        }
                     }
                     continue;
                 }

@@ -53,6 +53,7 @@ pub struct Server {
     tls_addr: Option<SocketAddr>,
     /// The server API's settings and bound listener.
     api: Option<(crate::api::ApiSettings, std::net::TcpListener)>,
+    namespace_file: crate::config::namespaces::NamespaceFile,
     fault: Option<Fault>,
 }
 
@@ -69,6 +70,7 @@ impl Server {
             mesh,
             tls,
             api,
+            namespace_file,
         } = config.validate()?;
         crate::storage::check(&storage)?;
         let (listeners, local_addr) =
@@ -102,8 +104,14 @@ impl Server {
             tls_listeners,
             tls_addr,
             api,
+            namespace_file,
             fault: None,
         })
+    }
+
+    /// The room namespaces and their file (SIGHUP re-reads it).
+    pub fn namespace_file(&self) -> crate::config::namespaces::NamespaceFile {
+        self.namespace_file.clone()
     }
 
     /// Where the server API listens, if it does.
@@ -163,8 +171,13 @@ impl Server {
             tls_listeners,
             tls_addr,
             api,
+            namespace_file,
             fault,
         } = self;
+        let spaces = namespace_file.namespaces.load().spaces().len();
+        if spaces > 0 {
+            log::info!("{spaces} room namespaces (SIGHUP re-reads them)");
+        }
         if let Some(t) = &tls {
             let served = match tls_addr {
                 Some(a) => format!("wss:// on {a} (ws:// stays on {local_addr})"),

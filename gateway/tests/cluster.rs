@@ -730,3 +730,50 @@ fn the_api_on_any_node_reaches_every_node() {
     dave.send(json!({"type":"presence","room":"x"}));
     assert_eq!(dave.recv_type("presence")["room"], "x");
 }
+
+/// An ephemeral namespace in a cluster: sequenced by the room's home node,
+/// delivered on every node in one order, never stored.
+#[test]
+fn ephemeral_rooms_reach_every_node_in_one_order() {
+    let redis = RedisServer::start();
+    let dir = std::env::temp_dir().join(format!("corecast-cluster-ns-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("corecast.toml");
+    std::fs::write(&file, "[namespaces.\"typing:\"]\nephemeral = true\n").unwrap();
+    let nodes = three_nodes(&redis, &["--config", file.to_str().unwrap()]);
+    let ids = ["n1", "n2", "n3"];
+    let room = room_homed_on("n2", &ids, "typing:r");
+    let mut members: Vec<Chat> = nodes
+        .iter()
+        .map(|n| Chat::connect_addr(n.addr, &format!("e-{}", n.id)).unwrap())
+        .collect();
+    for m in &mut members {
+        m.join(&room);
+    }
+    // Publishers on every node, 10 each.
+    for k in 0..10 {
+        for (p, m) in members.iter_mut().enumerate() {
+            m.send(json!({"type":"publish","room":room,"id":format!("p{p}-{k}"),"body":k}));
+        }
+    }
+    let mut first: Option<Vec<(u64, String)>> = None;
+    for (i, m) in members.iter_mut().enumerate() {
+        let mut acks = Vec::new();
+        let got = messages_until(m, &room, 30, &mut acks);
+        let seqs: Vec<u64> = got.iter().map(|(s, _)| *s).collect();
+        assert_eq!(seqs, (1..=30).collect::<Vec<_>>(), "member on n{}", i + 1);
+        match &first {
+            None => first = Some(got),
+            Some(f) => assert_eq!(&got, f, "members disagree on the order"),
+        }
+        while acks.len() < 10 {
+            let v = m.recv();
+            if v["type"] == "ack" {
+                acks.push(v);
+            }
+        }
+        assert!(acks.iter().all(|a| a["stored"] == false), "{acks:?}");
+    }
+    // Nothing reached Redis.
+    assert!(redis.stream_seqs(&room).is_empty());
+}

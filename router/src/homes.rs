@@ -47,6 +47,7 @@ use std::{
 pub use crate::message::UserAction;
 use crate::{
     message::{ConnRef, NodeTag, Publish, Record},
+    namespace::Namespaces,
     node::{NodeSet, Wire},
     proto,
     room::{HomeRoom, Sequenced},
@@ -300,7 +301,9 @@ pub struct Settings {
     pub node: NodeTag,
     /// The node runs in a cluster (rooms are homed on nodes).
     pub clustered: bool,
-    pub presence_max_members: usize,
+    /// Each room's options (presence limit, ephemeral); the default
+    /// namespace holds the flags' values.
+    pub namespaces: Namespaces,
     /// How long the store keeps an idle room's seq and epoch; a tombstone
     /// older than that is not trusted.
     pub history_meta_ttl: Duration,
@@ -469,6 +472,9 @@ struct Home {
     /// (the client came from a node ahead of this one). They wait, up to
     /// [`PARK_FOR`], for `delivered` to catch up.
     parked: Vec<(Instant, Request)>,
+    /// The room's namespace is ephemeral (decided when the room opened
+    /// here): its messages are not stored.
+    ephemeral: bool,
 }
 
 impl Home {
@@ -483,6 +489,7 @@ impl Home {
             repair: None,
             restart: false,
             parked: Vec::new(),
+            ephemeral: false,
         }
     }
 
@@ -695,6 +702,20 @@ impl Homes {
         ports.subscribe(Topic::Room(room), true);
         let ttl = self.settings.history_meta_ttl;
         let shards = self.settings.shards;
+        if self.settings.namespaces.load().of(room).ephemeral {
+            // Nothing of the room is in the store: it continues from the
+            // tombstone, or starts at 1 in an epoch of its own (a seq is
+            // never given twice in one epoch).
+            let (last_seq, epoch) = match self.tombstones.remove(room) {
+                Some((last_seq, epoch, at)) if now.at.saturating_duration_since(at) < ttl => {
+                    (last_seq, epoch)
+                }
+                _ => (0, Arc::from(store::new_epoch())),
+            };
+            let mut home = Home::new(shards, last_seq, epoch, SeqState::Known);
+            home.ephemeral = true;
+            return home;
+        }
         match self.tombstones.remove(room) {
             Some((last_seq, epoch, at)) if now.at.saturating_duration_since(at) < ttl => {
                 Home::new(shards, last_seq, epoch, SeqState::Known)
@@ -792,7 +813,13 @@ impl Homes {
     }
 
     fn dispatch(&mut self, req: Request, now: Now, ports: &mut dyn Ports) {
-        let presence_max = self.settings.presence_max_members;
+        let presence_max = {
+            let table = self.settings.namespaces.load();
+            match req.room() {
+                Some(room) => table.of(room).presence_max_members,
+                None => table.default_namespace().presence_max_members,
+            }
+        };
         match req {
             Request::Join {
                 room,
@@ -840,6 +867,8 @@ impl Homes {
                 }
                 let resume = match since {
                     None => Resume::No,
+                    // Nothing to recover from: the client is told so.
+                    Some(_) if home.ephemeral => Resume::Refused,
                     Some((since, client_epoch)) => {
                         let op = Op::Recover(Box::new(Recover {
                             room: room.clone(),
@@ -936,6 +965,13 @@ impl Homes {
             Request::Sync { room, node, nonce } => self.on_sync(room, node, nonce, ports),
             Request::Unsync { room, node } => self.on_unsync(room, node, now, ports),
             Request::History { room, query, conn } => {
+                if let Some(h) = self.rooms.get(&room).filter(|h| h.ephemeral) {
+                    // Kept nowhere: complete only if nothing was ever sent.
+                    let complete = h.delivered == 0;
+                    let frame = proto::history(&room, &h.epoch, h.delivered, complete, &[]);
+                    self.to_conn(ports, conn, frame);
+                    return;
+                }
                 let upto = self
                     .rooms
                     .get(&room)
@@ -1039,6 +1075,10 @@ impl Homes {
     /// to the store, and sends it to the members (outside a cluster at
     /// once; in a cluster once the store has it).
     fn publish(&mut self, p: Publish, now: Now, ports: &mut dyn Ports) {
+        if self.rooms.get(&p.room).is_some_and(|h| h.ephemeral) {
+            self.publish_ephemeral(p, now, ports);
+            return;
+        }
         let refusal = if !ports.store_has_room() {
             Some(proto::ErrorCode::StorageBusy)
         } else if ports.store_failing() {
@@ -1119,6 +1159,52 @@ impl Homes {
                 });
             }
         }
+    }
+
+    /// Numbers a publish to an ephemeral room and sends it on at once: to
+    /// the members, in a cluster to the other nodes, and the ack
+    /// (`"stored":false`) to the publisher. Never waits for the store.
+    fn publish_ephemeral(&mut self, p: Publish, now: Now, ports: &mut dyn Ports) {
+        let Publish {
+            room,
+            user,
+            id,
+            body,
+            conn,
+            ..
+        } = p;
+        let clustered = self.cluster.is_some();
+        let Some(home) = self.rooms.get_mut(&room) else {
+            return;
+        };
+        let (seq, duplicate) = match home.room.sequence(&user, &id, now.at) {
+            Sequenced::New(seq) => {
+                ports.count(Count::Published);
+                let frame = proto::message(&room, seq, &user, &id, now.unix_ms(), &body);
+                if clustered {
+                    let frame: Arc<[u8]> = Arc::from(frame);
+                    ports.wire(Wire::Message {
+                        room: room.clone(),
+                        home: self.settings.node,
+                        seq,
+                        epoch: home.epoch.clone(),
+                        frame: frame.clone(),
+                    });
+                    let epoch = home.epoch.clone();
+                    accept(&self.settings, ports, &room, home, seq, epoch, frame);
+                } else {
+                    broadcast(ports, &room, home.room.shards(), frame);
+                    home.delivered = seq;
+                }
+                (seq, false)
+            }
+            Sequenced::Duplicate(seq) => {
+                ports.count(Count::DuplicatePublish);
+                (seq, true)
+            }
+        };
+        let frame = proto::ack(&id, &room, seq, &home.epoch, duplicate, false);
+        self.to_conn(ports, conn, frame);
     }
 
     /// A request for a room homed on another node.

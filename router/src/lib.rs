@@ -35,6 +35,7 @@ pub mod auth;
 pub mod home;
 pub mod homes;
 pub mod message;
+pub mod namespace;
 pub mod node;
 pub mod proto;
 pub mod ratelimit;

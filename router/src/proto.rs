@@ -173,10 +173,11 @@ pub enum ErrorCode {
     RoomMoving,
     InvalidToken,
     TokenUserMismatch,
+    ReadOnly,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 16] = [
         ErrorCode::BadRequest,
         ErrorCode::InvalidRoom,
         ErrorCode::InvalidId,
@@ -192,6 +193,7 @@ impl ErrorCode {
         ErrorCode::RoomMoving,
         ErrorCode::InvalidToken,
         ErrorCode::TokenUserMismatch,
+        ErrorCode::ReadOnly,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -211,6 +213,7 @@ impl ErrorCode {
             ErrorCode::RoomMoving => "room_moving",
             ErrorCode::InvalidToken => "invalid_token",
             ErrorCode::TokenUserMismatch => "token_user_mismatch",
+            ErrorCode::ReadOnly => "read_only",
         }
     }
 
@@ -237,6 +240,7 @@ impl ErrorCode {
             ErrorCode::TokenUserMismatch => {
                 "the new token is for another user: reconnect to change users"
             }
+            ErrorCode::ReadOnly => "clients may not publish to this room: only the server does",
         }
     }
 }

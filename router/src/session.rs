@@ -34,6 +34,7 @@ use crate::{
     home_shard,
     homes::{Refusal, Request},
     message::{ConnRef, Publish},
+    namespace::Namespaces,
     peer_home_shard,
     proto::{self, close, ClientFrame, ErrorCode},
     ratelimit::TokenBucket,
@@ -50,7 +51,10 @@ pub struct Rules {
     pub max_rooms_per_connection: usize,
     pub rate_limit_per_s: f64,
     pub rate_limit_burst: f64,
+    /// Largest direct message body (a room's comes from its namespace).
     pub max_body_bytes: usize,
+    /// Each room's options: who may publish and join, body sizes.
+    pub namespaces: Namespaces,
     /// Most messages one `history` request returns.
     pub history_max_limit: usize,
     /// How long a connection may stay unauthenticated.
@@ -405,11 +409,23 @@ impl Session {
         let room_home = |room: &str| home_shard(room, place.shards);
         // A room named by join, history or presence: a valid name, and one the
         // token's claims let this user join.
+        // In a namespace with `join_requires_claim`, only a token whose
+        // `rooms` claim lists the room.
         let may_read = |room: &str, ports: &mut dyn Ports| {
             if !proto::valid_room(room) {
                 return Err(refuse(ports, ErrorCode::InvalidRoom, None, None));
             }
-            if self.claims.as_ref().is_some_and(|c| !c.may_join(room)) {
+            let claimed = self
+                .claims
+                .as_ref()
+                .map(|c| (c.may_join(room), c.rooms.is_some()));
+            let allowed = match claimed {
+                Some((may, listed)) => {
+                    may && (listed || !rules.namespaces.load().of(room).join_requires_claim)
+                }
+                None => !rules.namespaces.load().of(room).join_requires_claim,
+            };
+            if !allowed {
                 return Err(refuse(ports, ErrorCode::Forbidden, None, Some(room)));
             }
             Ok(())
@@ -471,7 +487,15 @@ impl Session {
                 if self.claims.as_ref().is_some_and(|c| !c.may_publish(&room)) {
                     return refuse(ports, ErrorCode::Forbidden, Some(id), Some(&room));
                 }
-                if body.get().len() > rules.max_body_bytes {
+                let (client_publish, max_body) = {
+                    let table = rules.namespaces.load();
+                    let ns = table.of(&room);
+                    (ns.client_publish, ns.max_body_bytes)
+                };
+                if !client_publish {
+                    return refuse(ports, ErrorCode::ReadOnly, Some(id), Some(&room));
+                }
+                if body.get().len() > max_body {
                     return refuse(ports, ErrorCode::BodyTooLarge, Some(id), Some(&room));
                 }
                 let room = entry.room.clone();

@@ -372,13 +372,30 @@ fn check_id(id: Option<String>) -> Result<Box<str>, ApiError> {
     Ok(id.into())
 }
 
-fn check_body(ctx: &Ctx, body: &RawValue) -> Result<Box<str>, ApiError> {
-    let max = ctx.settings.max_message_body_bytes;
+/// A message body of at most the room's namespace's `max_body_bytes` (for
+/// a direct message, `--max-body-bytes`).
+fn check_body(ctx: &Ctx, room: Option<&str>, body: &RawValue) -> Result<Box<str>, ApiError> {
+    let (max, limit) = match room {
+        Some(room) => {
+            let table = ctx.settings.namespaces.load();
+            let ns = table.of(room);
+            let limit = if ns.prefix.is_empty() {
+                "--max-body-bytes".to_string()
+            } else {
+                format!("max_body_bytes of namespace {:?}", ns.prefix)
+            };
+            (ns.max_body_bytes, limit)
+        }
+        None => (
+            ctx.settings.max_message_body_bytes,
+            "--max-body-bytes".into(),
+        ),
+    };
     if body.get().len() > max {
         return Err(err(
             StatusCode::PAYLOAD_TOO_LARGE,
             "body_too_large",
-            format!("body is over {max} bytes (--max-body-bytes)"),
+            format!("body is over {max} bytes ({limit})"),
         ));
     }
     Ok(body.get().into())
@@ -515,7 +532,7 @@ async fn publish(ctx: &Ctx, body: &[u8]) -> Result<Value, ApiError> {
         room: room.clone(),
         from: check_user("from", c.from.as_deref().unwrap_or(API_SENDER))?,
         id: check_id(c.id)?,
-        body: check_body(ctx, &c.body)?,
+        body: check_body(ctx, Some(&room), &c.body)?,
     };
     let shard = home_shard(&room, ctx.calls.shards());
     Ok(Value::Object(call(ctx, shard, op).await?))
@@ -547,7 +564,11 @@ async fn broadcast(ctx: &Ctx, body: &[u8]) -> Result<Value, ApiError> {
     }
     let from = check_user("from", c.from.as_deref().unwrap_or(API_SENDER))?;
     let id = check_id(c.id)?;
-    let msg = check_body(ctx, &c.body)?;
+    let mut msg = None;
+    for room in &rooms {
+        msg = Some(check_body(ctx, Some(room), &c.body)?);
+    }
+    let msg = msg.unwrap_or_default();
     let _in_flight = InFlight::take(ctx, rooms.len())?;
     let shards = ctx.calls.shards();
     let waiting: Vec<_> = rooms
@@ -592,7 +613,7 @@ async fn dm(ctx: &Ctx, body: &[u8]) -> Result<Value, ApiError> {
         to: to.clone(),
         from: check_user("from", c.from.as_deref().unwrap_or(API_SENDER))?,
         id: check_id(c.id)?,
-        body: check_body(ctx, &c.body)?,
+        body: check_body(ctx, None, &c.body)?,
     };
     let shard = user_home_shard(&to, ctx.calls.shards());
     Ok(Value::Object(call(ctx, shard, op).await?))

@@ -50,8 +50,11 @@ pub struct ApiSettings {
     pub keys: Vec<Box<[u8]>>,
     /// Largest request body read, in bytes.
     pub max_body_bytes: usize,
-    /// Largest message `body` (the chat's `--max-body-bytes`).
+    /// Largest direct message `body` (the chat's `--max-body-bytes`); a
+    /// room's comes from its namespace.
     pub max_message_body_bytes: usize,
+    /// The rooms' namespaces (their `max_body_bytes`).
+    pub namespaces: corecast_router::namespace::Namespaces,
     /// Most messages one history call returns (`--history-max-limit`).
     pub history_max_limit: usize,
     /// Longest a call waits for its answer.

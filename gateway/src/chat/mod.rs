@@ -97,7 +97,6 @@ pub const RING_SLOTS: usize = 1024;
 pub struct Settings {
     /// What every connection's session is held to.
     pub session: Rules,
-    pub presence_max_members: usize,
     /// How long a presence entry in the store lives without a heartbeat.
     pub presence_ttl: Duration,
     /// How long the store keeps an idle room's seq and epoch; a tombstone
@@ -282,7 +281,7 @@ impl ChatShard {
             shards,
             node,
             clustered: mesh.is_some(),
-            presence_max_members: settings.presence_max_members,
+            namespaces: settings.session.namespaces.clone(),
             history_meta_ttl: settings.history_meta_ttl,
             store_keeps_presence: storage.keeps_presence(),
             store_acks_at_home: storage.acks_at_home(),

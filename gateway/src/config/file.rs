@@ -18,7 +18,7 @@ use super::ConfigError;
 const NOT_IN_FILES: &[&str] = &["config", "help", "version"];
 
 /// The line (from 1) of byte `at` in `text`.
-fn line_of(text: &str, at: usize) -> usize {
+pub(super) fn line_of(text: &str, at: usize) -> usize {
     text[..at.min(text.len())].matches('\n').count() + 1
 }
 
@@ -40,6 +40,10 @@ pub fn with_text(mut cmd: Command, text: &str, origin: &str) -> Result<Command, 
             ConfigError(format!("{origin}{line}: not valid TOML: {}", e.message()))
         })?;
     for (key, value) in spanned {
+        // Not a flag: read by `namespaces`, which checks it.
+        if key.get_ref() == super::namespaces::KEY {
+            continue;
+        }
         let line = line_of(text, key.span().start);
         let at = |what: String| ConfigError(format!("{origin}:{line}: {what}"));
         let name = key.get_ref();
@@ -162,6 +166,12 @@ fn scalar(v: Value) -> Option<String> {
 /// A commented example file: every key, under its flag's section, with its
 /// help and its default (commented out: the built-in default applies).
 pub fn example(cmd: &Command) -> String {
+    let mut out = flags_example(cmd);
+    out.push_str(super::namespaces::EXAMPLE);
+    out
+}
+
+fn flags_example(cmd: &Command) -> String {
     let mut out = String::from(
         "# corecast gateway configuration (gateway --config FILE).\n\
          # Every key is a flag's name in snake case; a flag or a CORECAST_* variable\n\
@@ -279,8 +289,8 @@ mod tests {
             let err = load(text, &[]).expect_err(text).to_string();
             assert!(err.starts_with(says), "{text:?}: {err}");
         }
-        let err = load(cases[7].0, &[]).expect_err("a table").to_string();
-        assert!(err.contains("unknown key \"namespaces\""), "{err}");
+        // The namespaces table is not a flag: `namespaces` reads it.
+        assert!(load(cases[7].0, &[]).is_ok());
     }
 
     #[test]
@@ -299,7 +309,8 @@ mod tests {
             "all commented"
         );
         // Uncommented, every key that has a default loads as it stands.
-        let live: String = text
+        let flags = text.split("# ---- Room namespaces").next().unwrap();
+        let live: String = flags
             .lines()
             .filter_map(|l| l.strip_prefix("# "))
             .filter(|l| l.contains(" = ") && !l.ends_with("(unset by default)"))

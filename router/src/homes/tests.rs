@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::*;
+use crate::namespace::{Namespace, Table};
 
 const ME: NodeTag = 1;
 const OTHER: NodeTag = 2;
@@ -174,7 +175,14 @@ fn settings(clustered: bool, acks_at_home: bool) -> Settings {
         shards: 2,
         node: ME,
         clustered,
-        presence_max_members: 100,
+        namespaces: Namespaces::new(Table::new(
+            Namespace::default_with(100, 1 << 16),
+            vec![Namespace {
+                prefix: "eph:".into(),
+                ephemeral: true,
+                ..Namespace::default_with(100, 1 << 16)
+            }],
+        )),
         history_meta_ttl: Duration::from_secs(60),
         store_keeps_presence: false,
         store_acks_at_home: acks_at_home,
@@ -261,6 +269,75 @@ fn lone_room(room: &str, last_seq: u64, acks_at_home: bool) -> (Homes, Rec, Cloc
     h.handle(loaded(room, last_seq, "e1"), clock.now(), &mut rec);
     rec.clear();
     (h, rec, clock)
+}
+
+#[test]
+fn an_ephemeral_room_never_asks_the_store() {
+    for clustered in [false, true] {
+        let mut h = Homes::new(settings(clustered, false));
+        if clustered {
+            h.handle(
+                Input::Nodes(Arc::new(NodeSet {
+                    me: ME,
+                    nodes: vec![(ME, "me".into())],
+                })),
+                Clock::new().now(),
+                &mut Rec::new(),
+            );
+        }
+        let mut rec = Rec::new();
+        // A store that takes nothing and fails: ephemeral rooms do not care.
+        rec.store_room = 0;
+        rec.failing = true;
+        let clock = Clock::new();
+        h.handle(join("eph:r", "m", conn(1, 9), None), clock.now(), &mut rec);
+        for id in ["1", "2", "1"] {
+            h.handle(publish("eph:r", "a", id, conn(0, 1)), clock.now(), &mut rec);
+        }
+        assert!(rec.ops.is_empty(), "clustered {clustered}: {:?}", rec.ops);
+        let acks: Vec<(u64, bool, bool)> = rec
+            .frames_to(conn(0, 1))
+            .iter()
+            .map(|a| {
+                (
+                    a["seq"].as_u64().unwrap(),
+                    a["duplicate"] == true,
+                    a["stored"] == true,
+                )
+            })
+            .collect();
+        assert_eq!(
+            acks,
+            [(1, false, false), (2, false, false), (1, true, false)]
+        );
+        assert_eq!(rec.room_seqs(1), [1, 2], "clustered {clustered}");
+        let wired = rec
+            .wires
+            .iter()
+            .filter(|w| matches!(w, Wire::Message { .. }))
+            .count();
+        assert_eq!(wired, if clustered { 2 } else { 0 });
+        // History is answered at home: nothing kept.
+        rec.clear();
+        h.handle(
+            Input::Request(Request::History {
+                room: "eph:r".into(),
+                query: Query::Last(10),
+                conn: conn(0, 1),
+            }),
+            clock.now(),
+            &mut rec,
+        );
+        let hist = &rec.frames_to(conn(0, 1))[0];
+        assert_eq!(
+            (
+                hist["seq"].as_u64(),
+                hist["messages"].as_array().map(Vec::len)
+            ),
+            (Some(2), Some(0))
+        );
+        assert!(rec.ops.is_empty());
+    }
 }
 
 #[test]

@@ -10,6 +10,7 @@ use serde_json::Value;
 
 use super::*;
 use crate::auth::mint;
+use crate::namespace::{Namespace, Table};
 
 const SECRET: &[u8] = b"a test secret that is long enough, 32+ bytes";
 const SHARDS: usize = 4;
@@ -24,6 +25,25 @@ fn rules() -> Rules {
         rate_limit_per_s: 1.0,
         rate_limit_burst: 1000.0,
         max_body_bytes: 64,
+        namespaces: Namespaces::new(Table::new(
+            Namespace::default_with(1000, 64),
+            vec![
+                Namespace {
+                    prefix: "ro:".into(),
+                    client_publish: false,
+                    ..Namespace::default_with(1000, 64)
+                },
+                Namespace {
+                    prefix: "priv:".into(),
+                    join_requires_claim: true,
+                    ..Namespace::default_with(1000, 64)
+                },
+                Namespace {
+                    prefix: "small:".into(),
+                    ..Namespace::default_with(1000, 4)
+                },
+            ],
+        )),
         history_max_limit: 500,
         auth_timeout: Duration::from_secs(5),
     }
@@ -362,6 +382,31 @@ fn a_leave_before_the_home_confirmed_undoes_nothing_locally() {
     assert!(matches!(req, Request::Leave { room, user, shard: 1 }
         if &**room == "r" && &**user == "alice"));
     c.expect(&[(leave, Some("not_joined"))]);
+}
+
+#[test]
+fn namespaces_decide_who_publishes_joins_and_how_much() {
+    let mut c = Client::authed("alice", None, None);
+    c.send(r#"{"type":"join","room":"ro:news"}"#);
+    c.send(r#"{"type":"join","room":"small:x"}"#);
+    assert!(c.s.mark_joined("ro:news", 1) && c.s.mark_joined("small:x", 2));
+    c.expect(&[
+        (
+            r#"{"type":"publish","room":"ro:news","body":1}"#,
+            Some("read_only"),
+        ),
+        (
+            r#"{"type":"publish","room":"small:x","body":"12345"}"#,
+            Some("body_too_large"),
+        ),
+        (r#"{"type":"publish","room":"small:x","body":12}"#, None),
+        // Without a rooms claim, not a room that requires one.
+        (r#"{"type":"join","room":"priv:a"}"#, Some("forbidden")),
+        (r#"{"type":"presence","room":"priv:a"}"#, Some("forbidden")),
+    ]);
+    // A token that lists it may.
+    let mut d = Client::authed("dana", Some(&["priv:*"]), None);
+    d.expect(&[(r#"{"type":"join","room":"priv:a"}"#, None)]);
 }
 
 #[test]

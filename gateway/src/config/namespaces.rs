@@ -1,0 +1,222 @@
+//! Room namespaces in the config file: `[namespaces."typing:"]` tables,
+//! each a room-name prefix with its own options (see docs/operations.md).
+//! Options a namespace leaves out have the default namespace's values, the
+//! flags'. Re-read on SIGHUP ([`NamespaceFile::reload`]).
+
+use std::{collections::BTreeMap, path::PathBuf};
+
+use corecast_router::{
+    namespace::{Namespace, Namespaces, Table},
+    proto::{valid_room, MAX_ROOM_BYTES},
+};
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{file::line_of, ConfigError};
+
+/// The file's key that holds the namespaces (not a flag).
+pub const KEY: &str = "namespaces";
+
+#[derive(Deserialize)]
+struct File {
+    #[serde(default)]
+    namespaces: BTreeMap<Spanned<String>, Spec>,
+}
+
+/// One `[namespaces."prefix"]` table as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Spec {
+    ephemeral: Option<bool>,
+    presence: Option<bool>,
+    presence_max_members: Option<usize>,
+    client_publish: Option<bool>,
+    join_requires_claim: Option<bool>,
+    max_body_bytes: Option<usize>,
+}
+
+/// Parses the namespaces of the TOML document `text` (from `origin`) over
+/// `default`.
+pub fn parse(text: &str, origin: &str, default: &Namespace) -> Result<Table, ConfigError> {
+    let file: File = toml::from_str(text).map_err(|e| {
+        let line = e
+            .span()
+            .map(|s| format!(":{}", line_of(text, s.start)))
+            .unwrap_or_default();
+        ConfigError(format!("{origin}{line}: {}", e.message()))
+    })?;
+    let mut spaces = Vec::with_capacity(file.namespaces.len());
+    for (prefix, spec) in file.namespaces {
+        let line = line_of(text, prefix.span().start);
+        let at = |what: String| {
+            ConfigError(format!(
+                "{origin}:{line}: namespace {:?}: {what}",
+                prefix.get_ref()
+            ))
+        };
+        let p = prefix.get_ref();
+        if p.is_empty() || p.len() > MAX_ROOM_BYTES || !valid_room(p) {
+            return Err(at(format!(
+                "a prefix is 1-{MAX_ROOM_BYTES} bytes of letters, digits and _ - . : @ / (the start of room names)"
+            )));
+        }
+        let presence_max_members = match (spec.presence, spec.presence_max_members) {
+            (Some(false), Some(_)) => {
+                return Err(at(
+                    "presence = false and presence_max_members: give one".into()
+                ))
+            }
+            (Some(false), None) => 0,
+            (_, Some(n)) => n,
+            (_, None) => default.presence_max_members,
+        };
+        let max_body_bytes = spec.max_body_bytes.unwrap_or(default.max_body_bytes);
+        if max_body_bytes == 0 {
+            return Err(at("max_body_bytes must be at least 1".into()));
+        }
+        spaces.push(Namespace {
+            prefix: p.as_str().into(),
+            ephemeral: spec.ephemeral.unwrap_or(default.ephemeral),
+            presence_max_members,
+            client_publish: spec.client_publish.unwrap_or(default.client_publish),
+            join_requires_claim: spec
+                .join_requires_claim
+                .unwrap_or(default.join_requires_claim),
+            max_body_bytes,
+        });
+    }
+    Ok(Table::new(default.clone(), spaces))
+}
+
+/// The node's namespaces and the file they came from, for SIGHUP.
+#[derive(Debug, Clone)]
+pub struct NamespaceFile {
+    path: Option<PathBuf>,
+    default: Namespace,
+    pub namespaces: Namespaces,
+}
+
+impl NamespaceFile {
+    /// The namespaces of the config file at `path` (none without a file).
+    pub fn load(path: Option<PathBuf>, default: Namespace) -> Result<NamespaceFile, ConfigError> {
+        let table = read(path.as_ref(), &default)?;
+        Ok(NamespaceFile {
+            path,
+            default,
+            namespaces: Namespaces::new(table),
+        })
+    }
+
+    /// Reads the file again and replaces the namespaces (new joins and
+    /// publishes see them); a broken file changes nothing. The number of
+    /// namespaces besides the default one.
+    pub fn reload(&self) -> Result<usize, ConfigError> {
+        let table = read(self.path.as_ref(), &self.default)?;
+        let n = table.spaces().len();
+        self.namespaces.replace(table);
+        Ok(n)
+    }
+
+    pub fn path(&self) -> Option<&std::path::Path> {
+        self.path.as_deref()
+    }
+}
+
+fn read(path: Option<&PathBuf>, default: &Namespace) -> Result<Table, ConfigError> {
+    let Some(path) = path else {
+        return Ok(Table::new(default.clone(), Vec::new()));
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("--config {}: cannot read it: {e}", path.display())))?;
+    parse(&text, &path.display().to_string(), default)
+}
+
+/// The commented example of a namespace (`gateway config example`).
+pub const EXAMPLE: &str = r#"
+# ---- Room namespaces ----
+# A namespace is a room-name prefix with its own options; a room belongs to
+# the namespace with the longest prefix its name starts with, others to the
+# default namespace (the flags above). Options left out take the default's.
+# SIGHUP re-reads them (new joins and publishes; see docs/operations.md).
+#
+# [namespaces."typing:"]
+# ephemeral = true            # not stored: acked at once ("stored":false), no history
+# presence = false            # no presence events, presence answers the count only
+#
+# [namespaces."notify:"]
+# client_publish = false      # only the server API publishes
+# join_requires_claim = true  # only tokens whose rooms claim lists the room
+# max_body_bytes = 4096
+# presence_max_members = 100
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn default() -> Namespace {
+        Namespace::default_with(1000, 65536)
+    }
+
+    #[test]
+    fn namespaces_take_the_defaults_they_leave_out() {
+        let text = "listen = \"127.0.0.1:0\"\n[namespaces.\"typing:\"]\nephemeral = true\npresence = false\n\n[namespaces.\"notify:\"]\nclient_publish = false\njoin_requires_claim = true\nmax_body_bytes = 10\npresence_max_members = 5\n";
+        let t = parse(text, "f.toml", &default()).unwrap();
+        let typing = t.of("typing:lobby");
+        assert!(typing.ephemeral && typing.client_publish && !typing.join_requires_claim);
+        assert_eq!(
+            (typing.presence_max_members, typing.max_body_bytes),
+            (0, 65536)
+        );
+        let notify = t.of("notify:alice");
+        assert!(!notify.ephemeral && !notify.client_publish && notify.join_requires_claim);
+        assert_eq!(
+            (notify.presence_max_members, notify.max_body_bytes),
+            (5, 10)
+        );
+        assert_eq!(t.of("lobby"), &default());
+    }
+
+    #[test]
+    fn the_example_loads_once_uncommented() {
+        let live: String = EXAMPLE
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| l.starts_with("[namespaces.") || l.contains(" = "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let t = parse(&live, "example", &default()).unwrap_or_else(|e| panic!("{e}\n{live}"));
+        assert_eq!(t.spaces().len(), 2);
+        assert!(t.of("typing:x").ephemeral && !t.of("notify:x").client_publish);
+    }
+
+    #[test]
+    fn bad_namespaces_name_the_line() {
+        let cases = [
+            (
+                "[namespaces.\"typing:\"]\nephemral = true\n",
+                "f.toml:2: unknown field `ephemral`",
+            ),
+            (
+                "\n[namespaces.\"a b\"]\nephemeral = true\n",
+                "f.toml:2: namespace \"a b\": a prefix is",
+            ),
+            (
+                "[namespaces.\"x\"]\nmax_body_bytes = 0\n",
+                "f.toml:1: namespace \"x\": max_body_bytes must be",
+            ),
+            (
+                "[namespaces.\"x\"]\npresence = false\npresence_max_members = 3\n",
+                "give one",
+            ),
+            (
+                "[namespaces.\"x\"]\nephemeral = \"yes\"\n",
+                "f.toml:2: invalid type",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = parse(text, "f.toml", &default()).unwrap_err().0;
+            assert!(e.contains(want), "{text:?}: {e}");
+        }
+    }
+}
