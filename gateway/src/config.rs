@@ -420,7 +420,7 @@ impl Config {
                 .map_err(ConfigError)?;
         let plan = self.placement()?;
         let (chat, key_files, namespace_file) = self.chat_settings()?;
-        let storage = self.storage()?;
+        let storage = self.storage(&namespace_file.namespaces)?;
         let mesh = self.mesh(&storage)?;
         let tls = match (&self.tls.tls_cert, &self.tls.tls_key) {
             (Some(cert), Some(key)) => Some(crate::tls::Tls::load(cert, key).map_err(ConfigError)?),
@@ -547,11 +547,19 @@ impl Config {
             (None, Some(s)) => Some(crate::auth::Verifier::new(s, leeway)),
             (None, None) => None,
         };
-        let default = corecast_router::namespace::Namespace::default_with(
-            self.chat.presence_max_members,
-            self.chat.max_body_bytes,
-        );
-        let namespace_file = namespaces::NamespaceFile::load(self.node.config.clone(), default)?;
+        let default = corecast_router::namespace::Namespace {
+            history_size: self.storage.history_size,
+            history_ttl: Duration::from_secs(self.storage.history_ttl_s),
+            ..corecast_router::namespace::Namespace::default_with(
+                self.chat.presence_max_members,
+                self.chat.max_body_bytes,
+            )
+        };
+        let namespace_file = namespaces::NamespaceFile::load(
+            self.node.config.clone(),
+            default,
+            Duration::from_secs(self.storage.history_meta_ttl_s),
+        )?;
         let session = corecast_router::session::Rules {
             namespaces: namespace_file.namespaces.clone(),
             verifier,
@@ -647,7 +655,10 @@ impl Config {
     }
 
     /// The storage worker's settings.
-    fn storage(&self) -> Result<crate::storage::StorageConfig, ConfigError> {
+    fn storage(
+        &self,
+        namespaces: &corecast_router::namespace::Namespaces,
+    ) -> Result<crate::storage::StorageConfig, ConfigError> {
         use crate::storage::{StorageConfig, StoreKind};
         let err = |m: String| Err(ConfigError(m));
         let kind = match (self.storage.store.as_deref(), &self.storage.redis) {
@@ -700,6 +711,7 @@ impl Config {
             kind,
             history_size: self.storage.history_size,
             history_ttl: Duration::from_secs(self.storage.history_ttl_s),
+            namespaces: namespaces.clone(),
             meta_ttl: Duration::from_secs(self.storage.history_meta_ttl_s),
             batch_max: self.storage.storage_batch,
             queue_per_shard: self.storage.storage_queue,

@@ -71,6 +71,7 @@ pub mod tls;
 
 pub use corecast_readiness as readiness;
 pub use corecast_router::auth;
+pub use corecast_router::namespace;
 pub use corecast_ws as ws;
 
 use std::net::SocketAddr;

@@ -293,3 +293,58 @@ fn an_ephemeral_publish_never_waits_for_the_store() {
     stalled.join().unwrap();
     server.stop().unwrap();
 }
+
+/// Each namespace keeps its own history, with the memory store and with
+/// Redis (whose stream for the room holds no more).
+#[test]
+fn a_namespace_keeps_its_own_history() {
+    let text =
+        "[namespaces.\"short:\"]\nhistory_size = 2\n\n[namespaces.\"none:\"]\nhistory_size = 0\n";
+    let file = config_file("history", text);
+    let redis = common::redis::RedisServer::start();
+    let (url, spill) = (redis.url(), redis.scratch("spill"));
+    let config = ["--config", file.to_str().unwrap()];
+    let with_redis = ["--redis", url.as_str(), "--spill-dir", spill.as_str()];
+    for store in [&[][..], &with_redis[..]] {
+        let mut args = config.to_vec();
+        args.extend_from_slice(store);
+        let server = chat_server(&args);
+        let mut a = Chat::connect(&server, "alice");
+        for room in ["short:r", "none:r", "r"] {
+            a.join(room);
+            for i in 1..=4 {
+                a.send(json!({"type":"publish","room":room,"id":format!("{room}{i}"),"body":i}));
+                loop {
+                    let v = a.recv();
+                    if v["type"] == "ack" {
+                        assert_eq!(
+                            (v["seq"].as_u64(), &v["stored"]),
+                            (Some(i), &json!(true)),
+                            "{v}"
+                        );
+                        break;
+                    }
+                }
+            }
+        }
+        let kept = |a: &mut Chat, room: &str| -> Vec<u64> {
+            a.send(json!({"type":"history","room":room,"limit":10}));
+            let h = a.recv_type("history");
+            assert_eq!(h["seq"], 4, "{h}");
+            h["messages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["seq"].as_u64().unwrap())
+                .collect()
+        };
+        assert_eq!(kept(&mut a, "short:r"), [3, 4]);
+        assert_eq!(kept(&mut a, "none:r"), Vec::<u64>::new());
+        assert_eq!(kept(&mut a, "r"), [1, 2, 3, 4]);
+        if !store.is_empty() {
+            assert_eq!(redis.stream_seqs("short:r"), [3, 4]);
+            assert!(redis.stream_seqs("none:r").is_empty());
+        }
+        server.stop().unwrap();
+    }
+}

@@ -649,6 +649,7 @@ fn the_store_refuses_a_seq_another_home_stored() {
         kind: StoreKind::Redis { url: redis.url() },
         history_size: 100,
         history_ttl: Duration::from_secs(60),
+        namespaces: corecast_router::namespace::Namespaces::keeping(100, Duration::from_secs(60)),
         meta_ttl: Duration::from_secs(60),
         batch_max: 16,
         queue_per_shard: 16,

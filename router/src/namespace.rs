@@ -10,7 +10,7 @@
 //!   session, a home or the API reads one table for one decision, and a
 //!   change applies to the joins and publishes decided after it.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
 
@@ -33,10 +33,15 @@ pub struct Namespace {
     pub join_requires_claim: bool,
     /// Largest message body, in bytes.
     pub max_body_bytes: usize,
+    /// Messages the store keeps per room (0: none; the seq still is).
+    pub history_size: usize,
+    /// A room's history is dropped this long after its last message.
+    pub history_ttl: Duration,
 }
 
 impl Namespace {
-    /// The default namespace: today's behaviour, with the flags' values.
+    /// The default namespace: today's behaviour, with these flags' values
+    /// and the history flags' defaults (1000 messages for a day).
     pub fn default_with(presence_max_members: usize, max_body_bytes: usize) -> Namespace {
         Namespace {
             prefix: "".into(),
@@ -45,6 +50,8 @@ impl Namespace {
             client_publish: true,
             join_requires_claim: false,
             max_body_bytes,
+            history_size: 1000,
+            history_ttl: Duration::from_secs(86_400),
         }
     }
 }
@@ -95,6 +102,16 @@ impl Namespaces {
     /// Only the default namespace (no `[namespaces]` configured).
     pub fn only_default(default: Namespace) -> Namespaces {
         Namespaces::new(Table::new(default, Vec::new()))
+    }
+
+    /// Only a default namespace that keeps `size` messages per room for
+    /// `ttl` (a store on its own: tools and tests).
+    pub fn keeping(size: usize, ttl: Duration) -> Namespaces {
+        Namespaces::only_default(Namespace {
+            history_size: size,
+            history_ttl: ttl,
+            ..Namespace::default_with(1000, 1 << 16)
+        })
     }
 
     /// The table as it stands.

@@ -95,6 +95,10 @@ fn run(args: &Args, batch: usize) -> (f64, u64) {
         },
         history_size: 1000,
         history_ttl: Duration::from_secs(600),
+        namespaces: corecast_gateway::namespace::Namespaces::keeping(
+            1000,
+            Duration::from_secs(600),
+        ),
         meta_ttl: Duration::from_secs(600),
         batch_max: batch,
         queue_per_shard: 16_384,

@@ -3,7 +3,7 @@
 //! Options a namespace leaves out have the default namespace's values, the
 //! flags'. Re-read on SIGHUP ([`NamespaceFile::reload`]).
 
-use std::{collections::BTreeMap, path::PathBuf};
+use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use corecast_router::{
     namespace::{Namespace, Namespaces, Table},
@@ -33,11 +33,21 @@ struct Spec {
     client_publish: Option<bool>,
     join_requires_claim: Option<bool>,
     max_body_bytes: Option<usize>,
+    history_size: Option<usize>,
+    history_ttl_s: Option<u64>,
 }
 
+/// The most messages a room may keep (as `--history-size`).
+const MAX_HISTORY_SIZE: usize = 1_000_000;
+
 /// Parses the namespaces of the TOML document `text` (from `origin`) over
-/// `default`.
-pub fn parse(text: &str, origin: &str, default: &Namespace) -> Result<Table, ConfigError> {
+/// `default`; a history may not outlive `meta_ttl` (`--history-meta-ttl-s`).
+pub fn parse(
+    text: &str,
+    origin: &str,
+    default: &Namespace,
+    meta_ttl: Duration,
+) -> Result<Table, ConfigError> {
     let file: File = toml::from_str(text).map_err(|e| {
         let line = e
             .span()
@@ -74,6 +84,19 @@ pub fn parse(text: &str, origin: &str, default: &Namespace) -> Result<Table, Con
         if max_body_bytes == 0 {
             return Err(at("max_body_bytes must be at least 1".into()));
         }
+        let history_size = spec.history_size.unwrap_or(default.history_size);
+        if history_size > MAX_HISTORY_SIZE {
+            return Err(at(format!("history_size is at most {MAX_HISTORY_SIZE}")));
+        }
+        let history_ttl = spec
+            .history_ttl_s
+            .map_or(default.history_ttl, Duration::from_secs);
+        if history_ttl.is_zero() || history_ttl > meta_ttl {
+            return Err(at(format!(
+                "history_ttl_s must be 1 to --history-meta-ttl-s ({} s)",
+                meta_ttl.as_secs()
+            )));
+        }
         spaces.push(Namespace {
             prefix: p.as_str().into(),
             ephemeral: spec.ephemeral.unwrap_or(default.ephemeral),
@@ -83,6 +106,8 @@ pub fn parse(text: &str, origin: &str, default: &Namespace) -> Result<Table, Con
                 .join_requires_claim
                 .unwrap_or(default.join_requires_claim),
             max_body_bytes,
+            history_size,
+            history_ttl,
         });
     }
     Ok(Table::new(default.clone(), spaces))
@@ -93,16 +118,22 @@ pub fn parse(text: &str, origin: &str, default: &Namespace) -> Result<Table, Con
 pub struct NamespaceFile {
     path: Option<PathBuf>,
     default: Namespace,
+    meta_ttl: Duration,
     pub namespaces: Namespaces,
 }
 
 impl NamespaceFile {
     /// The namespaces of the config file at `path` (none without a file).
-    pub fn load(path: Option<PathBuf>, default: Namespace) -> Result<NamespaceFile, ConfigError> {
-        let table = read(path.as_ref(), &default)?;
+    pub fn load(
+        path: Option<PathBuf>,
+        default: Namespace,
+        meta_ttl: Duration,
+    ) -> Result<NamespaceFile, ConfigError> {
+        let table = read(path.as_ref(), &default, meta_ttl)?;
         Ok(NamespaceFile {
             path,
             default,
+            meta_ttl,
             namespaces: Namespaces::new(table),
         })
     }
@@ -111,7 +142,7 @@ impl NamespaceFile {
     /// publishes see them); a broken file changes nothing. The number of
     /// namespaces besides the default one.
     pub fn reload(&self) -> Result<usize, ConfigError> {
-        let table = read(self.path.as_ref(), &self.default)?;
+        let table = read(self.path.as_ref(), &self.default, self.meta_ttl)?;
         let n = table.spaces().len();
         self.namespaces.replace(table);
         Ok(n)
@@ -122,13 +153,17 @@ impl NamespaceFile {
     }
 }
 
-fn read(path: Option<&PathBuf>, default: &Namespace) -> Result<Table, ConfigError> {
+fn read(
+    path: Option<&PathBuf>,
+    default: &Namespace,
+    meta_ttl: Duration,
+) -> Result<Table, ConfigError> {
     let Some(path) = path else {
         return Ok(Table::new(default.clone(), Vec::new()));
     };
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError(format!("--config {}: cannot read it: {e}", path.display())))?;
-    parse(&text, &path.display().to_string(), default)
+    parse(&text, &path.display().to_string(), default, meta_ttl)
 }
 
 /// The commented example of a namespace (`gateway config example`).
@@ -148,11 +183,15 @@ pub const EXAMPLE: &str = r#"
 # join_requires_claim = true  # only tokens whose rooms claim lists the room
 # max_body_bytes = 4096
 # presence_max_members = 100
+# history_size = 50           # messages the store keeps per room (0: none)
+# history_ttl_s = 3600        # history dropped this long after the last message
 "#;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const DAY: Duration = Duration::from_secs(86_400);
 
     fn default() -> Namespace {
         Namespace::default_with(1000, 65536)
@@ -160,8 +199,8 @@ mod tests {
 
     #[test]
     fn namespaces_take_the_defaults_they_leave_out() {
-        let text = "listen = \"127.0.0.1:0\"\n[namespaces.\"typing:\"]\nephemeral = true\npresence = false\n\n[namespaces.\"notify:\"]\nclient_publish = false\njoin_requires_claim = true\nmax_body_bytes = 10\npresence_max_members = 5\n";
-        let t = parse(text, "f.toml", &default()).unwrap();
+        let text = "listen = \"127.0.0.1:0\"\n[namespaces.\"typing:\"]\nephemeral = true\npresence = false\n\n[namespaces.\"notify:\"]\nclient_publish = false\njoin_requires_claim = true\nmax_body_bytes = 10\npresence_max_members = 5\nhistory_size = 0\nhistory_ttl_s = 60\n";
+        let t = parse(text, "f.toml", &default(), DAY).unwrap();
         let typing = t.of("typing:lobby");
         assert!(typing.ephemeral && typing.client_publish && !typing.join_requires_claim);
         assert_eq!(
@@ -185,7 +224,7 @@ mod tests {
             .filter(|l| l.starts_with("[namespaces.") || l.contains(" = "))
             .map(|l| format!("{l}\n"))
             .collect();
-        let t = parse(&live, "example", &default()).unwrap_or_else(|e| panic!("{e}\n{live}"));
+        let t = parse(&live, "example", &default(), DAY).unwrap_or_else(|e| panic!("{e}\n{live}"));
         assert_eq!(t.spaces().len(), 2);
         assert!(t.of("typing:x").ephemeral && !t.of("notify:x").client_publish);
     }
@@ -215,7 +254,7 @@ mod tests {
             ),
         ];
         for (text, want) in cases {
-            let e = parse(text, "f.toml", &default()).unwrap_err().0;
+            let e = parse(text, "f.toml", &default(), DAY).unwrap_err().0;
             assert!(e.contains(want), "{text:?}: {e}");
         }
     }

@@ -14,6 +14,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use corecast_router::namespace::Namespaces;
+
 use super::{new_epoch, Backend, PresenceOp, Query, Record, RoomMeta, StoreError};
 
 struct Room {
@@ -25,18 +27,17 @@ struct Room {
 
 pub struct MemoryStore {
     rooms: HashMap<Arc<str>, Room>,
-    history_size: usize,
-    history_ttl: Duration,
+    /// How much history each room keeps, and how long (its namespace's).
+    namespaces: Namespaces,
     meta_ttl: Duration,
     last_sweep: Instant,
 }
 
 impl MemoryStore {
-    pub fn new(history_size: usize, history_ttl: Duration, meta_ttl: Duration) -> MemoryStore {
+    pub fn new(namespaces: Namespaces, meta_ttl: Duration) -> MemoryStore {
         MemoryStore {
             rooms: HashMap::new(),
-            history_size,
-            history_ttl,
+            namespaces,
             meta_ttl,
             last_sweep: Instant::now(),
         }
@@ -61,10 +62,12 @@ impl MemoryStore {
 
 impl Backend for MemoryStore {
     fn describe(&self) -> String {
+        let table = self.namespaces.load();
+        let d = table.default_namespace();
         format!(
-            "memory (last {} messages per room, history ttl {} s)",
-            self.history_size,
-            self.history_ttl.as_secs()
+            "memory (last {} messages per room, history ttl {} s, unless a namespace says otherwise)",
+            d.history_size,
+            d.history_ttl.as_secs()
         )
     }
 
@@ -75,8 +78,9 @@ impl Backend for MemoryStore {
     fn append(&mut self, records: &[Record]) -> Result<Vec<usize>, StoreError> {
         let now = Instant::now();
         let mut conflicts = Vec::new();
+        let table = self.namespaces.load();
         for (k, r) in records.iter().enumerate() {
-            let history_size = self.history_size;
+            let history_size = table.of(&r.room).history_size;
             let room = self.room(&r.room);
             if r.seq <= room.last_seq {
                 let same = room
@@ -96,7 +100,8 @@ impl Backend for MemoryStore {
             if history_size == 0 {
                 continue;
             }
-            if room.messages.len() == history_size {
+            // A namespace made smaller (SIGHUP) trims on the next message.
+            while room.messages.len() >= history_size {
                 room.messages.pop_front();
             }
             room.messages.push_back(r.clone());
@@ -165,10 +170,11 @@ impl Backend for MemoryStore {
             return;
         }
         self.last_sweep = now;
-        let (history_ttl, meta_ttl) = (self.history_ttl, self.meta_ttl);
-        self.rooms.retain(|_, r| {
+        let meta_ttl = self.meta_ttl;
+        let table = self.namespaces.load();
+        self.rooms.retain(|name, r| {
             let idle = now.duration_since(r.touched);
-            if idle >= history_ttl {
+            if idle >= table.of(name).history_ttl {
                 r.messages = VecDeque::new();
             }
             idle < meta_ttl
@@ -184,9 +190,45 @@ mod tests {
         crate::storage::test_record(room, seq)
     }
 
+    /// A store keeping `size` messages per room for `ttl` (and `short:`
+    /// rooms one message).
+    fn store(size: usize, ttl: Duration, meta_ttl: Duration) -> MemoryStore {
+        use corecast_router::namespace::{Namespace, Table};
+        let default = Namespace {
+            history_size: size,
+            history_ttl: ttl,
+            ..Namespace::default_with(1000, 1 << 16)
+        };
+        let short = Namespace {
+            prefix: "short:".into(),
+            history_size: 1,
+            ..default.clone()
+        };
+        MemoryStore::new(Namespaces::new(Table::new(default, vec![short])), meta_ttl)
+    }
+
+    #[test]
+    fn a_namespace_keeps_its_own_history_size() {
+        let mut s = store(3, Duration::from_secs(60), Duration::from_secs(600));
+        let recs: Vec<Record> = (1..=4)
+            .flat_map(|i| [rec("a", i), rec("short:a", i)])
+            .collect();
+        s.append(&recs).unwrap();
+        let seqs = |s: &mut MemoryStore, room: &str| -> Vec<u64> {
+            s.fetch(room, Query::Last(10))
+                .unwrap()
+                .1
+                .iter()
+                .map(|r| r.seq)
+                .collect()
+        };
+        assert_eq!(seqs(&mut s, "a"), [2, 3, 4]);
+        assert_eq!(seqs(&mut s, "short:a"), [4]);
+    }
+
     #[test]
     fn keeps_the_last_n_and_skips_replayed_seqs() {
-        let mut s = MemoryStore::new(3, Duration::from_secs(60), Duration::from_secs(600));
+        let mut s = store(3, Duration::from_secs(60), Duration::from_secs(600));
         s.append(&(1..=5).map(|i| rec("a", i)).collect::<Vec<_>>())
             .unwrap();
         s.append(&[rec("a", 4), rec("b", 1)]).unwrap();
@@ -206,8 +248,8 @@ mod tests {
 
     #[test]
     fn epochs_are_per_room_and_new_when_the_room_is_forgotten() {
-        let mut a = MemoryStore::new(1, Duration::from_secs(1), Duration::ZERO);
-        let mut b = MemoryStore::new(1, Duration::from_secs(1), Duration::from_secs(1));
+        let mut a = store(1, Duration::from_secs(1), Duration::ZERO);
+        let mut b = store(1, Duration::from_secs(1), Duration::from_secs(1));
         let first = a.load("r").unwrap().epoch;
         assert_eq!(a.load("r").unwrap().epoch, first, "stable while kept");
         assert_ne!(

@@ -138,10 +138,14 @@ pub enum StoreKind {
 #[derive(Debug, Clone)]
 pub struct StorageConfig {
     pub kind: StoreKind,
-    /// Messages kept per room.
+    /// Messages kept per room (the default namespace's; a room's comes
+    /// from its namespace).
     pub history_size: usize,
-    /// A room's history expires this long after its last message.
+    /// A room's history expires this long after its last message (the
+    /// default namespace's).
     pub history_ttl: Duration,
+    /// The rooms' namespaces: how much history each room keeps, how long.
+    pub namespaces: corecast_router::namespace::Namespaces,
     /// A room's sequence and epoch expire this long after its last message.
     pub meta_ttl: Duration,
     pub batch_max: usize,
@@ -301,8 +305,7 @@ pub fn check(config: &StorageConfig) -> Result<(), StartError> {
 pub fn start(config: &StorageConfig, shards: usize) -> Result<(Storage, WorkerHandle), StartError> {
     let backend: Box<dyn Backend> = match &config.kind {
         StoreKind::Memory => Box::new(memory::MemoryStore::new(
-            config.history_size,
-            config.history_ttl,
+            config.namespaces.clone(),
             config.meta_ttl,
         )),
         StoreKind::Redis { url } => Box::new(redis_backend::RedisStore::new(url, config)?),

@@ -43,8 +43,10 @@ end
 -- ARGV[4]: the epoch the home numbered these records in ('' = keep).
 local epoch = ARGV[4]
 if epoch == '' then epoch = ARGV[5] end
+-- Approximate trimming drops whole stream nodes (100 entries): exact below
+-- that, where it costs nothing.
 local trim = '~'
-if ARGV[1] == '0' then trim = '=' end
+if tonumber(ARGV[1]) < 100 then trim = '=' end
 local added = 0
 -- A seq at or below the last one is either this very message written
 -- before (a replay: skipped) or another home's (a conflict: reported).
@@ -113,8 +115,11 @@ pub struct RedisStore {
     client: redis::Client,
     live: Option<Live>,
     timeout: Duration,
+    /// The default namespace's history (for the log line).
     history_size: usize,
     history_ttl_ms: u64,
+    /// Each room's history size and lifetime come from its namespace.
+    namespaces: corecast_router::namespace::Namespaces,
     meta_ttl_ms: u64,
     node: String,
     presence_ttl_ms: u64,
@@ -220,6 +225,7 @@ impl RedisStore {
             timeout: config.redis_timeout,
             history_size: config.history_size,
             history_ttl_ms: config.history_ttl.as_millis() as u64,
+            namespaces: config.namespaces.clone(),
             meta_ttl_ms: config.meta_ttl.as_millis() as u64,
             node: config.node_id.clone(),
             presence_ttl_ms: config.presence_ttl.as_millis() as u64,
@@ -325,7 +331,8 @@ impl Backend for RedisStore {
             return Ok(Vec::new());
         }
         // One script call per room and epoch, each room's records in order.
-        let (maxlen, ttl, meta_ttl) = (self.history_size, self.history_ttl_ms, self.meta_ttl_ms);
+        let meta_ttl = self.meta_ttl_ms;
+        let table = self.namespaces.load();
         let fresh = new_epoch();
         let mut groups: Vec<(&str, &str, Vec<usize>)> = Vec::new();
         let mut index: std::collections::HashMap<(&str, &str), usize> =
@@ -340,6 +347,8 @@ impl Backend for RedisStore {
         self.with("append", |live| {
             let mut pipe = redis::pipe();
             for (room, epoch, recs) in &groups {
+                let ns = table.of(room);
+                let (maxlen, ttl) = (ns.history_size, ns.history_ttl.as_millis() as u64);
                 let c = pipe
                     .cmd("EVALSHA")
                     .arg(&live.append_sha)

@@ -559,7 +559,8 @@ impl Worker {
                 upto,
                 home,
             } => {
-                let n = (upto.saturating_sub(after)).min(self.config.history_size.max(1) as u64);
+                let kept = self.config.namespaces.load().of(&room).history_size;
+                let n = (upto.saturating_sub(after)).min(kept.max(1) as u64);
                 match self.backend.fetch(
                     &room,
                     Query::After {
@@ -658,7 +659,13 @@ impl Worker {
     }
 
     fn recover(&mut self, r: Recover) {
-        let limit = self.config.history_size.max(1) as u64;
+        let limit = self
+            .config
+            .namespaces
+            .load()
+            .of(&r.room)
+            .history_size
+            .max(1) as u64;
         let gap = r.upto.saturating_sub(r.since);
         let same_epoch = *r.epoch == *r.home_epoch && r.since <= r.upto;
         // More missed than a room keeps: not recoverable; send the newest.
