@@ -348,3 +348,38 @@ fn a_namespace_keeps_its_own_history() {
         server.stop().unwrap();
     }
 }
+
+/// A namespace's publish rate holds each connection's publishes to its
+/// rooms; the refused one is answered `rate_limited` with its id.
+#[test]
+fn a_namespace_publish_rate_refuses_the_excess() {
+    let text = "[namespaces.\"slow:\"]\npublish_rate_per_s = 1\npublish_burst = 2\n";
+    let file = config_file("rate", text);
+    let server = chat_server(&["--config", file.to_str().unwrap()]);
+    let mut a = Chat::connect(&server, "alice");
+    a.join("slow:r");
+    for i in 1..=3 {
+        a.send(json!({"type":"publish","room":"slow:r","id":format!("p{i}"),"body":i}));
+    }
+    let mut acked = Vec::new();
+    let refused = loop {
+        let v = a.recv();
+        match v["type"].as_str() {
+            Some("ack") => acked.push(v["id"].as_str().unwrap().to_string()),
+            Some("error") => break v,
+            _ => {}
+        }
+    };
+    assert_eq!(
+        (refused["code"].as_str(), refused["id"].as_str()),
+        (Some("rate_limited"), Some("p3")),
+        "{refused}"
+    );
+    while acked.len() < 2 {
+        let v = a.recv_type("ack");
+        acked.push(v["id"].as_str().unwrap().to_string());
+    }
+    acked.sort();
+    assert_eq!(acked, ["p1", "p2"]);
+    server.stop().unwrap();
+}

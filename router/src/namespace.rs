@@ -37,6 +37,16 @@ pub struct Namespace {
     pub history_size: usize,
     /// A room's history is dropped this long after its last message.
     pub history_ttl: Duration,
+    /// Publishes one connection may make per second to the namespace's
+    /// rooms, together (`None`: only the connection's own frame limit).
+    pub publish_rate: Option<Rate>,
+}
+
+/// A token bucket's rate: `per_s` a second, `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub per_s: u32,
+    pub burst: u32,
 }
 
 impl Namespace {
@@ -52,6 +62,7 @@ impl Namespace {
             max_body_bytes,
             history_size: 1000,
             history_ttl: Duration::from_secs(86_400),
+            publish_rate: None,
         }
     }
 }

@@ -26,6 +26,11 @@ impl TokenBucket {
         }
     }
 
+    /// Is this the bucket of this rate and burst?
+    pub fn is(&self, per_second: f64, burst: f64) -> bool {
+        self.per_second == per_second && self.burst == burst
+    }
+
     /// Takes one token if there is one.
     pub fn try_take(&mut self, now: Instant) -> bool {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();

@@ -34,7 +34,7 @@ use crate::{
     home_shard,
     homes::{Refusal, Request},
     message::{ConnRef, Publish},
-    namespace::Namespaces,
+    namespace::{Namespaces, Rate},
     peer_home_shard,
     proto::{self, close, ClientFrame, ErrorCode},
     ratelimit::TokenBucket,
@@ -165,6 +165,9 @@ struct Rare {
     peer: Option<IpAddr>,
     /// The server API closes this connection now, with this code and reason.
     kicked: Option<(u16, Arc<str>)>,
+    /// Publish buckets of the namespaces with a `publish_rate` this
+    /// connection published to, by prefix.
+    publish_buckets: Vec<(Box<str>, TokenBucket)>,
 }
 
 const SEND_CONNECT_FIRST: &str = "authentication required: send connect first";
@@ -272,6 +275,25 @@ impl Session {
         } else {
             (at, close::TOKEN_EXPIRED, Reason::Fixed(TOKEN_RAN_OUT))
         })
+    }
+
+    /// A token from the publish bucket of the namespace `prefix` (made full
+    /// the first time, or when the namespace's rate changed).
+    fn take_publish(&mut self, prefix: Box<str>, rate: Rate, now: Instant) -> bool {
+        let buckets = &mut self.rare.get_or_insert_default().publish_buckets;
+        let i = match buckets.iter().position(|(p, _)| *p == prefix) {
+            Some(i) => i,
+            None => {
+                let b = TokenBucket::new(rate.per_s as f64, rate.burst as f64, now);
+                buckets.push((prefix, b));
+                buckets.len() - 1
+            }
+        };
+        let bucket = &mut buckets[i].1;
+        if !bucket.is(rate.per_s as f64, rate.burst as f64) {
+            *bucket = TokenBucket::new(rate.per_s as f64, rate.burst as f64, now);
+        }
+        bucket.try_take(now)
     }
 
     /// The server API disconnects this connection: its deadline becomes
@@ -484,13 +506,15 @@ impl Session {
                 let Some(entry) = self.rooms.iter().find(|e| *e.room == *room) else {
                     return refuse(ports, ErrorCode::NotJoined, Some(id), Some(&room));
                 };
+                let room_name = entry.room.clone();
                 if self.claims.as_ref().is_some_and(|c| !c.may_publish(&room)) {
                     return refuse(ports, ErrorCode::Forbidden, Some(id), Some(&room));
                 }
-                let (client_publish, max_body) = {
+                let (client_publish, max_body, rate) = {
                     let table = rules.namespaces.load();
                     let ns = table.of(&room);
-                    (ns.client_publish, ns.max_body_bytes)
+                    let rate = ns.publish_rate.map(|r| (ns.prefix.clone(), r));
+                    (ns.client_publish, ns.max_body_bytes, rate)
                 };
                 if !client_publish {
                     return refuse(ports, ErrorCode::ReadOnly, Some(id), Some(&room));
@@ -498,7 +522,13 @@ impl Session {
                 if body.get().len() > max_body {
                     return refuse(ports, ErrorCode::BodyTooLarge, Some(id), Some(&room));
                 }
-                let room = entry.room.clone();
+                if let Some((prefix, rate)) = rate {
+                    if !self.take_publish(prefix, rate, now) {
+                        ports.count(Count::RateLimited);
+                        return refuse(ports, ErrorCode::RateLimited, Some(id), Some(&room));
+                    }
+                }
+                let room = room_name;
                 let publish = Publish {
                     room: room.clone(),
                     user,

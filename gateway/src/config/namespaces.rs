@@ -6,7 +6,7 @@
 use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use corecast_router::{
-    namespace::{Namespace, Namespaces, Table},
+    namespace::{Namespace, Namespaces, Rate, Table},
     proto::{valid_room, MAX_ROOM_BYTES},
 };
 use serde::Deserialize;
@@ -35,6 +35,8 @@ struct Spec {
     max_body_bytes: Option<usize>,
     history_size: Option<usize>,
     history_ttl_s: Option<u64>,
+    publish_rate_per_s: Option<u32>,
+    publish_burst: Option<u32>,
 }
 
 /// The most messages a room may keep (as `--history-size`).
@@ -84,6 +86,19 @@ pub fn parse(
         if max_body_bytes == 0 {
             return Err(at("max_body_bytes must be at least 1".into()));
         }
+        let publish_rate = match (spec.publish_rate_per_s, spec.publish_burst) {
+            (None, None) => default.publish_rate,
+            (None, Some(_)) => return Err(at("publish_burst needs publish_rate_per_s".into())),
+            (Some(0), _) | (_, Some(0)) => {
+                return Err(at(
+                    "publish_rate_per_s and publish_burst are at least 1 (client_publish = false stops clients' publishes)".into(),
+                ))
+            }
+            (Some(per_s), burst) => Some(Rate {
+                per_s,
+                burst: burst.unwrap_or(per_s),
+            }),
+        };
         let history_size = spec.history_size.unwrap_or(default.history_size);
         if history_size > MAX_HISTORY_SIZE {
             return Err(at(format!("history_size is at most {MAX_HISTORY_SIZE}")));
@@ -108,6 +123,7 @@ pub fn parse(
             max_body_bytes,
             history_size,
             history_ttl,
+            publish_rate,
         });
     }
     Ok(Table::new(default.clone(), spaces))
@@ -185,6 +201,8 @@ pub const EXAMPLE: &str = r#"
 # presence_max_members = 100
 # history_size = 50           # messages the store keeps per room (0: none)
 # history_ttl_s = 3600        # history dropped this long after the last message
+# publish_rate_per_s = 2      # each connection's publishes here, per second
+# publish_burst = 5
 "#;
 
 #[cfg(test)]
@@ -199,7 +217,7 @@ mod tests {
 
     #[test]
     fn namespaces_take_the_defaults_they_leave_out() {
-        let text = "listen = \"127.0.0.1:0\"\n[namespaces.\"typing:\"]\nephemeral = true\npresence = false\n\n[namespaces.\"notify:\"]\nclient_publish = false\njoin_requires_claim = true\nmax_body_bytes = 10\npresence_max_members = 5\nhistory_size = 0\nhistory_ttl_s = 60\n";
+        let text = "listen = \"127.0.0.1:0\"\n[namespaces.\"typing:\"]\nephemeral = true\npresence = false\n\n[namespaces.\"notify:\"]\nclient_publish = false\njoin_requires_claim = true\nmax_body_bytes = 10\npresence_max_members = 5\nhistory_size = 0\nhistory_ttl_s = 60\npublish_rate_per_s = 2\n";
         let t = parse(text, "f.toml", &default(), DAY).unwrap();
         let typing = t.of("typing:lobby");
         assert!(typing.ephemeral && typing.client_publish && !typing.join_requires_claim);

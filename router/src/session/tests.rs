@@ -42,6 +42,11 @@ fn rules() -> Rules {
                     prefix: "small:".into(),
                     ..Namespace::default_with(1000, 4)
                 },
+                Namespace {
+                    prefix: "slow:".into(),
+                    publish_rate: Some(crate::namespace::Rate { per_s: 1, burst: 2 }),
+                    ..Namespace::default_with(1000, 64)
+                },
             ],
         )),
         history_max_limit: 500,
@@ -407,6 +412,31 @@ fn namespaces_decide_who_publishes_joins_and_how_much() {
     // A token that lists it may.
     let mut d = Client::authed("dana", Some(&["priv:*"]), None);
     d.expect(&[(r#"{"type":"join","room":"priv:a"}"#, None)]);
+}
+
+#[test]
+fn a_namespace_rate_limits_each_connections_publishes_to_it() {
+    let mut c = Client::authed("alice", None, None);
+    c.rules.max_rooms_per_connection = 8;
+    for (room, nonce) in [("slow:a", 1), ("slow:b", 2), ("fast", 3)] {
+        c.send(&format!(r#"{{"type":"join","room":"{room}"}}"#));
+        assert!(c.s.mark_joined(room, nonce));
+    }
+    // A burst of two over all of the namespace's rooms, then refused; other
+    // rooms are not held back.
+    c.expect(&[
+        (r#"{"type":"publish","room":"slow:a","body":1}"#, None),
+        (r#"{"type":"publish","room":"slow:b","body":1}"#, None),
+        (
+            r#"{"type":"publish","room":"slow:a","id":"x","body":1}"#,
+            Some("rate_limited"),
+        ),
+        (r#"{"type":"publish","room":"fast","body":1}"#, None),
+    ]);
+    // A second later one more token.
+    c.at += Duration::from_secs(1);
+    c.expect(&[(r#"{"type":"publish","room":"slow:b","body":1}"#, None)]);
+    assert!(c.rec.counts.contains(&Count::RateLimited));
 }
 
 #[test]
