@@ -5,7 +5,8 @@
 //! - [`auth`]: JWT access tokens, HS256, RS256 and ES256 (the router crate's
 //!   `auth`, re-exported).
 //! - [`config`]: command line and environment, validated into each subsystem's settings
-//!   (the shards' [`Limits`], chat, storage, mesh).
+//!   (the shards' [`Limits`], chat, storage, mesh, API); `config::namespaces`
+//!   reads the file's room namespaces (and re-reads them on SIGHUP).
 //! - [`server`]: binds the per-shard listeners, starts the shards, drains.
 //! - [`keys`]: the public-key files RS256/ES256 tokens are checked against,
 //!   and their reload.
@@ -31,6 +32,9 @@
 //!   and presence in memory or Redis, circuit breaker and spill file.
 //! - [`mesh`]: the cross-node ZeroMQ PUB/SUB mesh thread, node liveness
 //!   and the Redis node registry.
+//! - [`api`]: the server API's thread (hyper, `--api-listen`): calls
+//!   checked there and handed to the shards' call inboxes; `chat::api` is
+//!   the shard's side.
 //! - `rings`: the cross-shard rings, one per ordered pair of shards,
 //!   built before the shards start.
 //! - `inbox`: a shard's mailbox from a helper thread.

@@ -162,6 +162,10 @@ fn a_read_only_private_namespace_takes_the_api_and_listed_tokens_only() {
     assert_eq!(api::refused(a, "/api/publish", big, 413), "body_too_large");
     let fine = r#"{"room":"lobby","body":"0123456789abcdefgh"}"#;
     api::ok(a, "/api/publish", fine);
+    // A refresh to a token without a rooms claim leaves the private room.
+    dana.send(json!({"type":"refresh","token":token("dana")}));
+    assert_eq!(dana.recv_type("left")["room"], "notify:dana");
+    dana.recv_type("refreshed");
     server.stop().unwrap();
 }
 

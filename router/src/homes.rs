@@ -475,6 +475,8 @@ struct Home {
     /// The room's namespace is ephemeral (decided when the room opened
     /// here): its messages are not stored.
     ephemeral: bool,
+    /// Idle since a publish at this time (see `Homes::lingering`).
+    lingering: Option<Instant>,
 }
 
 impl Home {
@@ -490,6 +492,7 @@ impl Home {
             restart: false,
             parked: Vec::new(),
             ephemeral: false,
+            lingering: None,
         }
     }
 
@@ -521,6 +524,10 @@ pub struct Homes {
     /// Last seq and epoch of rooms homed here that emptied, so a room that
     /// fills again continues without asking the store.
     tombstones: HashMap<Arc<str>, Tombstone>,
+    /// Rooms opened by a publish with nobody in them (the server API), in
+    /// the order they were left so: buried once idle for
+    /// [`crate::room::RECENT_IDS_TTL`], so a retry still finds its seq.
+    lingering: VecDeque<(Arc<str>, Instant)>,
     /// Users homed here: connections per shard.
     users: HashMap<Arc<str>, Vec<u32>>,
     /// Open connections per address homed here (only with a per-address cap).
@@ -539,6 +546,7 @@ impl Homes {
             cluster,
             rooms: HashMap::new(),
             tombstones: HashMap::new(),
+            lingering: VecDeque::new(),
             users: HashMap::new(),
             peers: HashMap::new(),
         }
@@ -619,9 +627,12 @@ impl Homes {
                 }
             }
             Input::Tick => {
-                for req in self.resync_and_release(now, ports) {
-                    self.request(req, now, ports);
+                if self.cluster.is_some() {
+                    for req in self.resync_and_release(now, ports) {
+                        self.request(req, now, ports);
+                    }
                 }
+                self.bury_lingering(now, ports);
             }
         }
     }
@@ -731,6 +742,47 @@ impl Homes {
                     Err(_) => SeqState::Unknown,
                 };
                 Home::new(shards, 0, Arc::from(""), seq)
+            }
+        }
+    }
+
+    /// A room a publish left idle (nobody in it) lingers, so its duplicate
+    /// window outlives retries; `bury_lingering` closes it later.
+    fn linger(&mut self, room: &Arc<str>, now: Now) {
+        if let Some(h) = self.rooms.get_mut(room) {
+            if h.lingering.is_none() && h.idle() && h.relay.is_none() {
+                h.lingering = Some(now.at);
+                self.lingering.push_back((room.clone(), now.at));
+            }
+        }
+    }
+
+    /// Buries the rooms that lingered idle for the duplicate window.
+    fn bury_lingering(&mut self, now: Now, ports: &mut dyn Ports) {
+        while let Some((room, at)) = self.lingering.front().cloned() {
+            if now.at.saturating_duration_since(at) < crate::room::RECENT_IDS_TTL {
+                return;
+            }
+            self.lingering.pop_front();
+            let Some(h) = self.rooms.get_mut(&room) else {
+                continue;
+            };
+            if h.lingering != Some(at) {
+                continue;
+            }
+            h.lingering = None;
+            if !h.idle() {
+                // Someone joined: it is buried when they leave.
+                continue;
+            }
+            if matches!(h.seq, SeqState::Loading(_)) {
+                // Its publishes wait for the store: look again later.
+                h.lingering = Some(now.at);
+                self.lingering.push_back((room, now.at));
+                continue;
+            }
+            if let Some(home) = self.rooms.remove(&room) {
+                self.bury(room, home, now, ports);
             }
         }
     }
@@ -935,7 +987,11 @@ impl Homes {
                     broadcast_event(&self.settings, ports, &room, shards, frame);
                 }
             }
-            Request::Publish(p) => self.publish(p, now, ports),
+            Request::Publish(p) => {
+                let room = p.room.clone();
+                self.publish(p, now, ports);
+                self.linger(&room, now);
+            }
             Request::Presence { room, conn } => {
                 if self.settings.store_keeps_presence {
                     let op = Op::PresenceQuery {
@@ -965,10 +1021,20 @@ impl Homes {
             Request::Sync { room, node, nonce } => self.on_sync(room, node, nonce, ports),
             Request::Unsync { room, node } => self.on_unsync(room, node, now, ports),
             Request::History { room, query, conn } => {
-                if let Some(h) = self.rooms.get(&room).filter(|h| h.ephemeral) {
-                    // Kept nowhere: complete only if nothing was ever sent.
-                    let complete = h.delivered == 0;
-                    let frame = proto::history(&room, &h.epoch, h.delivered, complete, &[]);
+                let ephemeral = match self.rooms.get(&room) {
+                    Some(h) => h.ephemeral,
+                    None => self.settings.namespaces.load().of(&room).ephemeral,
+                };
+                if ephemeral {
+                    // Kept nowhere: where the room stands (its home, or what
+                    // this shard remembers of it), complete only if nothing
+                    // was ever sent.
+                    let (seq, epoch) = match (self.rooms.get(&room), self.tombstones.get(&room)) {
+                        (Some(h), _) => (h.delivered, h.epoch.clone()),
+                        (None, Some((seq, epoch, _))) => (*seq, epoch.clone()),
+                        (None, None) => (0, Arc::from("")),
+                    };
+                    let frame = proto::history(&room, &epoch, seq, seq == 0, &[]);
                     self.to_conn(ports, conn, frame);
                     return;
                 }
@@ -1249,6 +1315,7 @@ impl Homes {
                     );
                     let mut h = Home::new(self.settings.shards, 0, Arc::from(""), SeqState::Known);
                     h.relay = Some(relay);
+                    h.ephemeral = self.settings.namespaces.load().of(room).ephemeral;
                     self.rooms.insert(room.clone(), h);
                 }
                 let home = self.rooms.get_mut(room).expect("inserted above");
@@ -1471,6 +1538,16 @@ impl Homes {
                         home.delivered = 0;
                     }
                     home.relay = None;
+                    if home.ephemeral {
+                        // Nothing in the store: a new tenure starts at 1 in
+                        // an epoch of its own.
+                        home.room.restart_at(0);
+                        home.epoch = Arc::from(store::new_epoch());
+                        home.delivered = 0;
+                        home.seq = SeqState::Known;
+                        again.extend(waiting);
+                        continue;
+                    }
                     home.restart = true;
                     let load = Op::Load {
                         room: room.clone(),
@@ -1685,7 +1762,11 @@ fn accept(
     if seq <= home.delivered {
         return;
     }
-    if seq > home.delivered + 1 {
+    if seq > home.delivered + 1 && home.ephemeral {
+        // Never stored: nothing to repair from.
+        ports.count(Count::Gap);
+        ports.count(Count::Unrepaired(seq - home.delivered - 1));
+    } else if seq > home.delivered + 1 {
         ports.count(Count::Gap);
         start_repair(s, ports, room, home, seq - 1);
         if let Some(r) = &mut home.repair {

@@ -19,6 +19,8 @@
 //! - [`message`]: what moves between shards, nodes and the store
 //!   (`ConnRef`, `Publish`, `Record`): plain data, so the gateway's storage
 //!   and mesh move it without importing anything of chat.
+//! - [`namespace`]: room namespaces (a prefix and its options), one table
+//!   shared by sessions, homes, the storage worker and the API.
 //! - [`proto`]: the `corecast.v1` wire format: client frames parsed, server
 //!   frames written straight into WebSocket frames (`corecast-ws` headers).
 //! - [`ratelimit`]: the token bucket behind per-connection rate limits.

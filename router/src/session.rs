@@ -437,17 +437,7 @@ impl Session {
             if !proto::valid_room(room) {
                 return Err(refuse(ports, ErrorCode::InvalidRoom, None, None));
             }
-            let claimed = self
-                .claims
-                .as_ref()
-                .map(|c| (c.may_join(room), c.rooms.is_some()));
-            let allowed = match claimed {
-                Some((may, listed)) => {
-                    may && (listed || !rules.namespaces.load().of(room).join_requires_claim)
-                }
-                None => !rules.namespaces.load().of(room).join_requires_claim,
-            };
-            if !allowed {
+            if !may_enter(rules, self.claims.as_deref(), room) {
                 return Err(refuse(ports, ErrorCode::Forbidden, None, Some(room)));
             }
             Ok(())
@@ -622,7 +612,7 @@ impl Session {
         }
         let mut i = 0;
         while i < self.rooms.len() {
-            if claims.may_join(&self.rooms[i].room) {
+            if may_enter(rules, Some(&claims), &self.rooms[i].room) {
                 i += 1;
                 continue;
             }
@@ -676,6 +666,18 @@ fn refuse(ports: &mut dyn Ports, code: ErrorCode, id: Option<&str>, room: Option
 
 /// Leaves a room the home confirmed: local membership now, the home's count
 /// through a request.
+/// May a connection with these claims (`None`: anonymous) be in `room`?
+/// Its token's `rooms` claim must allow it, and in a namespace with
+/// `join_requires_claim` the token must have a `rooms` claim that matches
+/// it (an exact name or a pattern such as `notify:*`).
+fn may_enter(rules: &Rules, claims: Option<&Claims>, room: &str) -> bool {
+    let requires = || rules.namespaces.load().of(room).join_requires_claim;
+    match claims {
+        Some(c) => c.may_join(room) && (c.rooms.is_some() || !requires()),
+        None => !requires(),
+    }
+}
+
 fn leave_joined(place: Place, room: Arc<str>, user: Arc<str>, ports: &mut dyn Ports) {
     ports.remove_local_member(&room);
     let home = home_shard(&room, place.shards);

@@ -32,8 +32,13 @@ use tokio::sync::{oneshot, Notify};
 
 use super::{Answer, ApiSettings, Call, Calls, NodeView, Op, Reply};
 
-/// Time a client has to send a request's headers.
+/// Time a client has to send a request's headers, and then its body.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// API connections open at once; more are closed as they come (each holds
+/// a descriptor the WebSocket listeners need too).
+pub const MAX_CONNECTIONS: usize = 1024;
 
 /// The close code `disconnect` uses when the call names none.
 pub const DISCONNECT_CODE: u16 = 4010;
@@ -75,6 +80,7 @@ pub fn run(ctx: Ctx, listener: std::net::TcpListener, stop: Arc<Notify>) {
         }
     };
     let ctx = Arc::new(ctx);
+    let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     rt.block_on(async move {
         let listener = match tokio::net::TcpListener::from_std(listener) {
             Ok(l) => l,
@@ -102,9 +108,14 @@ pub fn run(ctx: Ctx, listener: std::net::TcpListener, stop: Arc<Notify>) {
                     continue;
                 }
             };
+            let Ok(permit) = open.clone().try_acquire_owned() else {
+                log::warn!("API: {MAX_CONNECTIONS} connections open already; closing a new one");
+                continue;
+            };
             let _ = stream.set_nodelay(true);
             let ctx = ctx.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 let service = service_fn(move |req| {
                     let ctx = ctx.clone();
                     async move { Ok::<_, Infallible>(handle(&ctx, req).await) }
@@ -318,10 +329,19 @@ async fn read_body(max: usize, req: Request<Incoming>) -> Result<Bytes, ApiError
     if declared.is_some_and(|n| n > max as u64) {
         return Err(too_large());
     }
-    match Limited::new(req.into_body(), max).collect().await {
-        Ok(b) => Ok(b.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(e) => Err(bad(format!("could not read the request body: {e}"))),
+    let read = tokio::time::timeout(BODY_TIMEOUT, Limited::new(req.into_body(), max).collect());
+    match read.await {
+        Ok(Ok(b)) => Ok(b.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Ok(Err(e)) => Err(bad(format!("could not read the request body: {e}"))),
+        Err(_) => Err(err(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!(
+                "the request body did not arrive within {} s",
+                BODY_TIMEOUT.as_secs()
+            ),
+        )),
     }
 }
 
@@ -781,7 +801,7 @@ pub fn payload(frame: &[u8]) -> &[u8] {
     let Some(&len) = frame.get(1) else {
         return &[];
     };
-    let (start, n) = match len & 0x7f {
+    let (start, n): (usize, usize) = match len & 0x7f {
         126 if frame.len() >= 4 => (4, u16::from_be_bytes([frame[2], frame[3]]) as usize),
         127 if frame.len() >= 10 => (
             10,
@@ -790,7 +810,10 @@ pub fn payload(frame: &[u8]) -> &[u8] {
         n @ 0..=125 => (2, n as usize),
         _ => return &[],
     };
-    frame.get(start..start + n).unwrap_or(&[])
+    let Some(end) = start.checked_add(n) else {
+        return &[];
+    };
+    frame.get(start..end).unwrap_or(&[])
 }
 
 #[cfg(test)]

@@ -55,7 +55,8 @@ pub struct ApiSettings {
     pub max_message_body_bytes: usize,
     /// The rooms' namespaces (their `max_body_bytes`).
     pub namespaces: corecast_router::namespace::Namespaces,
-    /// Most messages one history call returns (`--history-max-limit`).
+    /// Most messages one history call returns (from `--history-size`, at
+    /// most 1000).
     pub history_max_limit: usize,
     /// Longest a call waits for its answer.
     pub timeout: Duration,
@@ -158,7 +159,7 @@ pub(crate) const ENDPOINTS: [&str; 11] = [
 ];
 
 /// The statuses the API answers with.
-pub(crate) const STATUSES: [u16; 9] = [200, 400, 401, 404, 405, 413, 429, 500, 503];
+pub(crate) const STATUSES: [u16; 10] = [200, 400, 401, 404, 405, 408, 413, 429, 500, 503];
 
 /// What the API counts (written by the API thread, read by `/metrics`).
 #[derive(Default)]
@@ -170,7 +171,7 @@ pub struct ApiMetrics {
 
 impl ApiMetrics {
     pub(crate) fn answered(&self, endpoint: usize, status: u16) {
-        let s = STATUSES.iter().position(|&x| x == status).unwrap_or(7);
+        let s = STATUSES.iter().position(|&x| x == status).unwrap_or(8);
         self.requests[endpoint][s].fetch_add(1, Relaxed);
     }
 }

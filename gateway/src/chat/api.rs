@@ -94,6 +94,10 @@ pub fn spawn(chat: &Rc<ChatShard>, calls: Arc<Calls>) {
 
 fn on_call(chat: &ChatShard, call: Call) {
     let Call { op, answer } = call;
+    // Timed out while queued: the caller got 503 and may have retried.
+    if answer.abandoned() {
+        return;
+    }
     let (to, req) = match op {
         Op::Publish {
             room,

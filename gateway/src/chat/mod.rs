@@ -701,6 +701,17 @@ fn spawn_presence_heartbeat(chat: &Rc<ChatShard>) {
 /// homes again when a `Synced` is late and releases parked resumes.
 fn spawn_mesh_tasks(chat: &Rc<ChatShard>) {
     let Some(mesh) = chat.mesh.clone() else {
+        // Alone, the homes' timer only buries rooms the server API left
+        // lingering.
+        let s = chat.clone();
+        glommio::spawn_local(async move {
+            loop {
+                glommio::timer::sleep(Duration::from_secs(1)).await;
+                handle(&s, Input::Tick);
+                glommio::yield_if_needed().await;
+            }
+        })
+        .detach();
         return;
     };
     let s = chat.clone();

@@ -272,6 +272,104 @@ fn lone_room(room: &str, last_seq: u64, acks_at_home: bool) -> (Homes, Rec, Cloc
 }
 
 #[test]
+fn a_publish_to_a_room_nobody_is_in_lingers_for_the_duplicate_window() {
+    let mut h = Homes::new(settings(false, true));
+    let mut rec = Rec::new();
+    let mut clock = Clock::new();
+    h.handle(
+        publish("notify:x", "api", "n1", conn(0, 1)),
+        clock.now(),
+        &mut rec,
+    );
+    h.handle(loaded("notify:x", 0, "e1"), clock.now(), &mut rec);
+    assert_eq!(rec.frames_to(conn(0, 1))[0]["seq"], 1);
+    // A retry inside the window is the same message.
+    clock.advance(crate::room::RECENT_IDS_TTL / 2);
+    h.handle(Input::Tick, clock.now(), &mut rec);
+    h.handle(
+        publish("notify:x", "api", "n1", conn(0, 1)),
+        clock.now(),
+        &mut rec,
+    );
+    let acks = rec.frames_to(conn(0, 1));
+    assert_eq!(
+        (acks[1]["seq"].as_u64(), &acks[1]["duplicate"]),
+        (Some(1), &serde_json::json!(true))
+    );
+    assert_eq!(h.rooms(), 1);
+    // Past it the room is closed (its seq kept as for any emptied room).
+    clock.advance(crate::room::RECENT_IDS_TTL);
+    h.handle(Input::Tick, clock.now(), &mut rec);
+    assert_eq!(h.rooms(), 0, "the idle room was buried");
+    assert!(rec.counts.contains(&Count::RoomClosed));
+    rec.clear();
+    h.handle(
+        publish("notify:x", "api", "n2", conn(0, 1)),
+        clock.now(),
+        &mut rec,
+    );
+    assert_eq!(
+        rec.frames_to(conn(0, 1))[0]["seq"],
+        2,
+        "continues from the tombstone"
+    );
+    // A room someone joined meanwhile is left to its members.
+    h.handle(
+        join("notify:x", "m", conn(1, 9), None),
+        clock.now(),
+        &mut rec,
+    );
+    clock.advance(crate::room::RECENT_IDS_TTL * 2);
+    h.handle(Input::Tick, clock.now(), &mut rec);
+    assert_eq!(h.rooms(), 1);
+}
+
+/// A relay of an ephemeral room skips gaps instead of repairing them, and
+/// a node that takes the room over starts it anew without the store.
+#[test]
+fn an_ephemeral_relay_skips_gaps_and_takes_over_without_the_store() {
+    let mut h = Homes::new(settings(true, false));
+    let mut rec = Rec::new();
+    let clock = Clock::new();
+    let set = nodes(&[ME, OTHER]);
+    let room = (0..)
+        .map(|i| format!("eph:room-{i}"))
+        .find(|r| set.home_of(r) == OTHER)
+        .unwrap();
+    h.handle(Input::Nodes(set), clock.now(), &mut rec);
+    h.handle(join(&room, "m", conn(1, 9), None), clock.now(), &mut rec);
+    let nonce = sync_nonce(&rec, OTHER).unwrap();
+    h.handle(synced(&room, OTHER, nonce, 0), clock.now(), &mut rec);
+    for seq in [1, 3, 4] {
+        h.handle(message(&room, OTHER, seq), clock.now(), &mut rec);
+    }
+    assert_eq!(rec.room_seqs(1), [1, 3, 4]);
+    assert!(
+        !rec.ops.iter().any(|op| matches!(op, Op::Repair { .. })),
+        "{:?}",
+        rec.ops
+    );
+    assert!(rec.counts.contains(&Count::Unrepaired(1)));
+    // The home node goes: this node numbers the room, from 1, storing nothing.
+    rec.clear();
+    h.handle(Input::Nodes(nodes(&[ME])), clock.now(), &mut rec);
+    h.handle(publish(&room, "a", "x", conn(0, 1)), clock.now(), &mut rec);
+    assert!(
+        !rec.ops
+            .iter()
+            .any(|op| matches!(op, Op::Load { .. } | Op::Append { .. })),
+        "{:?}",
+        rec.ops
+    );
+    let ack = &rec.frames_to(conn(0, 1))[0];
+    assert_eq!(
+        (ack["seq"].as_u64(), &ack["stored"]),
+        (Some(1), &serde_json::json!(false))
+    );
+    assert_ne!(ack["epoch"], "e1");
+}
+
+#[test]
 fn an_ephemeral_room_never_asks_the_store() {
     for clustered in [false, true] {
         let mut h = Homes::new(settings(clustered, false));
