@@ -1,6 +1,6 @@
 //! Command-line and environment configuration, validated once at start.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use clap::{Args, Parser};
 
@@ -42,8 +42,10 @@ pub struct NodeArgs {
     pub config: Option<std::path::PathBuf>,
 
     /// Address to listen on (every shard binds it with SO_REUSEPORT).
-    #[arg(long, env = "CORECAST_LISTEN", default_value = "0.0.0.0:8080")]
-    pub listen: SocketAddr,
+    /// Default: 0.0.0.0:8080; with --dev 127.0.0.1:8080, so anonymous chat
+    /// and /dev/token are not reachable from other machines by default.
+    #[arg(long, env = "CORECAST_LISTEN")]
+    pub listen: Option<SocketAddr>,
 
     /// Number of shards (executor threads). Default: the CPUs this process
     /// may run on.
@@ -83,6 +85,17 @@ pub struct NodeArgs {
     /// starting, rather than holding the port and answering nobody.
     #[arg(long, env = "CORECAST_START_TIMEOUT_MS", default_value_t = 10_000)]
     pub start_timeout_ms: u64,
+
+    /// Development mode, for trying the gateway on one machine: implies
+    /// --allow-anonymous; generates a random HS256 secret at start unless
+    /// --jwt-secret is given; serves the demo chat page at / (with /app.js,
+    /// /app.css, /corecast.js) and tokens for any user at
+    /// /dev/token?user=NAME; adds an ephemeral `typing:` namespace without
+    /// presence (unless the file defines one); listens on 127.0.0.1:8080
+    /// unless --listen is given. Never in production: anyone who reaches
+    /// the port can mint a token for any user.
+    #[arg(long, env = "CORECAST_DEV")]
+    pub dev: bool,
 }
 
 /// TLS: `wss://` on the listener, or on a port of its own.
@@ -212,7 +225,8 @@ pub struct ConnArgs {
 #[command(next_help_heading = "Chat")]
 pub struct ChatArgs {
     /// HS256 secret that access tokens for /ws are signed with (at least 32
-    /// bytes). Without it only --allow-anonymous clients get in.
+    /// bytes). Without it only --allow-anonymous clients get in (--dev
+    /// generates one at start).
     #[arg(long, env = "CORECAST_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
 
@@ -233,6 +247,7 @@ pub struct ChatArgs {
 
     /// Development only: let /ws clients without a token in as
     /// `anon-<shard>.<n>` (in a cluster `anon-<node-id>.<shard>.<n>`).
+    /// --dev implies it.
     #[arg(long, env = "CORECAST_ALLOW_ANONYMOUS")]
     pub allow_anonymous: bool,
 
@@ -407,7 +422,16 @@ pub struct Settings {
     pub api: Option<crate::api::ApiSettings>,
     /// The room namespaces and the file they are re-read from.
     pub namespace_file: namespaces::NamespaceFile,
+    /// `--dev`: what the development side doors need; `None` outside it.
+    pub dev: Option<crate::doors::Dev>,
 }
+
+/// The port `--listen` defaults to.
+const DEFAULT_PORT: u16 = 8080;
+
+/// The size of the secret `--dev` generates (HS256's key size, and
+/// `auth::MIN_SECRET_BYTES`).
+const DEV_SECRET_BYTES: usize = 32;
 
 impl Config {
     /// Checks every flag and builds every subsystem's settings: the one
@@ -419,20 +443,25 @@ impl Config {
             crate::origin::Origins::parse(&self.conn.allowed_origins, self.conn.require_origin)
                 .map_err(ConfigError)?;
         let plan = self.placement()?;
-        let (chat, key_files, namespace_file) = self.chat_settings()?;
+        let secret = self.token_secret()?;
+        let (chat, key_files, namespace_file) = self.chat_settings(secret.as_deref())?;
         let storage = self.storage(&namespace_file.namespaces)?;
         let mesh = self.mesh(&storage)?;
         let tls = match (&self.tls.tls_cert, &self.tls.tls_key) {
             (Some(cert), Some(key)) => Some(crate::tls::Tls::load(cert, key).map_err(ConfigError)?),
             _ => None,
         };
-        if self.tls.tls_listen == Some(self.node.listen) && self.node.listen.port() != 0 {
+        let listen = self.listen();
+        if self.tls.tls_listen == Some(listen) && listen.port() != 0 {
             return Err(ConfigError(format!(
-                "--tls-listen {} is also --listen: give TLS its own port, or leave --tls-listen out to serve only TLS on --listen",
-                self.node.listen
+                "--tls-listen {listen} is also --listen: give TLS its own port, or leave --tls-listen out to serve only TLS on --listen"
             )));
         }
         let api = self.api_settings(&chat)?;
+        let dev = self.node.dev.then(|| crate::doors::Dev {
+            token_secret: secret,
+            secret_generated: self.chat.jwt_secret.is_none(),
+        });
         Ok(Settings {
             limits,
             origins,
@@ -444,7 +473,42 @@ impl Config {
             tls,
             api,
             namespace_file,
+            dev,
         })
+    }
+
+    /// The address the listeners bind: `--listen`, or the default (loopback
+    /// in `--dev`, every address otherwise).
+    pub fn listen(&self) -> SocketAddr {
+        let ip = match self.node.dev {
+            true => std::net::Ipv4Addr::LOCALHOST,
+            false => std::net::Ipv4Addr::UNSPECIFIED,
+        };
+        self.node
+            .listen
+            .unwrap_or(SocketAddr::from((ip, DEFAULT_PORT)))
+    }
+
+    /// The HS256 secret tokens are checked with: `--jwt-secret`, or in
+    /// `--dev` without one, 32 random bytes drawn now (tokens then come
+    /// from `/dev/token` only, and die with the process).
+    fn token_secret(&self) -> Result<Option<Arc<[u8]>>, ConfigError> {
+        match (&self.chat.jwt_secret, self.node.dev) {
+            (Some(s), _) => Ok(Some(s.as_bytes().into())),
+            (None, false) => Ok(None),
+            (None, true) => {
+                let rng = ring::rand::SystemRandom::new();
+                let bytes: [u8; DEV_SECRET_BYTES] = ring::rand::generate(&rng)
+                    .map_err(|_| {
+                        ConfigError(
+                            "--dev: the system's random source failed, so no token secret could be generated: give --jwt-secret (e.g. `openssl rand -hex 32`)"
+                                .into(),
+                        )
+                    })?
+                    .expose();
+                Ok(Some(bytes.as_slice().into()))
+            }
+        }
     }
 
     fn api_settings(
@@ -503,6 +567,7 @@ impl Config {
     #[allow(clippy::type_complexity)]
     fn chat_settings(
         &self,
+        secret: Option<&[u8]>,
     ) -> Result<
         (
             crate::chat::Settings,
@@ -538,7 +603,6 @@ impl Config {
         )
         .map_err(ConfigError)?;
         let leeway = self.chat.jwt_leeway_s;
-        let secret = self.chat.jwt_secret.as_ref().map(|s| s.as_bytes());
         let verifier = match (&key_files, secret) {
             (Some(files), Some(s)) => {
                 Some(crate::auth::Verifier::with_keys(files.keys(), leeway).and_secret(s))
@@ -555,15 +619,21 @@ impl Config {
                 self.chat.max_body_bytes,
             )
         };
+        // The demo page's typing indicator publishes to `typing:<room>`.
+        let implied = match self.node.dev {
+            true => vec![namespaces::dev_typing(&default)],
+            false => Vec::new(),
+        };
         let namespace_file = namespaces::NamespaceFile::load(
             self.node.config.clone(),
             default,
+            implied,
             Duration::from_secs(self.storage.history_meta_ttl_s),
         )?;
         let session = corecast_router::session::Rules {
             namespaces: namespace_file.namespaces.clone(),
             verifier,
-            allow_anonymous: self.chat.allow_anonymous,
+            allow_anonymous: self.chat.allow_anonymous || self.node.dev,
             max_rooms_per_connection: self.chat.max_rooms_per_connection,
             rate_limit_per_s: self.chat.rate_limit_per_s,
             rate_limit_burst: self.chat.rate_limit_burst,
@@ -891,7 +961,7 @@ mod tests {
         let c = config(&[]);
         let l = c.limits().unwrap();
         assert_eq!(l.frame.max_frame_bytes, 1 << 20);
-        assert_eq!(c.node.listen.port(), 8080);
+        assert_eq!(c.listen().to_string(), "0.0.0.0:8080");
     }
 
     #[test]
@@ -917,6 +987,50 @@ mod tests {
             assert!(e.0.contains(flag), "{args:?}: {e} names the flag");
         }
         assert!(config(&["--shards", "0"]).placement().is_err());
+    }
+
+    #[test]
+    fn dev_turns_on_anonymous_a_secret_and_the_typing_namespace() {
+        let plain = config(&[]).validate().unwrap();
+        assert!(plain.dev.is_none());
+        assert!(!plain.chat.session.allow_anonymous);
+        assert!(plain.chat.session.verifier.is_none());
+        assert!(!plain.namespace_file.namespaces.of("typing:x").ephemeral);
+
+        let dev = config(&["--dev"]).validate().unwrap();
+        assert!(dev.chat.session.allow_anonymous);
+        let d = dev.dev.as_ref().unwrap();
+        assert!(d.secret_generated);
+        let secret = d.token_secret.clone().unwrap();
+        assert_eq!(secret.len(), DEV_SECRET_BYTES);
+        // The verifier takes what /dev/token mints with it.
+        let token = crate::auth::mint(
+            &secret,
+            &crate::auth::Claims {
+                sub: "alice".into(),
+                ..Default::default()
+            },
+        );
+        let verifier = dev.chat.session.verifier.as_ref().unwrap();
+        assert_eq!(verifier.verify(&token, 0).unwrap().sub, "alice");
+        let typing = dev.namespace_file.namespaces.of("typing:x");
+        assert!(typing.ephemeral && typing.presence_max_members == 0);
+        assert!(!dev.namespace_file.namespaces.of("x").ephemeral);
+        let again = config(&["--dev"]).validate().unwrap();
+        assert_ne!(
+            again.dev.unwrap().token_secret.unwrap(),
+            secret,
+            "drawn at start"
+        );
+
+        // A configured secret is the one tokens are minted and checked with.
+        let given = "given-secret-0123456789abcdef0123456789";
+        let dev = config(&["--dev", "--jwt-secret", given])
+            .validate()
+            .unwrap();
+        let d = dev.dev.unwrap();
+        assert!(!d.secret_generated);
+        assert_eq!(&*d.token_secret.unwrap(), given.as_bytes());
     }
 
     #[test]

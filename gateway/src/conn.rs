@@ -81,8 +81,9 @@ pub trait Host: 'static {
     type App;
     fn local(&self) -> &Local;
     fn conns(&self) -> &Conns<Self::App>;
-    /// The answer to a plain HTTP request for `path`, or `None` (404).
-    fn side_door(&self, path: &str) -> Option<doors::Answer>;
+    /// The answer to a plain HTTP request for `path` (with its `query`,
+    /// without `?`), or `None` (404).
+    fn side_door(&self, path: &str, query: Option<&str>) -> Option<doors::Answer>;
     /// Cross-shard work is behind: chat input waits in the socket buffer.
     fn congested(&self) -> bool;
     /// Wakes `waker` when the congestion clears (once per congestion:
@@ -983,7 +984,7 @@ impl<H: Host> Conn<H> {
                 Some(Err(r)) => self.refuse(r),
                 None => self.refuse(Refusal::UpgradeRequired),
             },
-            path => match self.host.side_door(path) {
+            path => match self.host.side_door(path, req.query.as_deref()) {
                 Some(a) => self.reply(a.status, a.content_type, &a.body),
                 None => self.refuse(Refusal::NotFound),
             },

@@ -19,8 +19,9 @@
 //!   back-pressure; the shard's connection table), `local` (limits, clock,
 //!   buffer pool, metrics).
 //! - `origin`: which page origins may upgrade (`--allowed-origins`).
-//! - `doors`: the HTTP side doors (`/healthz`, `/readyz`, `/metrics`):
-//!   what each answers, as data the connection writes.
+//! - `doors`: the HTTP side doors (`/healthz`, `/readyz`, `/metrics`; with
+//!   `--dev` the demo page, its files and `/dev/token`): what each answers,
+//!   as data the connection writes.
 //! - `feed`: a room's frames on one shard, sent from the same bytes to
 //!   every local member.
 //! - `flush`: flush rounds: room members are woken a slice at a time, and

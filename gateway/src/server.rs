@@ -54,6 +54,8 @@ pub struct Server {
     /// The server API's settings and bound listener.
     api: Option<(crate::api::ApiSettings, std::net::TcpListener)>,
     namespace_file: crate::config::namespaces::NamespaceFile,
+    /// `--dev`: the development side doors' secret.
+    dev: Option<crate::doors::Dev>,
     fault: Option<Fault>,
 }
 
@@ -71,10 +73,11 @@ impl Server {
             tls,
             api,
             namespace_file,
+            dev,
         } = config.validate()?;
         crate::storage::check(&storage)?;
         let (listeners, local_addr) =
-            bind_all(config.node.listen, plan.shards, config.node.backlog, false)?;
+            bind_all(config.listen(), plan.shards, config.node.backlog, false)?;
         let (tls_listeners, tls_addr) = match (&tls, config.tls.tls_listen) {
             (Some(_), Some(addr)) => {
                 let (l, a) = bind_all(addr, plan.shards, config.node.backlog, true)?;
@@ -105,6 +108,7 @@ impl Server {
             tls_addr,
             api,
             namespace_file,
+            dev,
             fault: None,
         })
     }
@@ -172,8 +176,12 @@ impl Server {
             tls_addr,
             api,
             namespace_file,
+            dev,
             fault,
         } = self;
+        if let Some(d) = &dev {
+            warn_dev_mode(d, local_addr, tls.is_some() && tls_addr.is_none());
+        }
         let spaces = namespace_file.namespaces.load().spaces().len();
         if spaces > 0 {
             log::info!("{spaces} room namespaces (SIGHUP re-reads them)");
@@ -287,6 +295,7 @@ impl Server {
                 mesh: mesh.clone(),
                 fault,
                 api: calls.clone(),
+                dev: dev.clone(),
             };
             let spawned = LocalExecutorBuilder::new(placement)
                 .name(&format!("shard-{id}"))
@@ -427,6 +436,30 @@ impl Server {
             log::info!("all shards stopped");
         }
         result
+    }
+}
+
+/// The loud warning a `--dev` node starts with: what it turns on, and where
+/// the demo page is. `tls`: `--listen` speaks TLS only.
+fn warn_dev_mode(dev: &crate::doors::Dev, addr: SocketAddr, tls: bool) {
+    let secret = match dev.secret_generated {
+        true => "a generated token secret",
+        false => "the configured --jwt-secret",
+    };
+    // A browser cannot open 0.0.0.0 everywhere; this machine's loopback is
+    // the same listener.
+    let page = match addr.ip().is_unspecified() {
+        true => SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, addr.port())),
+        false => addr,
+    };
+    let scheme = if tls { "https" } else { "http" };
+    log::warn!(
+        "DEVELOPMENT MODE (--dev): anonymous users, {secret}, tokens for any user at /dev/token, the demo page at {scheme}://{page}/ -- not for production"
+    );
+    if !addr.ip().is_loopback() {
+        log::warn!(
+            "--dev is listening on {addr}, not only on loopback: anyone who reaches it can mint a token for any user"
+        );
     }
 }
 

@@ -56,6 +56,8 @@ pub struct Shard {
     pub tls: Option<crate::tls::Tls>,
     /// The server API's calls, for its metrics; `None` without the API.
     pub api: Option<Arc<crate::api::Calls>>,
+    /// `--dev`: the development side doors' secret; `None` outside it.
+    pub dev: Option<doors::Dev>,
 }
 
 impl Shard {
@@ -80,7 +82,7 @@ impl Host for Shard {
         &self.conns
     }
 
-    fn side_door(&self, path: &str) -> Option<doors::Answer> {
+    fn side_door(&self, path: &str, query: Option<&str>) -> Option<doors::Answer> {
         let (local, chat) = (&*self.local, &*self.chat);
         let node = doors::Node {
             draining: local.draining(),
@@ -100,8 +102,12 @@ impl Host for Shard {
                 }
                 out
             },
+            dev: self.dev.as_ref(),
+            unix_now_s: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
         };
-        doors::answer(node, path)
+        doors::answer(node, path, query)
     }
 
     fn congested(&self) -> bool {
@@ -184,6 +190,8 @@ pub struct ShardSetup {
     pub fault: Option<Fault>,
     /// The server API's calls, when `--api-listen` is given.
     pub api: Option<Arc<crate::api::Calls>>,
+    /// `--dev`: what the development side doors need.
+    pub dev: Option<doors::Dev>,
 }
 
 /// Runs a shard until `stop` is set and its connections have drained.
@@ -204,6 +212,7 @@ pub async fn run(setup: ShardSetup) {
         mesh,
         fault,
         api,
+        dev,
     } = setup;
     if fault == Some(Fault::StallStart(id)) {
         std::future::pending::<()>().await;
@@ -249,6 +258,7 @@ pub async fn run(setup: ShardSetup) {
         chat: Rc::new(chat),
         tls,
         api: api.clone(),
+        dev,
     });
     chat::spawn_tasks(&shard.chat, req_rx, del_rx);
     if let Some(calls) = api {

@@ -58,7 +58,7 @@ pub fn with_text(mut cmd: Command, text: &str, origin: &str) -> Result<Command, 
                 .filter(|k| !NOT_IN_FILES.contains(k));
             let closest = keys
                 .min_by_key(|k| distance(k, name))
-                .filter(|k| distance(k, name) <= 3);
+                .filter(|k| distance(k, name) <= close_enough(k, name));
             let hint = match closest {
                 Some(k) => format!("did you mean {k}?"),
                 None => "`gateway config example` lists every key".into(),
@@ -108,6 +108,12 @@ pub fn with_text(mut cmd: Command, text: &str, origin: &str) -> Result<Command, 
         cmd = cmd.mut_arg(id, |a| a.default_values(values));
     }
     Ok(cmd)
+}
+
+/// The most edits between a typo and the key it suggests: up to 3, fewer
+/// for short keys, so that `zzz` does not suggest `dev`.
+fn close_enough(a: &str, b: &str) -> usize {
+    (a.len().max(b.len()) / 3).clamp(1, 3)
 }
 
 /// Edits (insertions, deletions, substitutions) between two keys.
@@ -257,7 +263,7 @@ mod tests {
                     allowed_origins = [\"https://a.example\", \"https://*.b.example\"]\n\
                     rate_limit_per_s = 12.5\n";
         let c = load(text, &[]).unwrap();
-        assert_eq!(c.node.listen.to_string(), "127.0.0.1:9001");
+        assert_eq!(c.listen().to_string(), "127.0.0.1:9001");
         assert_eq!(c.node.shards, Some(3));
         assert!(c.chat.allow_anonymous);
         assert_eq!(
@@ -266,7 +272,7 @@ mod tests {
         );
         assert_eq!(c.chat.rate_limit_per_s, 12.5);
         let c = load(text, &["--shards", "1", "--listen", "127.0.0.1:9002"]).unwrap();
-        assert_eq!((c.node.shards, c.node.listen.port()), (Some(1), 9002));
+        assert_eq!((c.node.shards, c.listen().port()), (Some(1), 9002));
         assert_eq!(
             c.chat.rate_limit_per_s, 12.5,
             "what the flags leave stays the file's"
@@ -278,6 +284,8 @@ mod tests {
         let cases = [
             ("listen = \"127.0.0.1:1\"\n\nmax_conections_per_user = 3\n", "test.toml:3: unknown key \"max_conections_per_user\": did you mean max_connections_per_user?"),
             ("zzz = 1\n", "test.toml:1: unknown key \"zzz\": `gateway config example` lists every key"),
+            ("deb = true\n", "test.toml:1: unknown key \"deb\": did you mean dev?"),
+            ("shard = 2\n", "test.toml:1: unknown key \"shard\": did you mean shards?"),
             ("config = \"other.toml\"\n", "test.toml:1: unknown key \"config\""),
             ("shards = \"two\"\n", "test.toml:1: shards = \"two\": invalid value 'two' for '--shards"),
             ("listen = [\"a\", \"b\"]\n", "test.toml:1: listen (--listen) takes one value, not a list"),
@@ -285,12 +293,12 @@ mod tests {
             ("\n\nlisten = \n", "test.toml:3: not valid TOML"),
             ("[namespaces]\nx = 1\n", "test.toml:1: listen"),
         ];
-        for (text, says) in cases.iter().take(7) {
+        for (text, says) in cases.iter().take(9) {
             let err = load(text, &[]).expect_err(text).to_string();
             assert!(err.starts_with(says), "{text:?}: {err}");
         }
         // The namespaces table is not a flag: `namespaces` reads it.
-        assert!(load(cases[7].0, &[]).is_ok());
+        assert!(load(cases[9].0, &[]).is_ok());
     }
 
     #[test]
@@ -318,6 +326,44 @@ mod tests {
             .map(|l| format!("{l}\n"))
             .collect();
         let c = load(&live, &[]).unwrap_or_else(|e| panic!("{e}\n{live}"));
-        assert_eq!(c.node.listen.to_string(), "0.0.0.0:8080");
+        assert_eq!(c.listen().to_string(), "0.0.0.0:8080");
+        assert!(!c.node.dev);
+        assert!(
+            text.contains("\n# Development mode"),
+            "--dev's help is its comment"
+        );
+        assert!(text.contains("# dev = false\n"));
+    }
+
+    #[test]
+    fn dev_listens_on_loopback_unless_a_listen_is_given() {
+        // (file, flags, the address bound)
+        let cases: &[(&str, &[&str], &str)] = &[
+            ("", &[], "0.0.0.0:8080"),
+            ("dev = true\n", &[], "127.0.0.1:8080"),
+            ("", &["--dev"], "127.0.0.1:8080"),
+            (
+                "dev = true\nlisten = \"0.0.0.0:8080\"\n",
+                &[],
+                "0.0.0.0:8080",
+            ),
+            ("listen = \"0.0.0.0:9000\"\n", &["--dev"], "0.0.0.0:9000"),
+            (
+                "dev = true\n",
+                &["--listen", "127.0.0.1:9001"],
+                "127.0.0.1:9001",
+            ),
+            ("dev = false\n", &["--listen", "[::1]:9002"], "[::1]:9002"),
+        ];
+        for (text, flags, want) in cases {
+            let c = load(text, flags).unwrap();
+            assert_eq!(c.listen().to_string(), *want, "{text:?} {flags:?}");
+        }
+        assert!(load("dev = true\n", &[]).unwrap().node.dev);
+        let e = load("dev = \"yes\"\n", &[]).unwrap_err().to_string();
+        assert!(
+            e.starts_with("test.toml:1: dev = \"yes\": takes true or false"),
+            "{e}"
+        );
     }
 }

@@ -129,26 +129,47 @@ pub fn parse(
     Ok(Table::new(default.clone(), spaces))
 }
 
+/// The prefix of the namespace `--dev` adds.
+pub const DEV_TYPING_PREFIX: &str = "typing:";
+
+/// The namespace `--dev` adds for the demo page's typing indicator:
+/// `typing:` rooms, ephemeral and without presence, the rest as `default`.
+pub fn dev_typing(default: &Namespace) -> Namespace {
+    Namespace {
+        prefix: DEV_TYPING_PREFIX.into(),
+        ephemeral: true,
+        presence_max_members: 0,
+        ..default.clone()
+    }
+}
+
 /// The node's namespaces and the file they came from, for SIGHUP.
 #[derive(Debug, Clone)]
 pub struct NamespaceFile {
     path: Option<PathBuf>,
     default: Namespace,
+    /// Namespaces the flags add (`--dev`'s `typing:`), kept over every
+    /// reload unless the file defines the same prefix: without them a
+    /// SIGHUP would drop them.
+    implied: Vec<Namespace>,
     meta_ttl: Duration,
     pub namespaces: Namespaces,
 }
 
 impl NamespaceFile {
-    /// The namespaces of the config file at `path` (none without a file).
+    /// The namespaces of the config file at `path` (none without a file),
+    /// and each of `implied` whose prefix the file does not define.
     pub fn load(
         path: Option<PathBuf>,
         default: Namespace,
+        implied: Vec<Namespace>,
         meta_ttl: Duration,
     ) -> Result<NamespaceFile, ConfigError> {
-        let table = read(path.as_ref(), &default, meta_ttl)?;
+        let table = with_implied(read(path.as_ref(), &default, meta_ttl)?, &implied);
         Ok(NamespaceFile {
             path,
             default,
+            implied,
             meta_ttl,
             namespaces: Namespaces::new(table),
         })
@@ -159,6 +180,7 @@ impl NamespaceFile {
     /// namespaces besides the default one.
     pub fn reload(&self) -> Result<usize, ConfigError> {
         let table = read(self.path.as_ref(), &self.default, self.meta_ttl)?;
+        let table = with_implied(table, &self.implied);
         let n = table.spaces().len();
         self.namespaces.replace(table);
         Ok(n)
@@ -167,6 +189,15 @@ impl NamespaceFile {
     pub fn path(&self) -> Option<&std::path::Path> {
         self.path.as_deref()
     }
+}
+
+/// `table` with each of `implied` whose prefix it does not have.
+fn with_implied(table: Table, implied: &[Namespace]) -> Table {
+    let missing = implied
+        .iter()
+        .filter(|i| table.spaces().iter().all(|n| n.prefix != i.prefix));
+    let spaces: Vec<Namespace> = table.spaces().iter().chain(missing).cloned().collect();
+    Table::new(table.default_namespace().clone(), spaces)
 }
 
 fn read(
@@ -245,6 +276,24 @@ mod tests {
         let t = parse(&live, "example", &default(), DAY).unwrap_or_else(|e| panic!("{e}\n{live}"));
         assert_eq!(t.spaces().len(), 2);
         assert!(t.of("typing:x").ephemeral && !t.of("notify:x").client_publish);
+    }
+
+    #[test]
+    fn an_implied_namespace_yields_to_the_files_own() {
+        let implied = [dev_typing(&default())];
+        let t = with_implied(Table::new(default(), Vec::new()), &implied);
+        let typing = t.of("typing:lobby");
+        assert!(typing.ephemeral && typing.presence_max_members == 0);
+        assert_eq!(typing.max_body_bytes, 65536, "the rest is the default's");
+        assert_eq!(t.of("lobby"), &default());
+        // The file's `typing:` (stored, with presence) wins over --dev's.
+        let text = "[namespaces.\"typing:\"]\nmax_body_bytes = 10\n";
+        let file = parse(text, "f.toml", &default(), DAY).unwrap();
+        let t = with_implied(file, &implied);
+        assert_eq!(t.spaces().len(), 1);
+        let typing = t.of("typing:lobby");
+        assert!(!typing.ephemeral && typing.presence_max_members == 1000);
+        assert_eq!(typing.max_body_bytes, 10);
     }
 
     #[test]
