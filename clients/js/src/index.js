@@ -54,6 +54,7 @@ export const SUBPROTOCOL = 'corecast.v1';
  * @property {number} missed missed messages that follow this join
  *
  * @typedef {object} Ack
+ * @property {string} id the message id (yours, or the one made for it)
  * @property {number} seq
  * @property {string} epoch
  * @property {boolean} stored
@@ -80,6 +81,9 @@ export class CorecastError extends Error {
     this.id = extra.id;
   }
 }
+
+/** The longest delay setTimeout keeps (browsers and Node). */
+const MAX_TIMER_MS = 2 ** 31 - 1;
 
 /** Server error codes after which a publish is sent again (same id). */
 const RETRY_PUBLISH = new Set(['storage_busy', 'storage_unavailable', 'room_moving']);
@@ -505,7 +509,12 @@ export class Client extends Emitter {
       case 'presence':
         return room?._answer('presence', { count: f.count, users: f.users });
       case 'history':
-        return room?._answer('history', f);
+        return room?._answer('history', {
+          epoch: f.epoch,
+          seq: f.seq,
+          complete: f.complete,
+          messages: (f.messages ?? []).map((/** @type {any} */ m) => ({ room: f.room, epoch: f.epoch, ...m })),
+        });
       case 'ack':
         return f.to !== undefined ? this._dmAck(f) : this._ack(f);
       case 'dm':
@@ -544,6 +553,12 @@ export class Client extends Emitter {
     if (exp == null || !this._opts.getToken) return;
     const left = exp * 1000 - this._now();
     const margin = Math.min(this._opts.refreshMarginS * 1000, left / 2);
+    const wait = Math.max(0, left - margin);
+    if (wait > MAX_TIMER_MS) {
+      // Timers take at most 2^31-1 ms (a longer delay fires at once).
+      this._refreshTimer = this._timers.setTimeout(() => this._scheduleRefresh(exp), MAX_TIMER_MS);
+      return;
+    }
     this._refreshTimer = this._timers.setTimeout(() => {
       this._refreshTimer = null;
       this.refresh().catch((e) => {
@@ -552,7 +567,7 @@ export class Client extends Emitter {
         // (4003) and the reconnect asks getToken afresh.
         if (this.state === 'connected' && exp * 1000 - this._now() > 2000) this._scheduleRefresh(exp);
       });
-    }, Math.max(0, left - margin));
+    }, wait);
   }
 
   /**
@@ -620,7 +635,7 @@ export class Client extends Emitter {
   _ack(f) {
     const p = this._pending.get(f.id);
     if (!p) return; // an ack for a publish already settled
-    this._settle(p, { seq: f.seq, epoch: f.epoch, stored: f.stored, duplicate: !!f.duplicate });
+    this._settle(p, { id: p.id, seq: f.seq, epoch: f.epoch, stored: f.stored, duplicate: !!f.duplicate });
   }
 
   /** @param {any} f */
@@ -693,7 +708,11 @@ export class Client extends Emitter {
       if (this._opts.publishTimeoutMs > 0) {
         p.deadline = this._timers.setTimeout(() => {
           p.deadline = null;
-          this._settle(p, null, new CorecastError('timeout', 'no ack in time: it may or may not have been published', { retryable: true, room: room.name, id }));
+          const error =
+            p.sentOn === 0
+              ? new CorecastError('not_sent', 'not connected in time: never sent, not published', { retryable: true, room: room.name, id })
+              : new CorecastError('timeout', 'no ack in time: it may or may not have been published', { retryable: true, room: room.name, id });
+          this._settle(p, null, error);
         }, this._opts.publishTimeoutMs);
       }
       if (room._ready()) this._sendPublish(p);
@@ -720,7 +739,7 @@ export class Client extends Emitter {
   _replayed(room, m) {
     const p = m.id ? this._pending.get(m.id) : undefined;
     if (p && p.room === room && p.user === m.from) {
-      this._settle(p, { seq: m.seq, epoch: m.epoch, stored: true, duplicate: true });
+      this._settle(p, { id: p.id, seq: m.seq, epoch: m.epoch, stored: true, duplicate: true });
     }
   }
 
@@ -816,7 +835,7 @@ export class Room extends Emitter {
   /**
    * The room's last `limit` messages, or up to `limit` after `since`.
    * @param {{limit?: number, since?: number}} [opts]
-   * @returns {Promise<{epoch: string, seq: number, complete: boolean, messages: any[]}>}
+   * @returns {Promise<{epoch: string, seq: number, complete: boolean, messages: Message[]}>}
    */
   history(opts = {}) {
     return this._request('history', () => ({ type: 'history', room: this.name, ...opts }));

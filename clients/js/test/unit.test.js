@@ -252,7 +252,7 @@ test('an unacked publish is sent again with the same id after the missed message
   ws.frame(msg('lobby', 11, 'bob', 'other'));
   assert.deepEqual(ws.take(), [{ type: 'publish', room: 'lobby', id: sent.id, body: { text: 'hi' } }]);
   ws.frame({ type: 'ack', id: sent.id, room: 'lobby', seq: 12, epoch: 'e1', stored: true, duplicate: false });
-  assert.deepEqual(await acked, { seq: 12, epoch: 'e1', stored: true, duplicate: false });
+  assert.deepEqual(await acked, { id: sent.id, seq: 12, epoch: 'e1', stored: true, duplicate: false });
 });
 
 test('a publish whose ack was lost but that comes back among the missed messages is acked by it', async () => {
@@ -268,7 +268,7 @@ test('a publish whose ack was lost but that comes back among the missed messages
   ws.take();
   ws.frame({ type: 'joined', room: 'lobby', seq: 11, members: 1, epoch: 'e1', recovered: true, missed: 1 });
   ws.frame(msg('lobby', 11, 'alice', 'm-1'));
-  assert.deepEqual(await acked, { seq: 11, epoch: 'e1', stored: true, duplicate: true });
+  assert.deepEqual(await acked, { id: 'm-1', seq: 11, epoch: 'e1', stored: true, duplicate: true });
   assert.deepEqual(ws.take(), [], 'no second send: it was sequenced');
 });
 
@@ -398,8 +398,13 @@ test('room requests go one at a time, so an error naming only the room answers t
   s.fake.last().frame({ type: 'error', code: 'forbidden', message: 'no', room: 'lobby' });
   await assert.rejects(presence, (e) => e.code === 'forbidden');
   assert.deepEqual(s.fake.last().take(), [{ type: 'history', room: 'lobby', limit: 5 }]);
-  s.fake.last().frame({ type: 'history', room: 'lobby', epoch: 'e', seq: 0, complete: true, messages: [] });
-  assert.equal((await history).complete, true);
+  s.fake.last().frame({ type: 'history', room: 'lobby', epoch: 'e', seq: 7, complete: true, messages: [{ seq: 7, from: 'bob', id: '', ts: 3, body: 'x' }] });
+  assert.deepEqual(await history, {
+    epoch: 'e',
+    seq: 7,
+    complete: true,
+    messages: [{ room: 'lobby', epoch: 'e', seq: 7, from: 'bob', id: '', ts: 3, body: 'x' }],
+  });
 });
 
 test('a query on the wire when the connection drops is asked again on the next one', async () => {
@@ -502,4 +507,28 @@ test('close() rejects what waits and stops reconnecting', async () => {
   await assert.rejects(q, (e) => e.code === 'closed');
   assert.equal(s.client.state, 'closed');
   assert.equal(s.fake.last().closed, 1000);
+});
+
+test('a token that lives longer than a timer can wait is not refreshed early', async () => {
+  const b64 = (o) => Buffer.from(JSON.stringify(o)).toString('base64url');
+  const exp = 1_000_000 / 1000 + 60 * 86400; // 60 days: beyond setTimeout's 2^31-1 ms
+  let asked = 0;
+  const s = await connected({ getToken: async () => (asked++, `${b64({})}.${b64({ sub: 'alice', exp })}.sig`) });
+  assert.ok(s.clock.timers.every((t) => t.at - s.clock.t <= 2 ** 31 - 1), 'no timer beyond what setTimeout keeps');
+  s.clock.advance(30 * 86400 * 1000);
+  await flush();
+  assert.deepEqual(s.fake.last().take(), [], 'no refresh 30 days before exp');
+  assert.equal(asked, 1, 'only the connect asked for a token');
+  s.clock.advance((30 * 86400 - 30) * 1000);
+  await flush();
+  assert.equal(s.fake.last().take()[0]?.type, 'refresh');
+});
+
+test('a publish never sent before its deadline is rejected not_sent, not timeout', async () => {
+  const s = await connected({ publishTimeoutMs: 1000, maxReconnectDelayMs: 100_000, minReconnectDelayMs: 50_000 });
+  const { room } = await joinedRoom(s);
+  s.fake.last().drop(1006);
+  const p = room.publish('x', { id: 'x' });
+  s.clock.advance(1000);
+  await assert.rejects(p, (e) => e.code === 'not_sent' && e.retryable && e.id === 'x');
 });
