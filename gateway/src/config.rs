@@ -458,10 +458,14 @@ impl Config {
             )));
         }
         let api = self.api_settings(&chat)?;
-        let dev = self.node.dev.then(|| crate::doors::Dev {
-            token_secret: secret,
-            secret_generated: self.chat.jwt_secret.is_none(),
-        });
+        // `token_secret` gives --dev a secret whenever it is on.
+        let dev = match (self.node.dev, secret) {
+            (true, Some(token_secret)) => Some(crate::doors::Dev {
+                token_secret,
+                secret_generated: self.chat.jwt_secret.is_none(),
+            }),
+            _ => None,
+        };
         Ok(Settings {
             limits,
             origins,
@@ -1001,7 +1005,7 @@ mod tests {
         assert!(dev.chat.session.allow_anonymous);
         let d = dev.dev.as_ref().unwrap();
         assert!(d.secret_generated);
-        let secret = d.token_secret.clone().unwrap();
+        let secret = d.token_secret.clone();
         assert_eq!(secret.len(), DEV_SECRET_BYTES);
         // The verifier takes what /dev/token mints with it.
         let token = crate::auth::mint(
@@ -1017,11 +1021,7 @@ mod tests {
         assert!(typing.ephemeral && typing.presence_max_members == 0);
         assert!(!dev.namespace_file.namespaces.of("x").ephemeral);
         let again = config(&["--dev"]).validate().unwrap();
-        assert_ne!(
-            again.dev.unwrap().token_secret.unwrap(),
-            secret,
-            "drawn at start"
-        );
+        assert_ne!(again.dev.unwrap().token_secret, secret, "drawn at start");
 
         // A configured secret is the one tokens are minted and checked with.
         let given = "given-secret-0123456789abcdef0123456789";
@@ -1030,7 +1030,7 @@ mod tests {
             .unwrap();
         let d = dev.dev.unwrap();
         assert!(!d.secret_generated);
-        assert_eq!(&*d.token_secret.unwrap(), given.as_bytes());
+        assert_eq!(&*d.token_secret, given.as_bytes());
     }
 
     #[test]

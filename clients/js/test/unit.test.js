@@ -98,6 +98,19 @@ async function connected(options = {}) {
   return s;
 }
 
+/**
+ * The connection drops with `code`; after the backoff the next socket says
+ * welcome. Returns that socket.
+ */
+async function reconnected(s, code = 1006) {
+  s.fake.last().drop(code);
+  s.clock.advance(20_000);
+  await flush();
+  const ws = s.fake.last();
+  ws.frame({ type: 'welcome', user: 'alice', conn: '0.2' });
+  return ws;
+}
+
 /** A joined room at `seq` in `epoch`. */
 async function joinedRoom(s, name = 'lobby', seq = 10, epoch = 'e1') {
   const room = s.client.room(name);
@@ -221,11 +234,7 @@ test('a room that could not be recovered is reported, and live messages follow i
   const { room, messages } = await joinedRoom(s, 'lobby', 40, 'old');
   const unrecovered = [];
   room.on('unrecovered', (i) => unrecovered.push(i));
-  s.fake.last().drop(1001, 'server shutting down');
-  s.clock.advance(20_000);
-  await flush();
-  const ws = s.fake.last();
-  ws.frame({ type: 'welcome', user: 'alice', conn: '0.2' });
+  const ws = await reconnected(s, 1001);
   assert.deepEqual(ws.take(), [{ type: 'join', room: 'lobby', since: 40, epoch: 'old' }]);
   ws.frame({ type: 'joined', room: 'lobby', seq: 3, members: 1, epoch: 'new', recovered: false, missed: 0 });
   assert.equal(unrecovered.length, 1);
@@ -241,11 +250,7 @@ test('an unacked publish is sent again with the same id after the missed message
   const acked = room.publish({ text: 'hi' });
   const [sent] = s.fake.last().take();
   assert.equal(sent.type, 'publish');
-  s.fake.last().drop(1006);
-  s.clock.advance(20_000);
-  await flush();
-  const ws = s.fake.last();
-  ws.frame({ type: 'welcome', user: 'alice', conn: '0.2' });
+  const ws = await reconnected(s);
   ws.take();
   ws.frame({ type: 'joined', room: 'lobby', seq: 11, members: 1, epoch: 'e1', recovered: true, missed: 1 });
   assert.deepEqual(ws.take(), [], 'not before the missed messages are in');
@@ -260,11 +265,7 @@ test('a publish whose ack was lost but that comes back among the missed messages
   const { room } = await joinedRoom(s);
   const acked = room.publish('hello', { id: 'm-1' });
   s.fake.last().take();
-  s.fake.last().drop(1006);
-  s.clock.advance(20_000);
-  await flush();
-  const ws = s.fake.last();
-  ws.frame({ type: 'welcome', user: 'alice', conn: '0.2' });
+  const ws = await reconnected(s);
   ws.take();
   ws.frame({ type: 'joined', room: 'lobby', seq: 11, members: 1, epoch: 'e1', recovered: true, missed: 1 });
   ws.frame(msg('lobby', 11, 'alice', 'm-1'));
@@ -411,11 +412,7 @@ test('a query on the wire when the connection drops is asked again on the next o
   const s = await connected();
   const p = s.client.room('lobby').presence();
   s.fake.last().take();
-  s.fake.last().drop(1006);
-  s.clock.advance(20_000);
-  await flush();
-  const ws = s.fake.last();
-  ws.frame({ type: 'welcome', user: 'alice', conn: '0.2' });
+  const ws = await reconnected(s);
   assert.deepEqual(ws.take(), [{ type: 'presence', room: 'lobby' }]);
   ws.frame({ type: 'presence', room: 'lobby', count: 1, users: ['alice'] });
   assert.deepEqual(await p, { count: 1, users: ['alice'] });
@@ -433,10 +430,7 @@ test('a left room is not joined again after a reconnect; a refused join is not r
   s.fake.last().take();
   s.fake.last().frame({ type: 'error', code: 'forbidden', message: 'no', room: 'secret' });
   await assert.rejects(refused, (e) => e.code === 'forbidden');
-  s.fake.last().drop(1006);
-  s.clock.advance(20_000);
-  await flush();
-  s.fake.last().frame({ type: 'welcome', user: 'alice', conn: '0.2' });
+  await reconnected(s);
   assert.deepEqual(s.fake.last().take(), []);
 });
 
@@ -448,10 +442,7 @@ test('a room the server took us out of is reported and not joined again', async 
   s.fake.last().frame({ type: 'left', room: 'lobby', by: 'server' });
   assert.deepEqual(left, [{ room: 'lobby', by: 'server' }]);
   assert.equal(room.joined, false);
-  s.fake.last().drop(1006);
-  s.clock.advance(20_000);
-  await flush();
-  s.fake.last().frame({ type: 'welcome', user: 'alice', conn: '0.2' });
+  await reconnected(s);
   assert.deepEqual(s.fake.last().take(), []);
 });
 
